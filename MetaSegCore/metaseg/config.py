@@ -1,0 +1,35 @@
+"""Serializable model configuration, stored inside every weights file."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a MetaSeg network.
+
+    Defaults are the paper's 2D 5-class configuration: SIREN 2 -> 128 with 4 hidden
+    sine layers (6 linear layers in all) and a 128 -> 128 -> 5 head: about 83K parameters.
+    """
+
+    in_dim: int = 2
+    width: int = 128
+    hidden_layers: int = 4
+    omega0: float = 30.0
+    n_classes: int = 5
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**d)
+
+
+PAPER_2D = ModelConfig()
+PAPER_3D = ModelConfig(in_dim=3, width=256, hidden_layers=4)

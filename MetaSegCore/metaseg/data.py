@@ -1,0 +1,57 @@
+"""Loading the neurite-oasis layout of ../shared/data/brains and the project's subject splits."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+SPLITS_FILE = Path(__file__).with_name("splits.json")
+PAPER_SLICE = 109  # coronal index of the paper's 2D task in the 160x192x224 aligned grid
+
+
+@dataclass
+class LabeledImage:
+    """One image with its reference labels, as numpy arrays in SimpleITK (z, y, x) order."""
+
+    name: str
+    image: np.ndarray  # float32
+    labels: np.ndarray  # uint8
+
+
+def load_splits(path: Path = SPLITS_FILE) -> Dict[str, List[str]]:
+    d = json.loads(Path(path).read_text())
+    return {k: list(v) for k, v in d.items() if not k.startswith("_")}
+
+
+def _array(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"missing data file {path}")
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def load_slice(subject_dir: Path) -> LabeledImage:
+    """The paper's 2D task: `slice_norm`/`slice_seg4` (160x192x1) as (192, 160) arrays."""
+    d = Path(subject_dir)
+    img = _array(d / "slice_norm.nii.gz").astype(np.float32)
+    lab = _array(d / "slice_seg4.nii.gz").astype(np.uint8)
+    return LabeledImage(d.name, img.reshape(img.shape[-2:]), lab.reshape(lab.shape[-2:]))
+
+
+def load_volume(subject_dir: Path) -> LabeledImage:
+    """The 3D task: `aligned_norm`/`aligned_seg4` as (224, 192, 160) arrays."""
+    d = Path(subject_dir)
+    return LabeledImage(
+        d.name,
+        _array(d / "aligned_norm.nii.gz").astype(np.float32),
+        _array(d / "aligned_seg4.nii.gz").astype(np.uint8),
+    )
+
+
+def coronal_slices(subject_dir: Path, indices: Sequence[int]) -> List[LabeledImage]:
+    """Coronal slices of the aligned volume; index 109 equals the subject's `slice_norm`."""
+    vol = load_volume(subject_dir)
+    return [LabeledImage(f"{vol.name}@{k}", vol.image[k], vol.labels[k]) for k in indices]

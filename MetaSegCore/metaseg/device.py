@@ -1,0 +1,40 @@
+"""Choose the torch device: CUDA, then Apple MPS, then CPU, unless the user says otherwise."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def pick_device(requested: Optional[str] = "auto") -> torch.device:
+    """Return the device for `requested` ("auto", "cpu", "cuda", "cuda:1", "mps", "gpu").
+
+    Raises ValueError naming the problem when an explicitly requested accelerator is absent,
+    rather than silently running somewhere else.
+    """
+    req = (requested or "auto").strip().lower()
+    if req == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if req == "gpu":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        raise ValueError("device 'gpu' requested but neither CUDA nor Apple MPS is available; use --device cpu")
+    if req.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{requested}' requested but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if req == "mps" and not _mps_available():
+        raise ValueError("device 'mps' requested but Apple MPS is not available; use --device cpu")
+    try:
+        return torch.device(req)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device '{requested}': use auto, cpu, cuda, cuda:N, mps or gpu") from e
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())

@@ -1,0 +1,206 @@
+"""Test-time fitting: adapt the INR to one image's intensities; the head stays frozen.
+
+`adapt` is the single implementation of the fit. Meta-training calls it with
+`create_graph=True` so that gradients flow through every inner Adam step into the
+initialization; the CLI and the Slicer module call it without. Sharing one function
+guarantees that what was meta-learned is exactly what runs at test time.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+from torch.func import functional_call
+
+from .model import MetaSegNet, Params
+
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How a test-time fit runs; stored in the weights' card because the steps are part of the model."""
+
+    steps: int = 10
+    batch_size: int = 4096  # coordinates sampled per step; >= pixel count means full batch
+    bg_weight: float = 1.0  # weight of the MSE on background (zero-intensity) pixels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitProgress:
+    """What a progress callback receives after each step."""
+
+    step: int
+    steps: int
+    loss: float
+    psnr: float
+    elapsed_s: float
+    remaining_s: float
+
+
+class FitCancelled(RuntimeError):
+    """Raised when the cancel event is set during a fit; nothing has been written."""
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, bg_weight: float) -> torch.Tensor:
+    if bg_weight == 1.0:
+        return torch.mean((pred - target) ** 2)
+    w = torch.where(target > 0, torch.ones_like(target), torch.full_like(target, bg_weight))
+    return torch.sum(w * (pred - target) ** 2) / torch.sum(w)
+
+
+def psnr_from_mse(mse: float, peak: float = 1.0) -> float:
+    return float("inf") if mse <= 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+def step_lrs(log_lr: torch.Tensor, step: int) -> torch.Tensor:
+    """Per-tensor learning rates for `step`; steps past the trained budget reuse the last row."""
+    return torch.exp(log_lr[min(step, log_lr.shape[0] - 1)])
+
+
+def adapt(
+    model: MetaSegNet,
+    params: Params,
+    coords: torch.Tensor,
+    values: torch.Tensor,
+    plan: FitPlan,
+    log_lr: torch.Tensor,
+    *,
+    create_graph: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[tuple]:
+    """Run `plan.steps` Adam steps on the MSE to `values` at `coords`; yield (step, loss, params).
+
+    Only the INR (trunk + intensity output) moves. `log_lr` holds one log learning rate per
+    step and per INR tensor (meta-learned). The Adam update is written out so that it is
+    differentiable when `create_graph` is true.
+    """
+    names = model.inr_parameter_names()
+    fast = dict(params)
+    m = {n: torch.zeros_like(fast[n]) for n in names}
+    v = {n: torch.zeros_like(fast[n]) for n in names}
+    n_points = coords.shape[0]
+    full = plan.batch_size >= n_points
+    for k in range(plan.steps):
+        if full:
+            x, y = coords, values
+        else:
+            idx = torch.randint(0, n_points, (plan.batch_size,), generator=generator, device="cpu").to(coords.device)
+            x, y = coords[idx], values[idx]
+        if not create_graph:
+            for n in names:
+                fast[n] = fast[n].detach().requires_grad_(True)
+        with torch.enable_grad():
+            pred, _ = functional_call(model, fast, (x,))
+            loss = weighted_mse(pred, y, plan.bg_weight)
+            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph)
+        lrs = step_lrs(log_lr, k)
+        t = k + 1
+        c1, c2 = 1 - BETA1**t, 1 - BETA2**t
+        with torch.set_grad_enabled(create_graph):
+            for j, (n, g) in enumerate(zip(names, grads)):
+                m[n] = BETA1 * m[n] + (1 - BETA1) * g
+                v[n] = BETA2 * v[n] + (1 - BETA2) * g * g
+                # sqrt(v + eps^2) rather than sqrt(v) + eps: same value, finite second derivative at v = 0
+                fast[n] = fast[n] - lrs[j] * (m[n] / c1) / torch.sqrt(v[n] / c2 + EPS * EPS)
+        yield k + 1, loss.detach(), fast
+    if not create_graph:
+        for n in names:
+            fast[n] = fast[n].detach()
+
+
+class FittedINR:
+    """An INR fitted to one image: query labels, probabilities, intensity or features anywhere.
+
+    Coordinates are model coordinates in [-1, 1]; queries run in chunks so memory stays
+    bounded whatever the number of points.
+    """
+
+    def __init__(self, model: MetaSegNet, params: Params, chunk: int = 1 << 16):
+        self.model = model
+        self.params = {k: t.detach() for k, t in params.items()}
+        self.chunk = chunk
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def _map(self, coords: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        coords = coords.to(self.device, torch.float32)
+        out = []
+        with torch.inference_mode():
+            for s in range(0, coords.shape[0], self.chunk):
+                inten, feats = functional_call(self.model, self.params, (coords[s : s + self.chunk],))
+                out.append(fn(inten, feats))
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model.head, _sub(self.params, "head."), (feats,))
+
+    def decode(self, coords: torch.Tensor) -> tuple:
+        """(labels uint8, intensity float32) in one pass: what segmentation needs."""
+        packed = self._map(coords, lambda i, f: torch.stack([self._logits(f).argmax(-1).float(), i], -1)).cpu()
+        return packed[:, 0].to(torch.uint8), packed[:, 1].contiguous()
+
+    def labels(self, coords: torch.Tensor) -> torch.Tensor:
+        return self._map(coords, lambda i, f: self._logits(f).argmax(-1).to(torch.uint8)).cpu()
+
+    def probabilities(self, coords: torch.Tensor) -> torch.Tensor:
+        return self._map(coords, lambda i, f: torch.softmax(self._logits(f), -1)).cpu()
+
+    def intensity(self, coords: torch.Tensor) -> torch.Tensor:
+        return self._map(coords, lambda i, f: i).cpu()
+
+    def features(self, coords: torch.Tensor) -> torch.Tensor:
+        return self._map(coords, lambda i, f: f).cpu()
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: t.cpu() for k, t in self.params.items()}
+
+
+def _sub(params: Params, prefix: str) -> Params:
+    return {k[len(prefix) :]: t for k, t in params.items() if k.startswith(prefix)}
+
+
+def fit(
+    model: MetaSegNet,
+    params: Params,
+    coords: torch.Tensor,
+    values: torch.Tensor,
+    plan: FitPlan,
+    log_lr: torch.Tensor,
+    *,
+    seed: int = 0,
+    progress: Optional[Callable[[FitProgress], None]] = None,
+    cancel: Optional[threading.Event] = None,
+    snapshot: Optional[Callable[[int, FittedINR], None]] = None,
+    snapshot_every: int = 0,
+) -> FittedINR:
+    """Fit the INR to (coords, values) from `params`; return the fitted, queryable INR.
+
+    `progress` is called after every step; `cancel` is checked after every step and raises
+    FitCancelled promptly when set. `snapshot(step, inr)` receives the INR as it is every
+    `snapshot_every` steps (live preview of the labels forming).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    fast = params
+    if cancel is not None and cancel.is_set():
+        raise FitCancelled("fit cancelled before the first step")
+    for step, loss, fast in adapt(model, params, coords, values, plan, log_lr, generator=gen):
+        if progress is not None:
+            elapsed = time.perf_counter() - t0
+            mse = float(loss)
+            progress(FitProgress(step, plan.steps, mse, psnr_from_mse(mse), elapsed, elapsed / step * (plan.steps - step)))
+        if cancel is not None and cancel.is_set():
+            raise FitCancelled(f"fit cancelled at step {step} of {plan.steps}")
+        if snapshot is not None and snapshot_every > 0 and step % snapshot_every == 0 and step < plan.steps:
+            snapshot(step, FittedINR(model, fast))
+    return FittedINR(model, fast)

@@ -1,0 +1,148 @@
+"""Reading and checking input images; writing outputs atomically and never over existing files.
+
+Images are SimpleITK images throughout, so that size, spacing, origin and direction travel
+with the pixels and the output can be written in exactly the input's geometry.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class InputError(ValueError):
+    """The input is missing, unreadable or not an image this model can segment; the message says why."""
+
+
+def read_image(path: Path) -> sitk.Image:
+    """Read an image file; every failure becomes an InputError naming the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        raise InputError(f"input {path} is a folder; give an image file ({', '.join(IMAGE_SUFFIXES)})")
+    if path.stat().st_size == 0:
+        raise InputError(f"input {path} is an empty file")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise InputError(f"cannot read {path} as an image ({first}); supported: {', '.join(IMAGE_SUFFIXES)}") from e
+
+
+def image_array_2d(img: sitk.Image) -> np.ndarray:
+    """The pixels of a 2D image (or a 3D image with one slice) as a float32 (rows, cols) array.
+
+    Refuses what a 2D model cannot segment, saying what was found: vector/RGB pixels, volumes
+    with several slices, 4D images, NaN/Inf values, empty or constant images.
+    """
+    _check_scalar(img)
+    size = img.GetSize()
+    if img.GetDimension() > 3:
+        raise InputError(f"the input is {img.GetDimension()}D (size {size}); expected one 2D slice")
+    if img.GetDimension() == 3 and sorted(size)[0] != 1:
+        raise InputError(
+            f"the input is a 3D volume of size {size}; the 2D weights expect one slice (e.g. 160x192x1). "
+            "Extract a coronal slice or use 3D weights"
+        )
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr = arr.reshape([s for s in arr.shape if s != 1] or [1])
+    if arr.ndim != 2:
+        raise InputError(f"the input has size {size}; expected a 2D slice")
+    _check_values(arr)
+    return arr
+
+
+def _check_scalar(img: sitk.Image) -> None:
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"the input has {img.GetNumberOfComponentsPerPixel()} components per pixel (vector/RGB); "
+            "expected a scalar grey-level MRI"
+        )
+
+
+def _check_values(arr: np.ndarray) -> None:
+    if arr.size == 0:
+        raise InputError("the input has no pixels")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise InputError(f"the input has {int(bad.sum())} NaN or infinite values; fix or mask them first")
+    if float(arr.max()) == float(arr.min()):
+        raise InputError(f"the input is constant (every pixel is {float(arr.min())}); expected a brain MRI")
+    if float(arr.max()) <= 0:
+        raise InputError("the input has no positive pixels; expected a skull-stripped brain MRI with brain > 0")
+
+
+def check_output_path(path: Path, force: bool) -> Path:
+    """Refuse to overwrite an existing output unless `force`; refuse unknown extensions."""
+    path = Path(path)
+    name = path.name.lower()
+    if not any(name.endswith(s) for s in IMAGE_SUFFIXES + (".seg.nrrd",)):
+        raise InputError(f"output {path}: unknown extension; use one of {', '.join(IMAGE_SUFFIXES)} or .seg.nrrd")
+    if path.exists() and not force:
+        raise InputError(f"output {path} exists; pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise InputError(f"output {path} is a folder")
+    return path
+
+
+def labels_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A uint8 label image with exactly `reference`'s size, spacing, origin and direction."""
+    arr = np.ascontiguousarray(labels.astype(np.uint8).reshape(sitk.GetArrayViewFromImage(reference).shape))
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(reference)
+    return out
+
+
+def write_image(img: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(img, str(path), True)
+
+
+def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]]) -> None:
+    """Write every (path, writer) to a temporary file beside it, then rename them all into place.
+
+    If any writer fails, every temporary file is removed and no output appears: a run
+    publishes all of its files or none (a crash between the renames is the only window).
+    """
+    temps: List[Tuple[str, Path]] = []
+    try:
+        for path, writer in outputs:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + _suffix(path), dir=path.parent)
+            os.close(fd)
+            temps.append((tmp, path))
+            writer(tmp)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _suffix(path: Path) -> str:
+    """The extension writers dispatch on (".seg.nrrd" and ".nii.gz" included)."""
+    name = path.name.lower()
+    for s in (".seg.nrrd", ".nii.gz") + IMAGE_SUFFIXES + (".png", ".json"):
+        if name.endswith(s):
+            return s
+    return path.suffix
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> Tuple[bool, Optional[str]]:
+    """Whether two images share size, spacing, origin and direction; if not, what differs."""
+    if a.GetSize() != b.GetSize():
+        return False, f"size {a.GetSize()} vs {b.GetSize()}"
+    for what in ("GetSpacing", "GetOrigin", "GetDirection"):
+        x, y = np.array(getattr(a, what)()), np.array(getattr(b, what)())
+        if not np.allclose(x, y, atol=tol):
+            return False, f"{what[3:].lower()} {tuple(x)} vs {tuple(y)}"
+    return True, None
+

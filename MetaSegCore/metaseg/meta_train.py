@@ -1,0 +1,298 @@
+"""Meta-training (MAML) of the INR initialization and the segmentation head, then stage 2.
+
+Stage 1: for a training image, run the *test-time fit* (`fit.adapt`, differentiable Adam
+steps on the intensity MSE) from the current initialization, then score the adapted network
+on the joint loss (MSE + focal loss of the head's labels) and update the initialization,
+the head and the per-step learning rates with Adam. Because the inner loop is the test-time
+procedure itself, the model is trained for exactly the budget it runs with.
+Stage 2: fit the chosen initialization to every training image and fine-tune the head alone
+on the resulting features. Checkpoints are kept by validation Dice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .config import ModelConfig
+from .data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits
+from .fit import FitPlan, adapt, weighted_mse
+from .metrics import foreground_dice, generalized_dice
+from .model import MetaSegNet
+from .preprocess import augment_2d, grid_coords, normalize_intensity, pad_to_canvas
+from .segment import segment_array
+from .io import write_all
+from .weights import LABELS, Weights, save_weights
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a meta-training run; written into the checkpoint and the card."""
+
+    data_root: str = "../shared/data/brains"
+    out_dir: str = "runs/metaseg2d"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    canvas: tuple = (192, 192)
+    train_slices: tuple = tuple(range(95, 124, 2))  # coronal slices around the paper's 109
+    val_slices: tuple = (105, PAPER_SLICE, 113)
+    plan: FitPlan = field(default_factory=FitPlan)
+    inner_lr: float = 1e-3  # initial value of the meta-learned per-step learning rates
+    learn_inner_lr: bool = True
+    inner_loss: str = "mse"  # "mse": the test-time loss; "joint": the paper's MSE + focal inner loss
+    first_order: bool = False
+    outer_steps: int = 1500
+    outer_lr: float = 1e-4
+    lr_lr: float = 3e-3
+    meta_batch: int = 1
+    outer_points: int = 16384  # pixels scoring the outer loss per task (random subset)
+    focal_gamma: float = 1.0
+    image_only: bool = False  # ablation: outer loss is the MSE alone (no labels in stage 1)
+    augment: bool = True
+    val_every: int = 100
+    ckpt_every: int = 50
+    head_steps: int = 1500
+    head_lr: float = 5e-4
+    head_fits_per_image: int = 2
+    head_points: int = 8192
+    seed: int = 0
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        d["plan"] = self.plan.to_dict()
+        return d
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    logp = F.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1)
+    return torch.mean(-((1 - logp.exp()) ** gamma) * logp)
+
+
+def prepare_tasks(root: Path, subjects: List[str], slices, canvas) -> List[LabeledImage]:
+    """Normalized, canvas-padded slices (torch tensors) of the given subjects."""
+    out = []
+    for s in subjects:
+        for im in coronal_slices(root / s, slices):
+            if not (im.image > 0).any():
+                continue
+            img, _ = pad_to_canvas(normalize_intensity(im.image), canvas)
+            lab, _ = pad_to_canvas(im.labels, canvas)
+            out.append(LabeledImage(im.name, torch.from_numpy(img), torch.from_numpy(lab)))
+    return out
+
+
+def validate(net: MetaSegNet, log_lr: torch.Tensor, plan: FitPlan, tasks, canvas, seed: int = 0) -> Dict[str, float]:
+    """Segment each task exactly as at test time and return mean fg-Dice and paper-GDS."""
+    fg, gds = [], []
+    for t in tasks:
+        r = segment_array(net, log_lr.detach(), plan, t.image.numpy(), canvas, seed=seed, normalize=False)
+        fg.append(foreground_dice(r.labels, t.labels.numpy()))
+        gds.append(generalized_dice(r.labels, t.labels.numpy()))
+    return {"fg_dice": float(np.mean(fg)), "gds": float(np.mean(gds)), "per_image": [round(x, 4) for x in fg]}
+
+
+class Log:
+    """Appends JSON lines to `train.log` and prints a one-line progress bar."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **rec) -> None:
+        rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    @staticmethod
+    def bar(step: int, total: int, t0: float, extra: str) -> None:
+        done = step / total
+        el = time.time() - t0
+        eta = el / max(done, 1e-9) - el
+        sys.stderr.write(f"\r[{'#' * int(30 * done):<30}] {step}/{total} {extra} eta {eta/60:.1f} min ")
+        sys.stderr.flush()
+
+
+def meta_train(s: TrainSettings) -> Path:
+    """Run (or resume) stage 1 and stage 2; write `<out_dir>/metaseg.pt` and return its path."""
+    torch.manual_seed(s.seed)
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "train.log")
+    root = Path(s.data_root)
+    splits = load_splits()
+    train = prepare_tasks(root, splits["train"], s.train_slices, s.canvas)
+    val = prepare_tasks(root, splits["validation"], s.val_slices, s.canvas)
+    coords = grid_coords(s.canvas)
+
+    net = MetaSegNet(s.model)
+    names = net.inr_parameter_names()
+    log_lr = torch.nn.Parameter(torch.full((s.plan.steps, len(names)), math.log(s.inner_lr)))
+    groups = [{"params": list(net.parameters()), "lr": s.outer_lr}]
+    if s.learn_inner_lr:
+        groups.append({"params": [log_lr], "lr": s.lr_lr})
+    opt = torch.optim.Adam(groups)
+    gen = torch.Generator().manual_seed(s.seed)
+    state = {"step": 0, "best": -1.0, "best_step": 0}
+
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if c["settings_core"] != _core(s):
+            raise SystemExit(f"{ckpt} was written by different settings; use another --out or delete it")
+        net.load_state_dict(c["net"])
+        log_lr.data.copy_(c["log_lr"])
+        opt.load_state_dict(c["opt"])
+        gen.set_state(c["gen"])
+        state = json.loads(c["state"])
+        print(f"resumed from step {state['step']}", file=sys.stderr)
+    else:
+        log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__)
+
+    def save_ckpt() -> None:
+        blob = {
+            "net": net.state_dict(), "log_lr": log_lr.detach().clone(), "opt": opt.state_dict(),
+            "gen": gen.get_state(), "state": json.dumps(state), "settings": json.dumps(s.to_dict()),
+            "settings_core": _core(s),
+        }
+        write_all([(ckpt, lambda tmp: torch.save(blob, tmp))])
+
+    def save_best() -> None:
+        blob = {"net": net.state_dict(), "log_lr": log_lr.detach().clone()}
+        write_all([(out / "best_stage1.pt", lambda tmp: torch.save(blob, tmp))])
+
+    t0 = time.time()
+    start = state["step"]
+    while state["step"] < s.outer_steps:
+        opt.zero_grad(set_to_none=True)
+        stats = {"mse": 0.0, "focal": 0.0}
+        for _ in range(s.meta_batch):
+            t = train[int(torch.randint(len(train), (1,), generator=gen))]
+            img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
+            values, target = img.reshape(-1), lab.reshape(-1).long()
+            params = dict(net.named_parameters())
+            if s.inner_loss == "joint":
+                raise NotImplementedError("joint inner loss is not implemented yet")
+            fast = params
+            for _, _, fast in adapt(net, params, coords, values, s.plan, log_lr, create_graph=not s.first_order, generator=gen):
+                pass
+            idx = torch.randint(0, coords.shape[0], (s.outer_points,), generator=gen)
+            pred, feats = torch.func.functional_call(net, fast, (coords[idx],))
+            mse = weighted_mse(pred, values[idx], s.plan.bg_weight)
+            loss = mse
+            if not s.image_only:
+                logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")}, (feats,))
+                foc = focal_loss(logits, target[idx], s.focal_gamma)
+                loss = loss + foc
+                stats["focal"] += float(foc) / s.meta_batch
+            (loss / s.meta_batch).backward()
+            stats["mse"] += float(mse) / s.meta_batch
+        opt.step()
+        state["step"] += 1
+        step = state["step"]
+        if step % 10 == 0:
+            log.write(event="step", step=step, **stats, lr_mean=float(log_lr.detach().exp().mean()))
+        Log.bar(step - start, s.outer_steps - start, t0, f"mse {stats['mse']:.2e} focal {stats['focal']:.3f}")
+        if step % s.val_every == 0 or step == s.outer_steps:
+            if s.image_only:
+                v = {"fg_dice": -float(stats["mse"])}  # no head yet: keep the best reconstruction
+            else:
+                v = validate(net, log_lr, s.plan, val, s.canvas)
+            log.write(event="val", step=step, **v)
+            print(f"\nstep {step}: validation {v}", file=sys.stderr)
+            if v["fg_dice"] > state["best"]:
+                state["best"], state["best_step"] = v["fg_dice"], step
+                save_best()
+        if step % s.ckpt_every == 0 or step == s.outer_steps:
+            save_ckpt()
+
+    best = torch.load(out / "best_stage1.pt", map_location="cpu", weights_only=True)
+    net.load_state_dict(best["net"])
+    log_lr.data.copy_(best["log_lr"])
+    stage1 = {"step": state["best_step"]}
+    if not s.image_only:
+        stage1.update(validate(net, log_lr, s.plan, val, s.canvas))
+    head_metrics = train_head(net, log_lr, s, train, coords, gen, log)
+    stage2 = validate(net, log_lr, s.plan, val, s.canvas)
+    log.write(event="stage2", **stage2)
+    if not s.image_only and stage2["fg_dice"] < stage1["fg_dice"]:
+        net.load_state_dict(best["net"])  # the fine-tuned head did not help on validation: keep stage 1's
+        chosen = "stage1"
+    else:
+        chosen = "stage2"
+    card = {
+        "name": "MetaSeg 2D, 5 tissue classes",
+        "metaseg_version": __version__,
+        "labels": LABELS,
+        "input": {
+            "dims": 2,
+            "canvas": list(s.canvas),
+            "description": "one coronal slice of a skull-stripped T1 brain MRI, affinely aligned to Talairach "
+            "space and cropped like neurite-oasis (160x192, 1 mm); centred on the canvas",
+            "normalization": "divide by the 99th percentile of the brain (nonzero) pixels, clip to [0, 1]",
+        },
+        "fit": s.plan.to_dict(),
+        "training": {
+            "settings": s.to_dict(),
+            "splits": splits,
+            "stage1_best_step": state["best_step"],
+            "head": head_metrics,
+            "chosen_head": chosen,
+        },
+        "metrics": {"validation_stage1": stage1, "validation_final": stage2 if chosen == "stage2" else stage1},
+    }
+    w = Weights(s.model, net.state_dict(), log_lr.detach().clone(), card)
+    path = out / "metaseg.pt"
+    digest = save_weights(w, path)
+    log.write(event="done", path=str(path), sha256=digest, minutes=(time.time() - t0) / 60)
+    print(f"\nwrote {path} (sha256 {digest})", file=sys.stderr)
+    return path
+
+
+def _core(s: TrainSettings) -> str:
+    """The settings that must match to resume (not step counts or intervals)."""
+    d = s.to_dict()
+    for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, coords, gen, log: Log) -> dict:
+    """Stage 2: fit the initialization to each training image, fine-tune the head on the features."""
+    init = {k: p.detach() for k, p in net.named_parameters()}
+    feats, targets = [], []
+    t0 = time.time()
+    for t in train:
+        for _ in range(s.head_fits_per_image):
+            img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
+            values = img.reshape(-1)
+            fast = init
+            for _, _, fast in adapt(net, init, coords, values, s.plan, log_lr.detach(), generator=gen):
+                pass
+            idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen)
+            with torch.no_grad():
+                _, f = torch.func.functional_call(net, fast, (coords[idx],))
+            feats.append(f)
+            targets.append(lab.reshape(-1)[idx].long())
+    feats, targets = torch.cat(feats), torch.cat(targets)
+    opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)
+    losses = []
+    for i in range(s.head_steps):
+        idx = torch.randint(0, feats.shape[0], (8192,), generator=gen)
+        loss = focal_loss(net.head(feats[idx]), targets[idx], s.focal_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if (i + 1) % 100 == 0:
+            log.write(event="head", step=i + 1, focal=float(np.mean(losses[-100:])))
+    return {"points": int(feats.shape[0]), "steps": s.head_steps, "final_focal": float(np.mean(losses[-100:])),
+            "minutes": (time.time() - t0) / 60}

@@ -1,0 +1,115 @@
+"""Result files besides the labelmap: preview PNG, Slicer `.seg.nrrd`, JSON report.
+
+Writers here write to the path they are given; callers pass temporary paths through
+`io.write_all` so that a run publishes all of its files or none.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import SimpleITK as sitk
+
+
+# Standard codes for Slicer's terminology (DICOM CID 7153 "CNS Segmentation Type"):
+# (category scheme, code, meaning), (type scheme, code, meaning) per label value.
+TERMINOLOGY = {
+    1: (("SCT", "91723000", "Anatomical Structure"), ("SCT", "40146001", "Cerebral cortex")),
+    2: (("SCT", "91723000", "Anatomical Structure"), ("FMA", "223151", "Subcortical gray matter")),
+    3: (("SCT", "91723000", "Anatomical Structure"), ("SCT", "389080008", "White matter")),
+    4: (("SCT", "91720002", "Body Substance"), ("SCT", "65216001", "Cerebrospinal fluid")),
+}
+
+
+def overlay_rgb(image: np.ndarray, labels: np.ndarray, colors: Dict[int, List[int]], alpha: float = 0.45) -> np.ndarray:
+    """Grey image (robustly scaled) with coloured labels blended on top, uint8 (H, W, 3)."""
+    img = np.asarray(image, np.float32)
+    hi = np.percentile(img[img > 0], 99.5) if (img > 0).any() else 1.0
+    grey = np.clip(img / (hi or 1.0), 0, 1)[..., None].repeat(3, -1)
+    rgb = grey.copy()
+    for value, col in colors.items():
+        if value == 0:
+            continue
+        m = labels == value
+        rgb[m] = (1 - alpha) * grey[m] + alpha * np.asarray(col, np.float32) / 255.0
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def write_preview(panels: List[np.ndarray], path: Path, scale: int = 2) -> None:
+    """Side-by-side RGB panels (already oriented for display), enlarged `scale`x, as PNG."""
+    h = max(p.shape[0] for p in panels)
+    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 4), (0, 0))) for p in panels]
+    row = np.concatenate(padded, axis=1).repeat(scale, 0).repeat(scale, 1)
+    sitk.WriteImage(sitk.GetImageFromArray(row, isVector=True), str(path))
+
+
+def write_seg_nrrd(labels_img: sitk.Image, label_info: List[Dict[str, Any]], path: Path) -> None:
+    """Slicer's native segmentation file: one segment per tissue with name, colour and terminology."""
+    import slicerio  # imported here: only this output needs it
+
+    arr = sitk.GetArrayFromImage(labels_img)  # (k, j, i)
+    if arr.ndim == 2:
+        arr = arr[None]
+    voxels = np.ascontiguousarray(arr.transpose(2, 1, 0))  # slicerio wants (i, j, k)
+    spacing = np.array(labels_img.GetSpacing() + (1.0,) * (3 - labels_img.GetDimension()))
+    direction = np.eye(3)
+    d = np.array(labels_img.GetDirection())
+    n = labels_img.GetDimension()
+    direction[:n, :n] = d.reshape(n, n)
+    origin = np.zeros(3)
+    origin[:n] = labels_img.GetOrigin()
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * spacing[None, :]
+    ijk_to_lps[:3, 3] = origin
+    segments = []
+    for lab in label_info:
+        if lab["value"] == 0:
+            continue
+        segments.append({
+            "labelValue": lab["value"], "name": lab["name"], "color": [c / 255.0 for c in lab["color"]],
+            "terminology": _terminology_dict(lab["value"]),
+        })
+    seg = {"voxels": voxels, "ijkToLPS": ijk_to_lps, "encoding": "gzip", "segments": segments}
+    slicerio.write_segmentation(str(path), seg)
+
+
+def _terminology_dict(value: int) -> Dict[str, Any]:
+    category, kind = TERMINOLOGY[value]
+    return {
+        "contextName": "Segmentation category and type - DICOM master list",
+        "category": list(category),
+        "type": list(kind),
+        "anatomicContextName": "Anatomic codes - DICOM master list",
+    }
+
+
+def class_sizes(labels: np.ndarray, spacing, label_info: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per-class pixel counts and physical size (mm^2 for 2D, mL for 3D)."""
+    counts = np.bincount(labels.ravel(), minlength=len(label_info))
+    cell = float(np.prod(spacing))
+    out = []
+    for lab in label_info:
+        n = int(counts[lab["value"]])
+        entry = {"value": lab["value"], "name": lab["name"], "voxels": n}
+        if len(spacing) == 2 or labels.ndim == 2 or 1 in labels.shape:
+            entry["area_mm2"] = round(n * cell, 2)
+        else:
+            entry["volume_ml"] = round(n * cell / 1000.0, 3)
+        out.append(entry)
+    return out
+
+
+def environment() -> Dict[str, str]:
+    import torch
+
+    from . import __version__
+
+    return {"metaseg": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version.VersionString(),
+            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def write_report(report: Dict[str, Any], path: Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

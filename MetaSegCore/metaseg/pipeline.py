@@ -1,0 +1,188 @@
+"""File-level pipeline behind `metaseg segment` and `metaseg evaluate`: read -> segment -> write.
+
+Errors the user can fix (bad input, weights, arguments) exit with code 2 and one clear
+message; a cancelled run exits with 3; in every failure no output file is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from .data import load_splits
+from .device import pick_device
+from .fit import FitCancelled
+from .io import InputError, check_output_path, image_array_2d, labels_like, read_image, write_all, write_image
+from .metrics import dice_per_class, foreground_dice, generalized_dice
+from .outputs import class_sizes, environment, overlay_rgb, write_preview, write_report, write_seg_nrrd
+from .progress import Reporter
+from .resources import default_weights
+from .segment import segment_array
+from .weights import Weights, WeightsError, load_weights
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+def load_model(weights_path, dims: int, steps, device: str):
+    """Weights (checked), the network on the device and the fit plan with optional step override."""
+    path = Path(weights_path) if weights_path else default_weights(dims)
+    w = load_weights(path)
+    wdims = w.card["input"]["dims"]
+    if wdims != dims:
+        raise InputError(f"the weights {path.name} are for {wdims}D images but the input is {dims}D; use {dims}D weights")
+    dev = pick_device(device)
+    plan = w.plan
+    if steps is not None:
+        if steps < 1:
+            raise InputError(f"--steps must be at least 1 (got {steps})")
+        plan = type(plan)(**{**plan.to_dict(), "steps": steps})
+    return w, path, w.build(dev), plan, dev
+
+
+def segment_file(a: argparse.Namespace) -> int:
+    rep = Reporter(a.progress)
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    try:
+        return _segment_file(a, rep, cancel)
+    except FitCancelled as e:
+        rep.emit("error", message=f"{e}; nothing was written", exit_code=EXIT_CANCELLED)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        rep.emit("error", message="interrupted; nothing was written", exit_code=EXIT_CANCELLED)
+        return EXIT_CANCELLED
+    except (InputError, WeightsError, FileNotFoundError, ValueError) as e:
+        rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
+        return EXIT_USAGE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event) -> int:
+    t_start = time.perf_counter()
+    outs = {"labels": a.output, "report": a.report, "preview": a.preview, "seg_nrrd": a.seg_nrrd}
+    outs = {k: check_output_path(Path(v), a.force) if k in ("labels", "seg_nrrd") else Path(v) for k, v in outs.items() if v}
+    for k in ("report", "preview"):
+        if k in outs and outs[k].exists() and not a.force:
+            raise InputError(f"output {outs[k]} exists; pass --force to overwrite it")
+    if len({str(p.resolve()) for p in outs.values()}) != len(outs):
+        raise InputError("two outputs name the same file")
+
+    rep.emit("stage", stage="read", message=f"reading {a.input}")
+    img = read_image(Path(a.input))
+    dims = 2 if (img.GetDimension() == 2 or (img.GetDimension() == 3 and 1 in img.GetSize())) else img.GetDimension()
+    w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
+    array = image_array_2d(img)
+    rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})", device=str(dev))
+    t_load = time.perf_counter()
+    live = None
+    if a.live_dir and a.live_every > 0:
+        live_dir = Path(a.live_dir)
+        live_dir.mkdir(parents=True, exist_ok=True)
+
+        def live(step: int, labels: np.ndarray) -> None:
+            path = live_dir / f"live_{step:05d}.nii.gz"
+            write_all([(path, lambda tmp: write_image(labels_like(labels, img), tmp))])
+            rep.emit("labels", step=step, path=str(path))
+
+    res = segment_array(net, w.log_lr, plan, array, w.canvas, seed=a.seed, progress=rep.fit_progress, cancel=cancel,
+                        live=live, live_every=a.live_every)
+    labels_img = labels_like(res.labels, img)
+    warnings = plausibility_warnings(res.labels, res.psnr)
+    for msg in warnings:
+        rep.emit("warning", message=msg)
+
+    spacing = img.GetSpacing()[: res.labels.ndim] if img.GetDimension() == res.labels.ndim else _inplane_spacing(img)
+    report: Dict[str, Any] = {
+        "input": str(a.input), "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
+        "outputs": {k: str(v) for k, v in outs.items()},
+        "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
+        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2)},
+        "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
+        "classes": class_sizes(res.labels, spacing, w.card["labels"]),
+        "warnings": warnings, "versions": environment(),
+    }
+    writers = [(outs["labels"], lambda tmp: write_image(labels_img, tmp))]
+    if "seg_nrrd" in outs:
+        writers.append((outs["seg_nrrd"], lambda tmp: write_seg_nrrd(labels_img, w.card["labels"], tmp)))
+    if "preview" in outs:
+        colors = {lab["value"]: lab["color"] for lab in w.card["labels"]}
+        writers.append((outs["preview"], lambda tmp: write_preview([overlay_rgb(array, res.labels, colors)], tmp)))
+    if cancel.is_set():
+        raise FitCancelled("cancelled before writing")
+    report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    if "report" in outs:
+        writers.append((outs["report"], lambda tmp: write_report(report, tmp)))
+    write_all(writers)
+    rep.emit("done", outputs=report["outputs"], report=report)
+    if rep.mode == "bar":
+        sizes = ", ".join(f"{c['name']} {c.get('area_mm2', c.get('volume_ml'))}" for c in report["classes"][1:])
+        print(f"wrote {outs['labels']}  (fit PSNR {res.psnr:.1f} dB, {report['timings_s']['total']:.2f} s on {dev}; {sizes})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _inplane_spacing(img) -> tuple:
+    """Spacing of the two non-singleton axes of a one-slice 3D image."""
+    return tuple(sp for sp, n in zip(img.GetSpacing(), img.GetSize()) if n != 1)[:2]
+
+
+def plausibility_warnings(labels: np.ndarray, psnr: float) -> List[str]:
+    """Signs that the input was not what the model expects; reported, never silently ignored."""
+    warn = []
+    if psnr < 25:
+        warn.append(f"the fit reproduced the image poorly (PSNR {psnr:.1f} dB): is this a skull-stripped T1 brain slice?")
+    fg = labels > 0
+    if fg.mean() < 0.05:
+        warn.append("less than 5% of the image was labelled as brain: check that the input is a brain slice aligned like the training data")
+    elif (labels == 3).sum() < 0.1 * fg.sum():
+        warn.append("very little white matter was found: the input may not be a T1-weighted brain image")
+    return warn
+
+
+def evaluate_folder(a: argparse.Namespace) -> int:
+    try:
+        subjects = a.subjects or load_splits()[a.split]
+        w, wpath, net, plan, dev = load_model(a.weights, 2, a.steps, a.device)
+    except KeyError:
+        print(f"error: no split {a.split!r} in metaseg/splits.json", file=sys.stderr)
+        return EXIT_USAGE
+    except (InputError, WeightsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    rows = []
+    names = {lab["value"]: lab["name"] for lab in w.card["labels"]}
+    print(f"weights {wpath.name} ({w.sha256[:12]}), {plan.steps} steps, device {dev}")
+    print(f"{'subject':<10} {'fg-Dice':>8} " + " ".join(f"{names[c][:10]:>10}" for c in range(1, 5)) + f" {'GDS':>6} {'PSNR':>6} {'s':>6}")
+    for s in subjects:
+        d = Path(a.data) / s
+        try:
+            img = read_image(d / "slice_norm.nii.gz")
+            ref = image_array_2d(read_image(d / "slice_seg4.nii.gz")).astype(np.uint8)
+            arr = image_array_2d(img)
+        except InputError as e:
+            print(f"error: subject {s}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        t0 = time.perf_counter()
+        res = segment_array(net, w.log_lr, plan, arr, w.canvas, seed=a.seed)
+        dt = time.perf_counter() - t0
+        per = dice_per_class(res.labels, ref)
+        row = {"subject": s, "fg_dice": foreground_dice(res.labels, ref), "gds": generalized_dice(res.labels, ref),
+               "dice": {names[c]: per[c] for c in range(1, 5)}, "psnr_db": res.psnr, "seconds": dt}
+        rows.append(row)
+        print(f"{s:<10} {row['fg_dice']:8.4f} " + " ".join(f"{per[c]:10.4f}" for c in range(1, 5)) + f" {row['gds']:6.4f} {res.psnr:6.1f} {dt:6.2f}")
+    fg = np.array([r["fg_dice"] for r in rows])
+    gds = np.array([r["gds"] for r in rows])
+    print(f"{'mean':<10} {fg.mean():8.4f} (sd {fg.std():.4f})  GDS {gds.mean():.4f} (sd {gds.std():.4f})")
+    if a.json:
+        summary = {"weights": str(wpath), "weights_sha256": w.sha256, "steps": plan.steps, "device": str(dev),
+                   "rows": rows, "mean_fg_dice": float(fg.mean()), "mean_gds": float(gds.mean())}
+        write_all([(Path(a.json), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))])
+    return EXIT_OK

@@ -1,0 +1,80 @@
+"""Intensity normalization, padding to the model canvas, and training-time augmentation."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+UPPER_PERCENTILE = 99.0
+
+
+def normalize_intensity(image: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """Scale a skull-stripped image so its brain's 99th percentile is 1, background stays 0.
+
+    A percentile of the brain voxels does not depend on how the scan was exported (0-255,
+    0-1, FreeSurfer brainmask or norm) nor on a few bright outliers, unlike min/max.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    fg = img[mask] if mask is not None else img[img > 0]
+    if fg.size == 0:
+        raise ValueError("the image has no foreground voxels (all values <= 0): expected a skull-stripped brain scan")
+    hi = float(np.percentile(fg, UPPER_PERCENTILE))
+    if not math.isfinite(hi) or hi <= 0:
+        raise ValueError("could not normalize intensities: the brain's 99th percentile is not positive")
+    out = np.clip(img / hi, 0.0, 1.0)
+    out[img <= 0] = 0.0
+    return out
+
+
+def pad_to_canvas(array: np.ndarray, canvas: Tuple[int, ...]) -> Tuple[np.ndarray, Tuple[slice, ...]]:
+    """Centre `array` on a zero canvas; return it and the slices that cut the array back out."""
+    if array.ndim != len(canvas):
+        raise ValueError(f"expected a {len(canvas)}D array, got shape {array.shape}")
+    if any(s > c for s, c in zip(array.shape, canvas)):
+        raise ValueError(f"image of size {array.shape} is larger than the model canvas {tuple(canvas)}")
+    out = np.zeros(canvas, dtype=array.dtype)
+    region = tuple(slice((c - s) // 2, (c - s) // 2 + s) for s, c in zip(array.shape, canvas))
+    out[region] = array
+    return out, region
+
+
+def grid_coords(shape: Tuple[int, ...]) -> torch.Tensor:
+    """Model coordinates of every pixel of a canvas, (prod(shape), ndim) in [-1, 1], C order."""
+    axes = [torch.linspace(-1.0, 1.0, s) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def augment_2d(image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Random small affine + intensity changes of one (H, W) slice; the labels follow the geometry.
+
+    Intensity: gamma, contrast, smooth multiplicative bias field and noise inside the brain, then
+    renormalization, so that scans prepared differently (brainmask vs norm) look alike to the model.
+    """
+
+    def u(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    h, w = image.shape
+    ang = math.radians(u(-6, 6))
+    sc = u(0.94, 1.06)
+    tx, ty = u(-0.04, 0.04), u(-0.04, 0.04)
+    theta = torch.tensor([[math.cos(ang) / sc, -math.sin(ang) / sc, tx], [math.sin(ang) / sc, math.cos(ang) / sc, ty]])
+    grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=True)
+    img = F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0]
+    lab = F.grid_sample(labels[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0, 0]
+    brain = img > 1e-3
+    # intensity: gamma and contrast around the brain mean
+    img = img.clamp(min=0) ** u(0.7, 1.5)
+    mean = img[brain].mean() if brain.any() else img.mean()
+    img = (img - mean) * u(0.8, 1.25) + mean
+    # smooth bias field: exp of a random low-order polynomial
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    c = [u(-0.2, 0.2) for _ in range(5)]
+    img = img * torch.exp(c[0] * xx + c[1] * yy + c[2] * xx * yy + c[3] * xx * xx + c[4] * yy * yy)
+    img = img + u(0.0, 0.03) * torch.randn(img.shape, generator=gen)
+    img = torch.where(brain, img, torch.zeros_like(img))
+    img = torch.from_numpy(normalize_intensity(img.numpy(), brain.numpy())) if brain.any() else img
+    return img, lab.to(torch.uint8)

@@ -1,0 +1,49 @@
+"""Progress reporting for the CLI: a terminal bar, or one JSON object per line for programs.
+
+The JSON-lines protocol is what the Slicer module reads from its background process:
+each line is an object with an "event" key:
+  {"event": "stage", "stage": "fit", "message": "..."}
+  {"event": "progress", "step": 3, "steps": 10, "loss": ..., "psnr": ..., "elapsed_s": ..., "remaining_s": ...}
+  {"event": "labels", "step": 4, "path": ".../live_00004.nii.gz"}   (live preview, --live-dir)
+  {"event": "warning", "message": "..."}
+  {"event": "done", "outputs": {...}, "report": {...}}
+  {"event": "error", "message": "...", "exit_code": 2}
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from .fit import FitProgress
+
+
+class Reporter:
+    """Sends events either as JSON lines on stdout or as human text on stderr."""
+
+    def __init__(self, mode: str = "bar", stream: TextIO = None):
+        if mode not in ("bar", "json", "none"):
+            raise ValueError(f"unknown progress mode {mode!r}: use bar, json or none")
+        self.mode = mode
+        self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self.mode == "json":
+            self.stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+            self.stream.flush()
+        elif self.mode == "bar" and event in ("stage", "warning", "error"):
+            prefix = {"stage": "", "warning": "warning: ", "error": "error: "}[event]
+            self.stream.write(f"{prefix}{fields.get('message', '')}\n")
+            self.stream.flush()
+
+    def fit_progress(self, p: FitProgress) -> None:
+        if self.mode == "json":
+            self.emit("progress", **vars(p))
+        elif self.mode == "bar":
+            n = int(30 * p.step / p.steps)
+            self.stream.write(
+                f"\r  fit [{'#' * n:<30}] {p.step}/{p.steps} PSNR {p.psnr:5.1f} dB  {p.elapsed_s:5.1f} s, ~{p.remaining_s:4.1f} s left"
+            )
+            if p.step == p.steps:
+                self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,31 @@
+"""Where the shipped weights and sample live, in a source checkout or an installed extension."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List
+
+WEIGHTS_ENV = "METASEG_WEIGHTS_DIR"
+DEFAULT_WEIGHTS = {2: "metaseg2d.pt", 3: "metaseg3d.pt"}
+
+
+def weights_dirs() -> List[Path]:
+    """Folders searched for shipped weights: $METASEG_WEIGHTS_DIR, then the repository's Resources/Weights."""
+    dirs = []
+    if os.environ.get(WEIGHTS_ENV):
+        dirs.append(Path(os.environ[WEIGHTS_ENV]))
+    here = Path(__file__).resolve().parent
+    dirs += [here.parent.parent / "Resources" / "Weights", here / "Weights"]
+    return dirs
+
+
+def default_weights(dims: int) -> Path:
+    """The shipped weights for `dims`-D inputs; a clear error if none is installed."""
+    name = DEFAULT_WEIGHTS.get(dims)
+    if name is None:
+        raise FileNotFoundError(f"no MetaSeg model for {dims}D images: only 2D slices and 3D volumes are supported")
+    for d in weights_dirs():
+        if (d / name).is_file():
+            return d / name
+    searched = ", ".join(str(d) for d in weights_dirs())
+    raise FileNotFoundError(f"no shipped {dims}D weights ({name}) found in {searched}; pass --weights FILE or set {WEIGHTS_ENV}")

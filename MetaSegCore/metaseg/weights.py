@@ -1,0 +1,111 @@
+"""Weights files: tensors + a JSON card, loaded without executing code and checked by sha256.
+
+A file is a `torch.save` of plain tensors and strings, read back with `weights_only=True`
+(no pickle code runs). Next to it, `<file>.sha256` holds the expected hash; a file whose
+hash differs is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .config import ModelConfig
+from .fit import FitPlan
+from .io import write_all
+from .model import MetaSegNet
+
+FORMAT = "metaseg-weights/1"
+
+LABELS = [
+    {"value": 0, "name": "Background", "color": [0, 0, 0]},
+    {"value": 1, "name": "Cortical gray matter", "color": [230, 155, 100]},
+    {"value": 2, "name": "Subcortical gray matter", "color": [220, 50, 120]},
+    {"value": 3, "name": "White matter", "color": [245, 245, 245]},
+    {"value": 4, "name": "Cerebrospinal fluid", "color": [90, 160, 230]},
+]
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, corrupt, tampered with or of an unknown format."""
+
+
+@dataclass
+class Weights:
+    """A meta-learned MetaSeg model: network parameters, inner learning rates and the card."""
+
+    config: ModelConfig
+    state: Dict[str, torch.Tensor]
+    log_lr: torch.Tensor  # (steps, n_inr_tensors) meta-learned log learning rates of the fit
+    card: Dict[str, Any] = field(default_factory=dict)
+    sha256: Optional[str] = None
+
+    @property
+    def plan(self) -> FitPlan:
+        return FitPlan(**self.card["fit"])
+
+    @property
+    def canvas(self):
+        return tuple(self.card["input"]["canvas"])
+
+    def build(self, device: torch.device = torch.device("cpu")) -> MetaSegNet:
+        net = MetaSegNet(self.config)
+        net.load_state_dict(self.state)
+        return net.to(device).eval()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(w: Weights, path: Path) -> str:
+    """Write the file and its `.sha256` sidecar atomically; return the hash."""
+    path = Path(path)
+    card = dict(w.card, config=w.config.to_dict(), format=FORMAT)
+    blob = {
+        "format": FORMAT,
+        "card_json": json.dumps(card, sort_keys=True),
+        "state": {k: v.detach().cpu().contiguous() for k, v in w.state.items()},
+        "log_lr": w.log_lr.detach().cpu().contiguous(),
+    }
+    write_all([(path, lambda tmp: torch.save(blob, tmp))])
+    digest = sha256_of(path)
+    write_all([(Path(str(path) + ".sha256"), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n"))])
+    return digest
+
+
+def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
+    """Load and verify a weights file; the expected hash comes from the argument or the sidecar."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if expected_sha256 is None:
+        side = Path(str(path) + ".sha256")
+        if not side.is_file():
+            raise WeightsError(f"no checksum for {path}: expected {side.name} beside it (or pass the sha256 explicitly)")
+        expected_sha256 = side.read_text().split()[0]
+    digest = sha256_of(path)
+    if digest != expected_sha256.lower():
+        raise WeightsError(
+            f"checksum mismatch for {path}: file has sha256 {digest[:16]}..., expected {expected_sha256[:16]}...; "
+            "the file is corrupt or was modified: restore the original weights"
+        )
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("format") != FORMAT:
+            raise WeightsError(f"{path} is not a MetaSeg weights file (format {blob.get('format')!r}, expected {FORMAT!r})")
+        card = json.loads(blob["card_json"])
+        config = ModelConfig.from_dict(card.pop("config"))
+        return Weights(config, dict(blob["state"]), blob["log_lr"], card, digest)
+    except WeightsError:
+        raise
+    except Exception as e:  # a hash-valid file that does not parse: wrong kind of file
+        raise WeightsError(f"cannot read weights {path}: {e}") from e
