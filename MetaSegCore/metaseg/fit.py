@@ -74,14 +74,19 @@ def adapt(
     log_lr: torch.Tensor,
     *,
     create_graph: bool = False,
+    first_order: bool = False,
     generator: Optional[torch.Generator] = None,
 ) -> Iterator[tuple]:
     """Run `plan.steps` Adam steps on the MSE to `values` at `coords`; yield (step, loss, params).
 
     Only the INR (trunk + intensity output) moves. `log_lr` holds one log learning rate per
     step and per INR tensor (meta-learned). The Adam update is written out so that it is
-    differentiable when `create_graph` is true.
+    differentiable: with `create_graph` (second-order MAML) gradients flow through the
+    gradients themselves; with `first_order` the gradients are treated as constants but the
+    result still depends on the initialization and the learning rates; with neither (test
+    time) everything is detached.
     """
+    track = create_graph or first_order
     names = model.inr_parameter_names()
     fast = dict(params)
     m = {n: torch.zeros_like(fast[n]) for n in names}
@@ -94,7 +99,7 @@ def adapt(
         else:
             idx = torch.randint(0, n_points, (plan.batch_size,), generator=generator, device="cpu").to(coords.device)
             x, y = coords[idx], values[idx]
-        if not create_graph:
+        if not track:
             for n in names:
                 fast[n] = fast[n].detach().requires_grad_(True)
         with torch.enable_grad():
@@ -104,14 +109,14 @@ def adapt(
         lrs = step_lrs(log_lr, k)
         t = k + 1
         c1, c2 = 1 - BETA1**t, 1 - BETA2**t
-        with torch.set_grad_enabled(create_graph):
+        with torch.set_grad_enabled(track):
             for j, (n, g) in enumerate(zip(names, grads)):
                 m[n] = BETA1 * m[n] + (1 - BETA1) * g
                 v[n] = BETA2 * v[n] + (1 - BETA2) * g * g
                 # sqrt(v + eps^2) rather than sqrt(v) + eps: same value, finite second derivative at v = 0
                 fast[n] = fast[n] - lrs[j] * (m[n] / c1) / torch.sqrt(v[n] / c2 + EPS * EPS)
         yield k + 1, loss.detach(), fast
-    if not create_graph:
+    if not track:
         for n in names:
             fast[n] = fast[n].detach()
 

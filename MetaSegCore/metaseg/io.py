@@ -36,6 +36,17 @@ def read_image(path: Path) -> sitk.Image:
         raise InputError(f"cannot read {path} as an image ({first}); supported: {', '.join(IMAGE_SUFFIXES)}") from e
 
 
+def image_dims(img: sitk.Image) -> int:
+    """2 for a slice (a 3D image with one slice counts as 2D), 3 for a volume; refuse anything else."""
+    _check_scalar(img)
+    size = img.GetSize()
+    if img.GetDimension() == 2:
+        return 2
+    if img.GetDimension() == 3:
+        return 2 if 1 in size else 3
+    raise InputError(f"the input is {img.GetDimension()}D (size {size}); expected a 2D slice or a 3D volume")
+
+
 def image_array_2d(img: sitk.Image) -> np.ndarray:
     """The pixels of a 2D image (or a 3D image with one slice) as a float32 (rows, cols) array.
 

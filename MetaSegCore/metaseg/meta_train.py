@@ -182,7 +182,8 @@ def meta_train(s: TrainSettings) -> Path:
             if s.inner_loss == "joint":
                 raise NotImplementedError("joint inner loss is not implemented yet")
             fast = params
-            for _, _, fast in adapt(net, params, coords, values, s.plan, log_lr, create_graph=not s.first_order, generator=gen):
+            for _, _, fast in adapt(net, params, coords, values, s.plan, log_lr, create_graph=not s.first_order,
+                                   first_order=s.first_order, generator=gen):
                 pass
             idx = torch.randint(0, coords.shape[0], (s.outer_points,), generator=gen)
             pred, feats = torch.func.functional_call(net, fast, (coords[idx],))

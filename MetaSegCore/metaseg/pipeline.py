@@ -20,7 +20,7 @@ import torch
 from .data import load_splits
 from .device import pick_device
 from .fit import FitCancelled
-from .io import InputError, check_output_path, image_array_2d, labels_like, read_image, write_all, write_image
+from .io import InputError, check_output_path, image_array_2d, image_dims, labels_like, read_image, write_all, write_image
 from .metrics import dice_per_class, foreground_dice, generalized_dice
 from .outputs import class_sizes, environment, overlay_rgb, write_preview, write_report, write_seg_nrrd
 from .progress import Reporter
@@ -78,7 +78,7 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
 
     rep.emit("stage", stage="read", message=f"reading {a.input}")
     img = read_image(Path(a.input))
-    dims = 2 if (img.GetDimension() == 2 or (img.GetDimension() == 3 and 1 in img.GetSize())) else img.GetDimension()
+    dims = image_dims(img)
     w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
     array = image_array_2d(img)
     rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})", device=str(dev))

@@ -19,7 +19,10 @@ from .fit import FitProgress
 
 
 class Reporter:
-    """Sends events either as JSON lines on stdout or as human text on stderr."""
+    """Sends events either as JSON lines on stdout or as human text on stderr.
+
+    Warnings and errors are always shown; "none" only silences the progress bar and stages.
+    """
 
     def __init__(self, mode: str = "bar", stream: TextIO = None):
         if mode not in ("bar", "json", "none"):
@@ -31,7 +34,7 @@ class Reporter:
         if self.mode == "json":
             self.stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
             self.stream.flush()
-        elif self.mode == "bar" and event in ("stage", "warning", "error"):
+        elif event in ("warning", "error") or (self.mode == "bar" and event == "stage"):
             prefix = {"stage": "", "warning": "warning: ", "error": "error: "}[event]
             self.stream.write(f"{prefix}{fields.get('message', '')}\n")
             self.stream.flush()

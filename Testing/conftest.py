@@ -1,0 +1,26 @@
+"""Shared fixtures: paths of the repository, the bundled sample and the shipped weights."""
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "Resources" / "Sample"
+WEIGHTS_2D = ROOT / "Resources" / "Weights" / "metaseg2d.pt"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "brains"
+
+
+@pytest.fixture(scope="session")
+def sample_slice() -> Path:
+    return SAMPLE / "ecog_slice_t1.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def sample_labels() -> Path:
+    return SAMPLE / "ecog_slice_seg4.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def weights_2d() -> Path:
+    if not WEIGHTS_2D.exists():
+        pytest.skip("shipped 2D weights not built yet (Resources/Weights/metaseg2d.pt)")
+    return WEIGHTS_2D
