@@ -1,0 +1,849 @@
+"""MetaSeg: brain-MRI tissue segmentation in 3D Slicer by fitting only the image's pixels.
+
+The segmentation itself runs in the MetaSeg core (`python -m metaseg segment`) in a separate
+process; this module is the GUI and the MRML glue: it exports the input volume, starts and
+follows the process (MetaSegLib.process), and turns its result into a segmentation node.
+
+Console use:
+    logic = slicer.util.getModuleLogic("MetaSeg")          # or MetaSeg.MetaSegLogic()
+    seg = logic.segment(volumeNode, device="cpu", steps=None, seed=0)
+    job = logic.segment(volumeNode, wait=False, onProgress=print, onFinished=lambda job: print(job.state))
+    job.cancel()
+
+The Logic imports without Qt or the Slicer application (only MRML), so it also runs with the
+PyPI package `slicer-core`; see Testing/slicer/.
+"""
+
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import slicer
+import vtk
+
+from MetaSegLib import paths
+from MetaSegLib.process import ProcessError, SegmentProcess, python_executable
+from MetaSegLib.protocol import Event, format_progress, format_seconds
+from MetaSegLib.report import device_text, format_report
+
+try:  # the Slicer application: Qt, CTK and the scripted-module base classes
+    import ctk  # noqa: F401
+    import qt
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.util import VTKObservationMixin
+
+    HAVE_GUI = True
+except ImportError:  # MRML only (slicer-core): the Logic works; the module and widget classes are inert
+    qt = None
+    HAVE_GUI = False
+
+    class ScriptedLoadableModuleLogic:  # stand-in: the real one only adds parameter-node helpers
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class _NeedsSlicerApplication:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError(f"{type(self).__name__} needs the Slicer application (Qt)")
+
+    class ScriptedLoadableModule(_NeedsSlicerApplication):
+        pass
+
+    class ScriptedLoadableModuleWidget(_NeedsSlicerApplication):
+        pass
+
+    class ScriptedLoadableModuleTest(_NeedsSlicerApplication):
+        pass
+
+    class VTKObservationMixin:
+        pass
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:
+    def _(text: str) -> str:
+        return text
+
+IN_SLICER_APP = HAVE_GUI and hasattr(slicer, "app")
+MODULE_DIR = Path(__file__).resolve().parent
+REQUIREMENTS = {"torch": "torch>=2.0", "slicerio": "slicerio>=1.0", "SimpleITK": "SimpleITK>=2.2", "numpy": "numpy>=1.21"}
+REPORT_ATTRIBUTE = "MetaSeg.Report"
+_RUNNING_JOBS = set()  # jobs polled by a timer stay alive even if the caller drops its reference
+DEVICES = ("auto", "cpu", "gpu")
+
+
+class MetaSegError(RuntimeError):
+    """A run that could not start or did not give a result; the message says why."""
+
+
+class MetaSegCancelled(MetaSegError):
+    """The run was cancelled; the scene is as it was before."""
+
+
+#
+# MetaSeg
+#
+class MetaSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MetaSeg")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = []  # PyTorch (extension) and slicerio are checked when segmenting
+        self.parent.contributors = ["MetaSeg developers"]
+        self.parent.helpText = _(
+            "Segment a skull-stripped T1 brain MRI slice into cortical gray matter, subcortical gray matter, "
+            "white matter and CSF. MetaSeg fits a small implicit network to the image's intensities only; the "
+            "labels come from a meta-learned head (Vyas et al., MICCAI 2025). The weights ship with the "
+            "extension: no download. The computation runs in a separate process that Cancel stops at once."
+        )
+        self.parent.acknowledgementText = _(
+            "MetaSeg implements 'Fit Pixels, Get Labels: Meta-learned Implicit Networks for Image Segmentation' "
+            "(Vyas et al., MICCAI 2025). Training data: neurite-oasis (OASIS-1)."
+        )
+
+
+#
+# Parameter node (Slicer application only)
+#
+if HAVE_GUI:
+    from typing import Annotated
+
+    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+
+    @parameterNodeWrapper
+    class MetaSegParameterNode:
+        inputVolume: vtkMRMLScalarVolumeNode
+        outputSegmentation: vtkMRMLSegmentationNode  # None: create a new segmentation
+        device: str = "auto"
+        steps: Annotated[int, WithinRange(0, 100000)] = 0  # 0: the weights' own number of steps
+        seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
+        keepLabelmap: bool = False
+        livePreview: bool = False
+
+
+#
+# MetaSegWidget
+#
+class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MetaSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MetaSegLogic()
+
+        self.ui.deviceComboBox.clear()
+        for text, device in ((_("auto (GPU if available)"), "auto"), (_("CPU"), "cpu"), (_("GPU"), "gpu")):
+            self.ui.deviceComboBox.addItem(text, device)
+        self.ui.progressBar.hide()
+        self.ui.crossSectionButton.enabled = False  # needs a core feature (see the button's tooltip)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            # In the .ui file, each widget to connect has a "SlicerParameterName" dynamic property.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self.updateGUI()
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def updateGUI(self, caller=None, event=None) -> None:
+        pn = self._parameterNode
+        running = self._job is not None and self._job.running
+        if pn:
+            index = self.ui.deviceComboBox.findData(pn.device)
+            if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
+                self.ui.deviceComboBox.setCurrentIndex(index)
+        volume = pn.inputVolume if pn else None
+        text, ok = self.logic.modelDescription(volume)
+        self.ui.modelLabel.text = text
+        for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.advancedCollapsibleButton):
+            w.enabled = not running
+        if running:
+            self.ui.segmentButton.text = _("Cancel")
+            self.ui.segmentButton.toolTip = _("Stop the segmentation; the scene is left as it was")
+            self.ui.segmentButton.enabled = True
+        else:
+            self.ui.segmentButton.text = _("Segment")
+            self.ui.segmentButton.enabled = bool(volume) and ok
+            self.ui.segmentButton.toolTip = _("Segment the input volume") if ok else text
+
+    # ---------------------------------------------------------------- running
+    def onSegmentButton(self) -> None:
+        if self._job is not None and self._job.running:
+            self.ui.statusLabel.text = _("Cancelling…")
+            self._job.cancel()
+            return
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("MetaSeg could not start."), waitCursor=True):
+            if not self.logic.installDependencies(askConfirmation=True):
+                self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
+                return
+            output = pn.outputSegmentation
+            if output is not None:
+                question = _("Replace all segments of '{name}' with the MetaSeg result?").format(name=output.GetName())
+                if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("MetaSeg")):
+                    return
+            self._job = self.logic.segment(
+                pn.inputVolume, device=pn.device, steps=pn.steps or None, seed=pn.seed, wait=False,
+                outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
+                onProgress=self.onJobProgress, onFinished=self.onJobFinished)
+            # events arrive from the job's timer, after this method returns
+            self.ui.reportText.plainText = ""
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.setFormat(_("starting…"))
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = _("Starting the MetaSeg process…")
+        self.updateGUI()
+
+    def onJobProgress(self, event: Event) -> None:
+        if event.kind == "stage":
+            self.ui.statusLabel.text = event["message"]
+            if event.get("device"):
+                self.ui.deviceLabel.text = _("running on {device}").format(device=event["device"])
+        elif event.kind == "progress":
+            self.ui.progressBar.value = int(round(100 * event.fraction))
+            self.ui.progressBar.setFormat(format_progress(event))
+        elif event.kind == "labels":
+            self.ui.statusLabel.text = _("live preview: labels after step {step}").format(step=event["step"])
+        elif event.kind == "warning":
+            self.ui.statusLabel.text = _("Warning: {message}").format(message=event["message"])
+
+    def onJobFinished(self, job: "MetaSegJob") -> None:
+        self._job = None
+        self.ui.progressBar.hide()
+        if job.state == "done":
+            self.ui.statusLabel.text = _("Done in {t}.").format(t=format_seconds(job.elapsed))
+            self.ui.deviceLabel.text = device_text(job.report)
+            self.ui.reportText.plainText = format_report(job.report)
+            slicer.util.setSliceViewerLayers(background=job.volumeNode, fit=True)
+        elif job.state == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
+        else:
+            self.ui.statusLabel.text = _("Failed.")
+            self.ui.reportText.plainText = job.error or ""
+            slicer.util.errorDisplay(_("MetaSeg failed:\n{error}").format(error=job.error), windowTitle=_("MetaSeg"))
+        self.updateGUI()
+
+
+#
+# MetaSegJob
+#
+class MetaSegJob:
+    """One segmentation run: the child process and the MRML work around it.
+
+    `poll()` handles the process's events on the calling (main) thread: progress callbacks,
+    live-preview labels, and at the end the result nodes. In the Slicer application a QTimer
+    calls it; elsewhere call `poll()` or `wait()` yourself.
+
+    state: "running", "cancelling", then "done", "failed" or "cancelled".
+    """
+
+    POLL_MS = 100
+
+    def __init__(self, logic: "MetaSegLogic", volumeNode, process: SegmentProcess, outputSegmentation=None,
+                 keepLabelmap: bool = False, livePreview: bool = False,
+                 onProgress: Optional[Callable[[Event], None]] = None,
+                 onFinished: Optional[Callable[["MetaSegJob"], None]] = None):
+        self.logic = logic
+        self.volumeNode = volumeNode
+        self.scene = volumeNode.GetScene()
+        self.process = process
+        self.outputSegmentation = outputSegmentation
+        self.keepLabelmap = keepLabelmap
+        self.livePreview = livePreview
+        self.onProgress = onProgress
+        self.onFinished = onFinished
+        self.state = "running"
+        self.error: Optional[str] = None
+        self.report: Dict[str, Any] = {}
+        self.warnings: List[str] = []
+        self.device: Optional[str] = None
+        self.segmentationNode = None
+        self.labelmapNode = None
+        self.elapsed = 0.0
+        self._t0 = time.monotonic()
+        self._previewNode = None  # hidden node showing live labels; removed unless it becomes the result
+        self._previewColors: Dict[str, tuple] = {}
+        self._polling = False
+        self._timer = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "cancelling")
+
+    def startTimer(self) -> None:
+        if qt is None:
+            return
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.connect("timeout()", self.poll)
+        self._timer.start()
+        _RUNNING_JOBS.add(self)
+
+    # ------------------------------------------------------------------ poll
+    def poll(self) -> bool:
+        """Handle what the process reported; returns True while the job is running."""
+        if not self.running or self._polling:
+            return self.running
+        self._polling = True
+        try:
+            for event in self.process.poll():
+                if self.state == "running":
+                    self._handle(event)
+            if self.process.finished:
+                self._finish()
+        except Exception as e:  # a failure in our own MRML work must end the job, not leave it hanging
+            logging.exception("MetaSeg: error while following the process")
+            self.process.cancel(grace=0.5)
+            self._finish(error=f"{type(e).__name__}: {e}")
+        finally:
+            self._polling = False
+        return self.running
+
+    def _handle(self, event: Event) -> None:
+        if event.kind == "stage" and event.get("device"):
+            self.device = event["device"]
+        elif event.kind == "warning":
+            self.warnings.append(event["message"])
+        elif event.kind == "done":
+            self.report = event["report"]
+        elif event.kind == "labels" and self.livePreview:
+            self._showLiveLabels(event["path"])
+        if self.onProgress is not None and event.kind != "done":
+            self.onProgress(event)
+
+    def _showLiveLabels(self, path: str) -> None:
+        if self._previewNode is None:
+            # A new output is built in place: the preview node becomes the result. An existing
+            # output segmentation is only touched at the end, so a separate node previews.
+            self._previewNode = self.logic._createSegmentationNode(self.scene, self.volumeNode, hidden=True)
+        self.logic._loadLabelmapFileIntoSegmentation(path, self._previewNode, self.volumeNode, self._previewColors)
+
+    # ---------------------------------------------------------------- cancel
+    def cancel(self) -> None:
+        """Stop the run; the scene is restored at once (nodes of this run are removed)."""
+        if not self.running:
+            return
+        self.state = "cancelling"
+        self.process.cancel()
+        self._removePreview()
+
+    def wait(self, timeout: Optional[float] = None):
+        """Block until the end; return the segmentation node, or raise MetaSegError / MetaSegCancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while self.poll():
+                if deadline is not None and time.monotonic() > deadline:
+                    self.cancel()
+                    self.process.wait(10.0)
+                    self.poll()
+                    raise MetaSegError(f"MetaSeg did not finish within {timeout} s; the run was cancelled")
+                if IN_SLICER_APP:
+                    slicer.app.processEvents()
+                time.sleep(0.02)
+        except KeyboardInterrupt:
+            self.cancel()
+            self.process.wait(10.0)
+            self.poll()
+            raise
+        if self.state == "cancelled":
+            raise MetaSegCancelled("the segmentation was cancelled")
+        if self.state == "failed":
+            raise MetaSegError(self.error)
+        return self.segmentationNode
+
+    # ---------------------------------------------------------------- finish
+    def _finish(self, error: Optional[str] = None) -> None:
+        try:
+            if error is None and self.state == "cancelling":
+                self.state = "cancelled"
+            elif error is None and (self.process.cancelled or self.process.returncode == 3):
+                self.state = "cancelled"
+            else:
+                error = error or self.process.error_message()
+                if error is None:
+                    try:
+                        self._loadResult()
+                        self.state = "done"
+                    except Exception as e:
+                        logging.exception("MetaSeg: could not load the result")
+                        error = f"could not load the result: {e}"
+                if error is not None:
+                    self.state, self.error = "failed", error
+            if self.state != "done":
+                self._removePreview()
+        finally:
+            self.elapsed = time.monotonic() - self._t0
+            if self._timer is not None:
+                self._timer.stop()
+                self._timer = None
+            _RUNNING_JOBS.discard(self)
+            self.process.cleanup()
+            if self.onFinished is not None:
+                self.onFinished(self)
+
+    def _removePreview(self) -> None:
+        if self._previewNode is not None:
+            self.logic._removeNode(self._previewNode)
+            self._previewNode = None
+
+    def _loadResult(self) -> None:
+        logic, volume = self.logic, self.volumeNode
+        report = json.loads(self.process.report_path.read_text())
+        _scene, source = logic._readSegmentationFile(str(self.process.segmentation_path))
+        if self.outputSegmentation is not None:
+            target, created = self.outputSegmentation, False
+        elif self._previewNode is not None:
+            target, created = self._previewNode, True
+            self._previewNode = None
+        else:
+            target, created = logic._createSegmentationNode(self.scene, volume, hidden=True), True
+        try:
+            target.CreateDefaultDisplayNodes()  # only creates what is missing
+            wasModifying = target.StartModify()
+            try:
+                target.GetSegmentation().DeepCopy(source.GetSegmentation())
+                target.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+                target.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+                target.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
+                if created:
+                    target.SetHideFromEditors(False)
+            finally:
+                target.EndModify(wasModifying)
+            if created:
+                logic._placeBesideVolume(target, volume)
+            labelmap = logic._exportLabelmap(target, volume) if self.keepLabelmap else None
+        except Exception:
+            if created:  # a failed run adds nothing to the scene
+                logic._removeNode(target)
+            raise
+        self._removePreview()
+        self.report, self.segmentationNode, self.labelmapNode = report, target, labelmap
+
+
+#
+# MetaSegLogic
+#
+class MetaSegLogic(ScriptedLoadableModuleLogic):
+    """Segment volumes with MetaSeg; usable from the Python console without the GUI."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.moduleDir = MODULE_DIR
+
+    if HAVE_GUI:
+        def getParameterNode(self):
+            return MetaSegParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------ resources
+    def inputDimension(self, volumeNode) -> int:
+        return paths.input_dimension(volumeNode.GetImageData().GetDimensions())
+
+    def weightsPath(self, dims: int) -> Optional[Path]:
+        """The shipped weights for `dims`-D inputs (module resources, or the source checkout)."""
+        return paths.find_weights(dims, self.moduleDir)
+
+    def samplePath(self, name: str = "ecog_slice_t1.nii.gz") -> Optional[Path]:
+        for d in (self.moduleDir / "Resources" / "Sample", self.moduleDir.parent / "Resources" / "Sample"):
+            if (d / name).is_file():
+                return d / name
+        return None
+
+    def modelDescription(self, volumeNode) -> "tuple[str, bool]":
+        """Text for the model label, and whether the volume can be segmented."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            return _("Select an input volume."), False
+        if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            return _("The input is a labelmap; select a grey-level MRI volume."), False
+        dims = self.inputDimension(volumeNode)
+        size = "×".join(str(n) for n in volumeNode.GetImageData().GetDimensions())
+        weights = self.weightsPath(dims)
+        if weights is None:
+            return _("No {dims}D model is installed for this {size} input.").format(dims=dims, size=size), False
+        digest = paths.weights_sha256(weights)
+        return (_("MetaSeg {dims}D ({name}{sha}) for this {size} input").format(
+            dims=dims, name=weights.name, sha=f", sha256 {digest[:8]}…" if digest else "", size=size), True)
+
+    # --------------------------------------------------------- dependencies
+    @staticmethod
+    def missingPackages() -> List[str]:
+        """Requirements of the core that this Python cannot import (checked without importing)."""
+        return [req for name, req in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+
+    def installDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install what the core needs (Slicer application only); True when all is present.
+
+        torch comes from the PyTorch extension (it picks the CUDA build that fits the driver);
+        the small pure-Python packages are pip-installed after a confirmation.
+        """
+        missing = self.missingPackages()
+        if not missing:
+            return True
+        if not IN_SLICER_APP:
+            raise MetaSegError("missing Python packages: " + ", ".join(missing) + "; install them with pip")
+        if "torch>=2.0" in missing:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise MetaSegError(_('MetaSeg needs PyTorch: install the "PyTorch" extension from the Extensions '
+                                     "Manager, restart Slicer and try again.")) from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.0") is None:
+                    return False
+        others = [r for r in self.missingPackages() if not r.startswith("torch")]
+        if others:
+            try:
+                import slicer.packaging as slicerPackaging
+            except ImportError:
+                slicerPackaging = None
+            if slicerPackaging is not None and hasattr(slicerPackaging, "pip_ensure"):
+                from packaging.requirements import Requirement  # the PyPI "packaging", shipped with Slicer
+
+                slicerPackaging.pip_ensure([Requirement(r) for r in others], requester="MetaSeg",
+                                           prompt_install=askConfirmation)
+            else:
+                question = _("MetaSeg needs the Python packages {packages}. Install them now?").format(
+                    packages=", ".join(others))
+                if askConfirmation and not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MetaSeg")):
+                    return False
+                slicer.util.pip_install(" ".join(others))
+        importlib.invalidate_caches()
+        return not self.missingPackages()
+
+    # -------------------------------------------------------------- segment
+    def segment(self, volumeNode, device: str = "cpu", steps: Optional[int] = None, seed: int = 0, wait: bool = True,
+                outputSegmentation=None, weights: Optional[str] = None, keepLabelmap: bool = False,
+                livePreview: bool = False, liveEvery: int = 1,
+                onProgress: Optional[Callable[[Event], None]] = None,
+                onFinished: Optional[Callable[[MetaSegJob], None]] = None,
+                timeout: Optional[float] = None):
+        """Segment `volumeNode` into one segment per tissue.
+
+        :param device: "cpu", "auto" (GPU if available), "gpu", "cuda", "cuda:N", "mps".
+        :param steps: test-time fit steps; None uses the weights' own setting.
+        :param wait: True: block and return the vtkMRMLSegmentationNode (raises MetaSegError on
+          failure). False: return a MetaSegJob at once (`cancel()`, `wait()`, `poll()`, `state`).
+        :param outputSegmentation: an existing segmentation whose segments are replaced; by
+          default a new segmentation node is created. Nothing else in the scene is modified.
+        :param weights: weights file; default: the shipped model for the input's dimension.
+        :param keepLabelmap: also create a labelmap volume of the tissues.
+        :param livePreview: show the labels as they form (every `liveEvery` steps) in a hidden node.
+        :param onProgress: called with each protocol Event (stage, progress, labels, warning).
+        :param onFinished: called with the job once it is done, failed or cancelled.
+        """
+        self._checkInput(volumeNode, outputSegmentation)
+        if str(device).lower() not in DEVICES and not str(device).lower().startswith(("cuda", "mps")):
+            raise MetaSegError(f"unknown device {device!r}: use auto, cpu, gpu, cuda, cuda:N or mps")
+        if steps is not None and int(steps) < 1:
+            raise MetaSegError(f"steps must be at least 1 (got {steps})")
+        dims = self.inputDimension(volumeNode)
+        if weights is None:
+            weights = self.weightsPath(dims)
+            if weights is None:
+                searched = ", ".join(str(d) for d in paths.weights_dirs(self.moduleDir))
+                raise MetaSegError(f"no {dims}D MetaSeg weights ({paths.WEIGHTS_FILES.get(dims, '?')}) are installed "
+                                   f"(searched {searched}); pass weights=FILE")
+        missing = [r for r in self.missingPackages() if r.split(">")[0] in ("torch", "slicerio")]
+        if missing:
+            raise MetaSegError("missing Python packages: " + ", ".join(missing) +
+                               "; call MetaSegLogic().installDependencies() or use the MetaSeg module panel")
+        corePath = paths.core_python_path(self.moduleDir)
+        if corePath is None:
+            raise MetaSegError("the MetaSeg core package (metaseg) was not found beside the module")
+        try:
+            # The child gets this process's environment (as slicer.util.pip_install does) plus the core.
+            process = SegmentProcess(python=python_executable(IN_SLICER_APP), weights=str(weights),
+                                     device=str(device).lower(), seed=seed, steps=steps,
+                                     live_every=liveEvery if livePreview else 0, python_path=[str(corePath)])
+        except (ProcessError, ValueError) as e:
+            raise MetaSegError(str(e)) from e
+        try:
+            self._exportVolume(volumeNode, process.input_path)
+            process.start()
+        except Exception as e:
+            process.cleanup()
+            raise MetaSegError(f"could not start MetaSeg: {e}") from e
+        job = MetaSegJob(self, volumeNode, process, outputSegmentation=outputSegmentation, keepLabelmap=keepLabelmap,
+                         livePreview=livePreview, onProgress=onProgress, onFinished=onFinished)
+        if wait:
+            return job.wait(timeout)
+        if IN_SLICER_APP:
+            job.startTimer()
+        return job
+
+    @staticmethod
+    def _checkInput(volumeNode, outputSegmentation) -> None:
+        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+            raise MetaSegError("the input must be a scalar volume node")
+        if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise MetaSegError(f"the input '{volumeNode.GetName()}' is a labelmap; select a grey-level MRI volume")
+        image = volumeNode.GetImageData()
+        if image is None:
+            raise MetaSegError(f"the volume '{volumeNode.GetName()}' has no image data")
+        if image.GetNumberOfScalarComponents() != 1:
+            raise MetaSegError(f"the volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                               "components per voxel; MetaSeg needs a grey-level (scalar) MRI")
+        if volumeNode.GetScene() is None:
+            raise MetaSegError("the input volume is not in a scene")
+        if outputSegmentation is not None:
+            if not outputSegmentation.IsA("vtkMRMLSegmentationNode"):
+                raise MetaSegError("outputSegmentation must be a segmentation node")
+            if outputSegmentation.GetScene() is not volumeNode.GetScene():
+                raise MetaSegError("outputSegmentation is not in the input volume's scene")
+
+    # ----------------------------------------------------------- MRML glue
+    @staticmethod
+    def _exportVolume(volumeNode, path: Path) -> None:
+        """Write the volume's voxels and geometry (without parent transforms) to a file.
+
+        A storage node of our own, outside the scene: the user's node, its storage node and
+        its file name are left as they are.
+        """
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(False)
+        if not storage.WriteData(volumeNode) or not Path(path).is_file():
+            raise MetaSegError(f"could not write the input volume to {path}")
+
+    @staticmethod
+    def _readSegmentationFile(path: str):
+        """(private scene, segmentation node) read from a .seg.nrrd; the user's scene is untouched.
+
+        Not `slicer.util.loadSegmentation`: that would add a node whose storage node points at
+        our temporary file, which is deleted after the run, and mark it as saved.
+        """
+        scene = slicer.vtkMRMLScene()
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        storage.SetFileName(path)
+        if not storage.ReadData(node) or node.GetSegmentation().GetNumberOfSegments() == 0:
+            raise MetaSegError(f"could not read the segmentation {path}")
+        return scene, node  # the caller keeps the scene alive while it uses the node
+
+    @staticmethod
+    def _createSegmentationNode(scene, volumeNode, hidden: bool):
+        name = scene.GenerateUniqueName(f"{volumeNode.GetName()} MetaSeg")
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.SetHideFromEditors(hidden)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        return node
+
+    @staticmethod
+    def _loadLabelmapFileIntoSegmentation(path: str, segmentationNode, volumeNode, colors: Dict[str, tuple]) -> None:
+        """Replace the segments of `segmentationNode` with the labels of an image file (live preview)."""
+        scene = slicer.vtkMRMLScene()
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(path)
+        if not storage.ReadData(labelmap):
+            raise MetaSegError(f"could not read the live labels {path}")
+        source = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, source):
+            raise MetaSegError(f"could not convert the live labels {path}")
+        segmentation = source.GetSegmentation()
+        for i in range(segmentation.GetNumberOfSegments()):  # same colour for a label at every step
+            segment = segmentation.GetNthSegment(i)
+            if segment.GetName() in colors:
+                segment.SetColor(*colors[segment.GetName()])
+            else:
+                colors[segment.GetName()] = segment.GetColor()
+        wasModifying = segmentationNode.StartModify()
+        segmentationNode.GetSegmentation().DeepCopy(segmentation)
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentationNode.EndModify(wasModifying)
+
+    @staticmethod
+    def _placeBesideVolume(node, volumeNode) -> None:
+        """Put `node` in the subject hierarchy folder (study) of the input volume."""
+        scene = volumeNode.GetScene()
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+        if sh is None:
+            return
+        volumeItem = sh.GetItemByDataNode(volumeNode)
+        parent = sh.GetItemParent(volumeItem) if volumeItem else sh.GetSceneItemID()
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.SetItemParent(item, parent)
+        else:
+            sh.CreateItem(parent, node)
+
+    def _exportLabelmap(self, segmentationNode, volumeNode):
+        """A labelmap volume of the segments on the input's exact grid (values 1..N in segment order)."""
+        scene = volumeNode.GetScene()
+        name = scene.GenerateUniqueName(f"{volumeNode.GetName()} MetaSeg labels")
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+                segmentationNode, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            self._removeNode(labelmap)
+            raise MetaSegError("could not export the segmentation to a labelmap volume")
+        self._placeBesideVolume(labelmap, volumeNode)
+        return labelmap
+
+    @staticmethod
+    def _removeNode(node) -> None:
+        """Remove a node with its display and storage nodes (MRML keeps those otherwise)."""
+        scene = node.GetScene()
+        if scene is None:
+            return
+        dependents = []
+        if node.IsA("vtkMRMLDisplayableNode"):
+            dependents += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            dependents += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene.GetFirstNodeByClass(
+            "vtkMRMLSubjectHierarchyNode") else None
+        if sh is not None and sh.GetItemByDataNode(node):
+            sh.RemoveItem(sh.GetItemByDataNode(node), False, False)
+        scene.RemoveNode(node)
+        for d in dependents:
+            if d is not None and d.GetScene() is scene:
+                scene.RemoveNode(d)
+
+
+#
+# MetaSegTest
+#
+class MetaSegTest(ScriptedLoadableModuleTest):
+    """The module's scenarios inside Slicer: "Reload and Test" in the module panel, ctest
+    (slicer_add_python_unittest in CMakeLists.txt), or
+      Slicer --no-splash --testing --python-code "import slicer.testing; slicer.testing.runUnitTest(['<folder of MetaSeg.py>'], 'MetaSeg')"
+    The same scenarios, and more, run outside Slicer with slicer-core in Testing/slicer/.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        import unittest
+
+        for test in (self.test_segment_sample, self.test_cancel_leaves_scene_unchanged,
+                     self.test_bad_weights_is_an_error):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as e:
+                self.delayDisplay(f"{test.__name__} skipped: {e}")
+
+    def _loadSample(self):
+        logic = MetaSegLogic()
+        path = logic.samplePath()
+        self.assertIsNotNone(path, "the sample Resources/Sample/ecog_slice_t1.nii.gz is not installed")
+        return logic, slicer.util.loadVolume(str(path))
+
+    def _weightsOrSkip(self, logic):
+        if logic.weightsPath(2) is None:
+            self.skipTest("no shipped 2D weights (Resources/Weights/metaseg2d.pt)")
+        if logic.missingPackages():
+            self.skipTest("missing Python packages: " + ", ".join(logic.missingPackages()))
+
+    def test_segment_sample(self):
+        self.delayDisplay("MetaSeg: segment the sample slice")
+        logic, volume = self._loadSample()
+        self._weightsOrSkip(logic)
+        events = []
+        segmentation = logic.segment(volume, device="cpu", steps=3, seed=0, onProgress=events.append)
+        self.assertTrue(any(e.kind == "progress" for e in events))
+        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 4)
+        report = json.loads(segmentation.GetAttribute(REPORT_ATTRIBUTE))
+        names = [c["name"] for c in report["classes"] if c["value"] != 0]
+        segments = [segmentation.GetSegmentation().GetNthSegment(i) for i in range(4)]
+        self.assertEqual([s.GetName() for s in segments], names)
+        self.assertEqual(len({tuple(round(c, 3) for c in s.GetColor()) for s in segments}), 4)
+        for s in segments:
+            tag = vtk.reference("")
+            self.assertTrue(s.GetTag(s.GetTerminologyEntryTagName(), tag) and str(tag))
+        ijkToRas = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRas)
+        converter = slicer.vtkSegmentationConverter
+        self.assertEqual(segmentation.GetSegmentation().GetConversionParameter(
+            converter.GetReferenceImageGeometryParameterName()),
+            converter.SerializeImageGeometry(ijkToRas, volume.GetImageData()))
+        self.delayDisplay("MetaSeg: sample segmented")
+
+    def test_cancel_leaves_scene_unchanged(self):
+        self.delayDisplay("MetaSeg: cancel a run")
+        logic, volume = self._loadSample()
+        self._weightsOrSkip(logic)
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.segment(volume, device="cpu", steps=200, wait=False, livePreview=True)
+        started = time.monotonic()
+        while job.running and job._previewNode is None and time.monotonic() - started < 120:
+            slicer.app.processEvents()
+            job.poll()
+            time.sleep(0.05)
+        job.cancel()
+        with self.assertRaises(MetaSegCancelled):
+            job.wait(60)
+        self.assertEqual(job.state, "cancelled")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.assertFalse(job.process.workdir.exists())
+
+    def test_bad_weights_is_an_error(self):
+        self.delayDisplay("MetaSeg: a bogus weights file is a clear error")
+        logic, volume = self._loadSample()
+        if logic.missingPackages():
+            self.skipTest("missing Python packages")
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(MetaSegError) as ctx:
+            logic.segment(volume, device="cpu", steps=1, weights="/nonexistent/metaseg.pt", timeout=120)
+        self.assertIn("weights", str(ctx.exception))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)

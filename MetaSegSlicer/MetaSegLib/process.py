@@ -1,0 +1,353 @@
+"""Run the MetaSeg core in a child process and follow its JSON-lines progress.
+
+Why a process: a crash in torch cannot take Slicer down, GPU memory is returned when the
+process ends, and a run can be cancelled at any moment. MRML and Qt are never touched
+here: the caller polls for events on its main thread (a QTimer in Slicer, a loop in
+scripts and tests).
+
+- `JsonLinesProcess` runs any command whose stdout carries protocol events, reads stdout and
+  stderr on two threads (a full pipe can never block the child), and queues the events;
+  `poll()` returns them without blocking, `cancel()` ends the whole process tree, `wait()`
+  blocks until the end, `error_message()` explains a failure.
+- `SegmentProcess` builds the `python -m metaseg segment ...` command in a private temporary
+  folder and removes that folder in `cleanup()`.
+
+The child runs in its own session (POSIX) or process group (Windows) so that cancelling
+kills it together with any process it started, never only the launcher.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Deque, Dict, List, Optional, Sequence
+
+from .protocol import Event, ProtocolError, parse_line
+
+log = logging.getLogger(__name__)
+
+EXIT_CANCELLED = 3  # the core's exit code for a cancelled run (metaseg/pipeline.py)
+IS_WINDOWS = os.name == "nt"
+
+
+class ProcessError(RuntimeError):
+    """The child process could not be started or did not produce a result."""
+
+
+class JsonLinesProcess:
+    """A child process whose stdout is a stream of protocol events (see `protocol.py`)."""
+
+    def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+                 tail_lines: int = 200):
+        self.args = [str(a) for a in args]
+        self.env = env
+        self.cwd = cwd
+        self._proc: Optional[subprocess.Popen] = None
+        self._events: "queue.Queue[Event]" = queue.Queue()
+        self._stderr: Deque[str] = collections.deque(maxlen=tail_lines)
+        self._noise: Deque[str] = collections.deque(maxlen=tail_lines)  # stdout lines that were not events
+        self._readers: List[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._last_error: Optional[Event] = None
+        self._done: Optional[Event] = None
+        self._cancelled = False
+        self._killer: Optional[threading.Thread] = None
+        self._reaped = False
+        self.start_time: Optional[float] = None
+        self.end_time: Optional[float] = None
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> "JsonLinesProcess":
+        if self._proc is not None:
+            raise ProcessError("the process was already started")
+        kwargs = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1)
+        if IS_WINDOWS:
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True  # own session and process group: cancel kills the whole tree
+        try:
+            self._proc = subprocess.Popen(self.args, **kwargs)
+        except OSError as e:
+            raise ProcessError(f"cannot start {self.args[0]}: {e}") from e
+        self.start_time = time.monotonic()
+        for target, stream in ((self._read_stdout, self._proc.stdout), (self._read_stderr, self._proc.stderr)):
+            t = threading.Thread(target=target, args=(stream,), daemon=True, name=f"MetaSeg-{target.__name__}")
+            t.start()
+            self._readers.append(t)
+        return self
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    # ---------------------------------------------------------------- readers
+    def _read_stdout(self, stream) -> None:
+        try:
+            for line in stream:
+                try:
+                    event = parse_line(line)
+                except ProtocolError as e:
+                    self._noise.append(line.rstrip("\n"))
+                    log.debug("MetaSeg: ignored stdout line (%s)", e)
+                    continue
+                if event is None:
+                    continue
+                with self._lock:
+                    if event.kind == "error":
+                        self._last_error = event
+                    elif event.kind == "done":
+                        self._done = event
+                self._events.put(event)
+        except (OSError, ValueError):  # stream closed under us
+            pass
+        finally:
+            stream.close()
+
+    def _read_stderr(self, stream) -> None:
+        try:
+            for line in stream:
+                self._stderr.append(line.rstrip("\n"))
+        except (OSError, ValueError):
+            pass
+        finally:
+            stream.close()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def returncode(self) -> Optional[int]:
+        if self._proc is None:
+            return None
+        rc = self._proc.poll()
+        if rc is not None:
+            self._on_exit()
+        return rc
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self.returncode is None
+
+    @property
+    def finished(self) -> bool:
+        """The process has exited, all of its output was read, and every event was polled."""
+        return (self._proc is not None and self.returncode is not None
+                and not any(t.is_alive() for t in self._readers) and self._events.empty())
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def done_event(self) -> Optional[Event]:
+        with self._lock:
+            return self._done
+
+    @property
+    def last_error(self) -> Optional[Event]:
+        with self._lock:
+            return self._last_error
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        return "\n".join(list(self._stderr)[-lines:])
+
+    def poll(self) -> List[Event]:
+        """Every event received since the last call, without blocking."""
+        out = []
+        while True:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        self.returncode  # noqa: B018  (notices the exit, cleans up stragglers)
+        return out
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Block until the process has exited and its output is read; return the exit code.
+
+        Events stay queued for `poll()`. Raises TimeoutError after `timeout` seconds.
+        """
+        if self._proc is None:
+            raise ProcessError("the process was not started")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            rc = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the process {self.pid} is still running after {timeout} s") from None
+        self._on_exit()
+        for t in self._readers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(left if left is not None else 10.0)
+        return rc
+
+    def _on_exit(self) -> None:
+        if self._reaped:
+            return
+        self._reaped = True
+        self.end_time = time.monotonic()
+        # Anything the child left running in its group goes with it (and closes our pipes).
+        self._kill_tree(signal.SIGKILL if not IS_WINDOWS else None)
+
+    # ----------------------------------------------------------------- cancel
+    def cancel(self, grace: float = 3.0) -> None:
+        """Stop the run and every process it started; returns at once.
+
+        POSIX: SIGTERM to the process group (the core stops between two fit steps and
+        exits with code 3, writing nothing), then SIGKILL to the group after `grace`
+        seconds whatever happened. Windows: `taskkill /T /F` on the tree.
+        """
+        if self._proc is None or self._cancelled:
+            return
+        self._cancelled = True
+        if IS_WINDOWS:
+            self._kill_tree(None)
+            return
+        if self._proc.poll() is None:
+            self._kill_tree(signal.SIGTERM)
+
+        def finish() -> None:
+            try:
+                self._proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            self._kill_tree(signal.SIGKILL)
+
+        self._killer = threading.Thread(target=finish, daemon=True, name="MetaSeg-cancel")
+        self._killer.start()
+
+    def _kill_tree(self, sig) -> None:
+        if self._proc is None:
+            return
+        if IS_WINDOWS:
+            if self._proc.poll() is None:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._proc.pid)], capture_output=True,
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+            return
+        try:
+            os.killpg(self._proc.pid, sig)  # start_new_session: the group id is the child's pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # ----------------------------------------------------------------- errors
+    def error_message(self) -> Optional[str]:
+        """None after a successful run; otherwise one clear message (the core's own if it sent one)."""
+        rc = self.returncode
+        if rc is None:
+            return None
+        if self._cancelled:
+            return "cancelled"
+        if rc == 0 and self.done_event is not None:
+            return None
+        err = self.last_error
+        if err is not None:
+            return err["message"]
+        if rc < 0:
+            try:
+                what = f"was killed by signal {signal.Signals(-rc).name}"
+            except ValueError:
+                what = f"was killed by signal {-rc}"
+        elif rc == 0:
+            what = "ended without reporting a result"
+        else:
+            what = f"exited with code {rc}"
+        tail = self.stderr_tail() or "\n".join(list(self._noise)[-20:])
+        msg = f"The MetaSeg process {what}."
+        if tail:
+            msg += "\n" + tail
+        return msg
+
+
+def python_executable(in_slicer: bool = False) -> str:
+    """The interpreter for the child.
+
+    Inside the Slicer application: `PythonSlicer` (on PATH there; it sets up Slicer's Python
+    environment, as `slicer.util.pip_install` relies on too). Elsewhere: this interpreter.
+    """
+    if in_slicer:
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+        beside = Path(sys.executable).with_name("PythonSlicer" + (".exe" if IS_WINDOWS else ""))
+        if beside.is_file():
+            return str(beside)
+        raise ProcessError("the PythonSlicer executable was not found on PATH")
+    return sys.executable
+
+
+class SegmentProcess(JsonLinesProcess):
+    """`python -m metaseg segment` on `input_path` with every output in a private temporary folder.
+
+    Create it, write the input image to `input_path`, then `start()`. After the run,
+    `cleanup()` removes the folder (the caller loads the outputs first).
+    """
+
+    def __init__(self, python: Optional[str] = None, weights: Optional[str] = None, device: str = "auto",
+                 seed: int = 0, steps: Optional[int] = None, live_every: int = 0,
+                 env: Optional[Dict[str, str]] = None, python_path: Optional[Sequence[str]] = None,
+                 temp_root: Optional[str] = None):
+        if steps is not None and int(steps) < 1:
+            raise ValueError(f"steps must be at least 1 (got {steps})")
+        if live_every < 0:
+            raise ValueError(f"live_every must be >= 0 (got {live_every})")
+        self.workdir = Path(tempfile.mkdtemp(prefix="MetaSeg-", dir=temp_root))
+        self.input_path = self.workdir / "input.nrrd"
+        self.labels_path = self.workdir / "labels.nrrd"
+        self.segmentation_path = self.workdir / "segmentation.seg.nrrd"
+        self.report_path = self.workdir / "report.json"
+        self.live_dir = self.workdir / "live"
+        self.python = python or python_executable()
+        self.weights, self.device, self.seed, self.steps, self.live_every = weights, device, int(seed), steps, int(live_every)
+        env = dict(os.environ if env is None else env)
+        if python_path:
+            parts = [str(p) for p in python_path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            env["PYTHONPATH"] = os.pathsep.join(parts)
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        env["PYTHONUNBUFFERED"] = "1"
+        super().__init__(self.command(), env=env, cwd=str(self.workdir))
+
+    def command(self) -> List[str]:
+        cmd = [self.python, "-m", "metaseg", "segment", str(self.input_path),
+               "-o", str(self.labels_path), "--seg-nrrd", str(self.segmentation_path),
+               "--progress", "json", "--report", str(self.report_path),
+               "--device", self.device, "--seed", str(self.seed), "--force"]
+        if self.steps is not None:
+            cmd += ["--steps", str(int(self.steps))]
+        if self.live_every > 0:
+            cmd += ["--live-dir", str(self.live_dir), "--live-every", str(self.live_every)]
+        if self.weights:
+            cmd += ["--weights", str(self.weights)]
+        return cmd
+
+    def start(self) -> "SegmentProcess":
+        if not self.input_path.is_file():
+            raise ProcessError(f"the input image was not written to {self.input_path}")
+        self.args = self.command()
+        super().start()
+        return self
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder; stops the process first if it still runs."""
+        if self._proc is not None and self.returncode is None:
+            self.cancel(grace=0.5)
+            try:
+                self.wait(5.0)
+            except TimeoutError:
+                log.warning("MetaSeg: process %s did not stop; %s is left behind", self.pid, self.workdir)
+                return
+        for attempt in range(5):  # Windows keeps files of a just-ended process locked for a moment
+            try:
+                shutil.rmtree(self.workdir)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.2 * (attempt + 1))
+        log.warning("MetaSeg: could not remove the temporary folder %s", self.workdir)

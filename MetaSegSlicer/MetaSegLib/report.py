@@ -1,0 +1,47 @@
+"""Human-readable text of a run report (the core's `--report` JSON)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+
+def tissue_rows(report: Dict[str, Any]) -> List[str]:
+    rows = []
+    for c in report.get("classes", []):
+        if c.get("value") == 0:
+            continue
+        if "volume_ml" in c:
+            size = f"{c['volume_ml']:.2f} mL"
+        elif "area_mm2" in c:
+            size = f"{c['area_mm2']:.0f} mm²"
+        else:
+            size = ""
+        rows.append(f"{c.get('name', c.get('value'))}: {size} ({c.get('voxels', 0)} voxels)")
+    return rows
+
+
+def device_text(report: Dict[str, Any]) -> str:
+    """'cuda (torch 2.3.1+cu121)' from the report."""
+    torch_version = report.get("versions", {}).get("torch", "?")
+    return f"{report.get('device', '?')} (torch {torch_version})"
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """Tissue sizes, warnings, device and timing of one run, as plain text."""
+    lines = tissue_rows(report)
+    fit = report.get("fit", {})
+    timings = report.get("timings_s", {})
+    lines.append("")
+    details = []
+    if "steps" in fit:
+        details.append(f"{fit['steps']} fit steps")
+    if "psnr_db" in fit:
+        details.append(f"PSNR {fit['psnr_db']} dB")
+    if "total" in timings:
+        details.append(f"{timings['total']:.1f} s")
+    details.append(f"on {device_text(report)}")
+    lines.append(", ".join(details))
+    if report.get("weights_sha256"):
+        lines.append(f"weights {report.get('weights', '')} (sha256 {report['weights_sha256'][:12]}…)")
+    for w in report.get("warnings", []):
+        lines.append(f"Warning: {w}")
+    return "\n".join(lines).strip()

@@ -1,0 +1,108 @@
+"""Every file the extension needs is listed in its CMake files (unlisted files are not packaged)."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cmake_list(text: str, name: str, variables: dict) -> list:
+    m = re.search(r"set\(\s*" + name + r"\s+(.*?)\)", text, re.S)
+    assert m, f"set({name} ...) not found"
+    items = []
+    for line in m.group(1).splitlines():
+        line = line.split("#", 1)[0].strip()
+        for item in line.split():
+            for k, v in variables.items():
+                item = item.replace("${" + k + "}", v)
+            items.append(item)
+    return items
+
+
+def module_name(text: str) -> str:
+    return re.search(r"set\(\s*MODULE_NAME\s+(\S+?)\s*\)", text).group(1)
+
+
+def test_scripted_module_lists_every_script_and_resource():
+    folder = ROOT / "MetaSegSlicer"
+    text = (folder / "CMakeLists.txt").read_text()
+    names = {"MODULE_NAME": module_name(text)}
+    scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS", names)
+    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES", names)
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*.py") if "__pycache__" not in p.parts}
+    assert on_disk == set(scripts), f"unlisted: {on_disk - set(scripts)}, missing: {set(scripts) - on_disk}"
+    res_on_disk = {p.relative_to(folder).as_posix() for p in (folder / "Resources").rglob("*") if p.is_file()}
+    assert res_on_disk == set(resources), f"unlisted: {res_on_disk - set(resources)}"
+    assert {"Resources/UI/MetaSeg.ui", "Resources/Icons/MetaSeg.png"} <= set(resources)
+    assert not any(".." in r for r in scripts + resources), "'../' paths would be copied outside the module"
+    assert "slicerMacroBuildScriptedModule" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_shipped_weights_and_sample_are_installed_with_the_module():
+    text = (ROOT / "MetaSegSlicer" / "CMakeLists.txt").read_text()
+    shared = set(cmake_list(text, "_metaseg_shared_files", {}))
+    for sub in ("Weights", "Sample"):
+        for p in (ROOT / "Resources" / sub).glob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                assert f"{sub}/{p.name}" in shared, f"Resources/{sub}/{p.name} is not installed with the module"
+    assert {"Weights/metaseg2d.pt", "Weights/metaseg2d.pt.sha256"} <= shared
+
+
+def committed_files(folder: Path):
+    """Files of `folder` under version control (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "."], cwd=folder, capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {(folder / f).relative_to(folder).as_posix() for f in out.stdout.decode().split("\0") if f}
+
+
+def test_core_library_lists_every_module():
+    """Every committed metaseg/*.py (and data file) is listed, and every listed file exists.
+
+    Committed rather than present: the core is edited concurrently, and a file is only
+    packaged (and needs listing) once it is part of the repository. Outside git: on disk.
+    """
+    folder = ROOT / "MetaSegCore"
+    text = (folder / "CMakeLists.txt").read_text()
+    scripts = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS", {}))
+    resources = set(cmake_list(text, "MODULE_PYTHON_RESOURCES", {}))
+    on_disk = {p.relative_to(folder).as_posix() for p in (folder / "metaseg").iterdir() if p.is_file()}
+    tracked = committed_files(folder)
+    shipped = {f for f in (on_disk if tracked is None else on_disk & tracked)
+               if f.startswith("metaseg/") and "/" not in f[len("metaseg/"):] and not f.endswith(".pyc")}
+    py = {f for f in shipped if f.endswith(".py")}
+    data = shipped - py
+    assert py <= scripts, f"metaseg modules not listed in MetaSegCore/CMakeLists.txt: {sorted(py - scripts)}"
+    assert scripts <= on_disk, f"listed but missing: {sorted(scripts - on_disk)}"
+    assert data <= resources, f"unlisted data files: {sorted(data - resources)}"
+    assert resources <= on_disk, f"listed but missing: {sorted(resources - on_disk)}"
+    assert "metaseg/splits.json" in resources
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
+    assert module_name(text) == "metaseg"
+
+
+def test_extension_metadata():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r'set\(EXTENSION_CATEGORY "Segmentation"\)', text)
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
+    for var in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert f"set(EXTENSION_{var} " in text
+    assert "add_subdirectory(MetaSegCore)" in text and "add_subdirectory(MetaSegSlicer)" in text
+    assert "${Slicer_EXTENSION_GENERATE_CONFIG}" in text and "${Slicer_EXTENSION_CPACK}" in text
+
+
+def test_ui_file_names_the_widgets_the_module_uses():
+    ui = (ROOT / "MetaSegSlicer" / "Resources" / "UI" / "MetaSeg.ui").read_text()
+    code = (ROOT / "MetaSegSlicer" / "MetaSeg.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", code))
+    declared = set(re.findall(r'<widget class="\w+" name="(\w+)"', ui))
+    assert used <= declared, f"widgets used but not in the .ui: {used - declared}"
+    bound = set(re.findall(r'name="SlicerParameterName" stdset="0">\s*<string>(\w+)</string>', ui))
+    params = set(re.findall(r"^        (\w+): ", code[code.index("class MetaSegParameterNode"):], re.M))
+    assert bound <= params, f"SlicerParameterName without a parameter: {bound - params}"
+    import xml.dom.minidom
+
+    xml.dom.minidom.parseString(ui)  # well-formed
