@@ -21,12 +21,15 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=int, default=4000,
                    help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) (default: %(default)s)")
     p.add_argument("--fit-steps", type=int, default=10, help="inner = test-time Adam steps (default: %(default)s)")
+    p.add_argument("--test-steps", type=int, default=0,
+                   help="test-time fit steps if different from --fit-steps (the paper: 2 inner, 100 at test) (default: same)")
     p.add_argument("--fit-batch", type=int, default=2048, help="coordinates per fit step (default: %(default)s)")
     p.add_argument("--inner-lr", type=float, default=3e-4, help="initial inner learning rate (default: %(default)s)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not meta-learn the inner learning rates")
     p.add_argument("--warm-steps", type=int, default=300, help="first outer steps without the inner fit (default: %(default)s)")
     p.add_argument("--lr-lr", type=float, default=1e-2, help="outer learning rate of the log inner learning rates (default: %(default)s)")
     p.add_argument("--outer-lr", type=float, default=1e-4, help="outer Adam learning rate (default: %(default)s)")
+    p.add_argument("--head-fits", type=int, default=2, help="stage-2 fits per training image (default: %(default)s)")
     p.add_argument("--outer-points", type=int, default=8192, help="pixels scoring the outer loss (default: %(default)s)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
@@ -50,9 +53,9 @@ def _train(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     s = TrainSettings(
         data_root=a.data, out_dir=a.out, outer_steps=a.steps, plan=FitPlan(steps=a.fit_steps, batch_size=a.fit_batch),
-        inner_lr=a.inner_lr, learn_inner_lr=not a.fixed_inner_lr, warm_steps=a.warm_steps, lr_lr=a.lr_lr, outer_lr=a.outer_lr, outer_points=a.outer_points,
+        test_steps=a.test_steps, inner_lr=a.inner_lr, learn_inner_lr=not a.fixed_inner_lr, warm_steps=a.warm_steps, lr_lr=a.lr_lr, outer_lr=a.outer_lr, outer_points=a.outer_points,
         first_order=not a.second_order, image_only=a.image_only, augment=not a.no_augment, focal_gamma=a.focal_gamma,
-        head_steps=a.head_steps, val_every=a.val_every, seed=a.seed,
+        head_steps=a.head_steps, head_fits_per_image=a.head_fits, val_every=a.val_every, seed=a.seed,
         command="metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
     )
     meta_train(s)
@@ -116,6 +119,29 @@ def _evaluate(a: argparse.Namespace) -> int:
     return evaluate_folder(a)
 
 
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print a weights file's card (after checking its sha256)",
+                       description="Print the model card stored in a weights file: configuration, labels, "
+                       "expected input, test-time plan, training data and command, validation metrics.")
+    p.add_argument("weights", nargs="?", help="weights file (default: the shipped 2D model)")
+    p.set_defaults(func=_info)
+
+
+def _info(a: argparse.Namespace) -> int:
+    import json
+
+    from .resources import default_weights
+    from .weights import WeightsError, load_weights
+
+    try:
+        w = load_weights(a.weights or default_weights(2))
+    except (WeightsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"sha256": w.sha256, "config": w.config.to_dict(), **w.card}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="metaseg",
@@ -126,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_evaluate(sub)
     _add_train(sub)
+    _add_info(sub)
     return p
 
 

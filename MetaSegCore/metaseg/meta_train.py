@@ -44,7 +44,8 @@ class TrainSettings:
     canvas: tuple = (192, 192)
     train_slices: tuple = tuple(range(95, 124, 2))  # coronal slices around the paper's 109
     val_slices: tuple = (105, PAPER_SLICE, 113)
-    plan: FitPlan = field(default_factory=FitPlan)
+    plan: FitPlan = field(default_factory=FitPlan)  # the inner loop of meta-training
+    test_steps: int = 0  # test-time fit steps; 0: the same as the inner loop (budget-matched)
     inner_lr: float = 3e-4  # initial value of the meta-learned per-step learning rates
     learn_inner_lr: bool = True
     inner_loss: str = "mse"  # "mse": the test-time loss; "joint": the paper's MSE + focal inner loss
@@ -66,6 +67,11 @@ class TrainSettings:
     head_points: int = 8192
     seed: int = 0
     command: str = ""
+
+    @property
+    def test_plan(self) -> FitPlan:
+        """The fit run at validation and test time: the inner loop's, with `test_steps` if set."""
+        return FitPlan(**{**self.plan.to_dict(), "steps": self.test_steps or self.plan.steps})
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -208,7 +214,7 @@ def meta_train(s: TrainSettings) -> Path:
             if s.image_only:
                 v = {"fg_dice": -float(stats["mse"])}  # no head yet: keep the best reconstruction
             else:
-                v = validate(net, log_lr, s.plan, val, s.canvas)
+                v = validate(net, log_lr, s.test_plan, val, s.canvas)
             log.write(event="val", step=step, **v)
             print(f"\nstep {step}: validation {v}", file=sys.stderr)
             if v["fg_dice"] > state["best"]:
@@ -224,9 +230,9 @@ def meta_train(s: TrainSettings) -> Path:
     log_lr.data.copy_(best["log_lr"])
     stage1 = {"step": state["best_step"]}
     if not s.image_only and s.outer_steps > 0:
-        stage1.update(validate(net, log_lr, s.plan, val, s.canvas))
+        stage1.update(validate(net, log_lr, s.test_plan, val, s.canvas))
     head_metrics = train_head(net, log_lr, s, train, coords, gen, log)
-    stage2 = validate(net, log_lr, s.plan, val, s.canvas)
+    stage2 = validate(net, log_lr, s.test_plan, val, s.canvas)
     log.write(event="stage2", **stage2)
     if "fg_dice" in stage1 and stage2["fg_dice"] < stage1["fg_dice"]:
         net.load_state_dict(best["net"])  # the fine-tuned head did not help on validation: keep stage 1's
@@ -244,7 +250,7 @@ def meta_train(s: TrainSettings) -> Path:
             "space and cropped like neurite-oasis (160x192, 1 mm); centred on the canvas",
             "normalization": "divide by the 99th percentile of the brain (nonzero) pixels, clip to [0, 1]",
         },
-        "fit": s.plan.to_dict(),
+        "fit": s.test_plan.to_dict(),
         "training": {
             "settings": s.to_dict(),
             "splits": splits,
@@ -280,7 +286,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, coords, gen, lo
             img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
             values = img.reshape(-1)
             fast = init
-            for _, _, fast in adapt(net, init, coords, values, s.plan, log_lr.detach(), generator=gen):
+            for _, _, fast in adapt(net, init, coords, values, s.test_plan, log_lr.detach(), generator=gen):
                 pass
             idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen)
             with torch.no_grad():

@@ -81,7 +81,8 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     dims = image_dims(img)
     w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
     array = image_array_2d(img)
-    rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})", device=str(dev))
+    rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})",
+             device=str(dev), torch=torch.__version__)
     t_load = time.perf_counter()
     live = None
     if a.live_dir and a.live_every > 0:
@@ -91,7 +92,7 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
         def live(step: int, labels: np.ndarray) -> None:
             path = live_dir / f"live_{step:05d}.nii.gz"
             write_all([(path, lambda tmp: write_image(labels_like(labels, img), tmp))])
-            rep.emit("labels", step=step, path=str(path))
+            rep.emit("labels", step=step, path=str(path), segments=w.card["labels"])
 
     res = segment_array(net, w.log_lr, plan, array, w.canvas, seed=a.seed, progress=rep.fit_progress, cancel=cancel,
                         live=live, live_every=a.live_every)

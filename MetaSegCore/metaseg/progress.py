@@ -2,9 +2,10 @@
 
 The JSON-lines protocol is what the Slicer module reads from its background process:
 each line is an object with an "event" key:
-  {"event": "stage", "stage": "fit", "message": "..."}
+  {"event": "stage", "stage": "fit", "message": "...", "device": "cpu", "torch": "2.13.0"}
   {"event": "progress", "step": 3, "steps": 10, "loss": ..., "psnr": ..., "elapsed_s": ..., "remaining_s": ...}
-  {"event": "labels", "step": 4, "path": ".../live_00004.nii.gz"}   (live preview, --live-dir)
+  {"event": "labels", "step": 4, "path": ".../live_00004.nii.gz", "segments": [{"value", "name", "color"}, ...]}
+      (live preview with --live-dir: the labels so far, in the input's geometry)
   {"event": "warning", "message": "..."}
   {"event": "done", "outputs": {...}, "report": {...}}
   {"event": "error", "message": "...", "exit_code": 2}
