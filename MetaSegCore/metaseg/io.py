@@ -20,20 +20,35 @@ class InputError(ValueError):
     """The input is missing, unreadable or not an image this model can segment; the message says why."""
 
 
-def read_image(path: Path) -> sitk.Image:
-    """Read an image file; every failure becomes an InputError naming the file and the problem."""
+def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
+    """Read an image: NIfTI, NRRD, MHA/MHD, FreeSurfer .mgz/.mgh, or a DICOM series.
+
+    A DICOM series is given as its folder (one series in it, or pick one with `series_id`)
+    or as any one of its files. Every failure becomes an InputError naming the file and the
+    problem, so the user sees why instead of a traceback.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
-        raise InputError(f"input {path} is a folder; give an image file ({', '.join(IMAGE_SUFFIXES)})")
+        return _read_dicom_series(path, series_id)
     if path.stat().st_size == 0:
         raise InputError(f"input {path} is an empty file")
+    name = path.name.lower()
+    if name.endswith(MGH_SUFFIXES):
+        from .mgz import MGHError, read_mgh
+
+        try:
+            return read_mgh(path)
+        except MGHError as e:
+            raise InputError(str(e)) from e
+    if name.endswith(".dcm") or series_id is not None:
+        return _read_dicom_series(path.parent, series_id, member=path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
-        raise InputError(f"cannot read {path} as an image ({first}); supported: {', '.join(IMAGE_SUFFIXES)}") from e
+        raise InputError(f"cannot read {path} as an image ({first}); supported: {INPUT_FORMATS}") from e
 
 
 def image_dims(img: sitk.Image) -> int:
@@ -157,3 +172,105 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> Tuple[bool
             return False, f"{what[3:].lower()} {tuple(x)} vs {tuple(y)}"
     return True, None
 
+
+# ---- 3D inputs: more formats (MGZ, DICOM series) and the checks of a volume ----
+
+MGH_SUFFIXES = (".mgz", ".mgh", ".mgh.gz")
+INPUT_FORMATS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), FreeSurfer (.mgz, .mgh), " \
+    "a DICOM series folder"
+MIN_SIDE_3D = 32  # voxels; smaller volumes cannot hold a brain at any usual resolution
+
+
+def image_array_3d(img: sitk.Image) -> np.ndarray:
+    """The voxels of a 3D volume as a float32 array in SimpleITK (z, y, x) order.
+
+    Refuses what a 3D pipeline cannot segment, saying what was found and what is expected:
+    vector/RGB pixels, 4D images, 2D slices, empty or tiny volumes, NaN/Inf, constant images.
+    """
+    _check_scalar(img)
+    size = img.GetSize()
+    if img.GetDimension() > 3:
+        raise InputError(
+            f"the input is {img.GetDimension()}D (size {size}), e.g. a time series or several echoes; "
+            "expected one 3D volume: extract a single volume first"
+        )
+    if 0 in size:
+        raise InputError(f"the input is empty (size {size}); expected a 3D brain volume")
+    if img.GetDimension() == 2 or 1 in size:
+        raise InputError(
+            f"the input is a 2D slice (size {size}); the 3D pipeline expects a volume (e.g. 256x256x176 voxels); "
+            "use the 2D weights for a single slice"
+        )
+    if min(size) < MIN_SIDE_3D:
+        raise InputError(
+            f"the input volume is too small (size {size}); expected at least {MIN_SIDE_3D} voxels along every axis"
+        )
+    arr = sitk.GetArrayFromImage(img)
+    arr = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+    _check_values(arr)
+    return arr
+
+
+class _QuietITK:
+    """Silence ITK's console warnings (GDCM prints them for every non-DICOM file) for a block."""
+
+    def __enter__(self) -> None:
+        self._was = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+    def __exit__(self, *exc) -> None:
+        sitk.ProcessObject.SetGlobalWarningDisplay(self._was)
+
+
+def dicom_series(folder: Path) -> List[Tuple[str, int, str]]:
+    """The DICOM series in a folder: (series id, number of files, description) for each."""
+    out = []
+    with _QuietITK():
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        for sid in ids:
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)
+            out.append((sid, len(files), _dicom_tag(files[0], "0008|103e") if files else ""))
+    return out
+
+
+def _dicom_tag(file: str, tag: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    except RuntimeError:
+        return ""
+
+
+def _read_dicom_series(folder: Path, series_id: Optional[str], member: Optional[Path] = None) -> sitk.Image:
+    """Read one DICOM series of `folder`: the only one, the one named, or the one holding `member`."""
+    series = dicom_series(folder)
+    where = member if member is not None else folder
+    if not series:
+        what = f"{where}: no DICOM series in {folder}" if member else f"{where} is a folder with no DICOM series"
+        raise InputError(f"input {what}; give an image file or a folder of one DICOM series "
+                         f"(supported: {INPUT_FORMATS})")
+    with _QuietITK():
+        files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid, _, _ in series}
+    if series_id is None and member is not None:
+        owner = [sid for sid, names in files.items() if any(Path(n).resolve() == member.resolve() for n in names)]
+        series_id = owner[0] if owner else None
+        if series_id is None:
+            raise InputError(f"input {member}: not part of a readable DICOM series in {folder}")
+    if series_id is None:
+        if len(series) > 1:
+            listing = "; ".join(f"{sid} ({n} files{', ' + d if d else ''})" for sid, n, d in series)
+            raise InputError(f"input {folder} holds {len(series)} DICOM series: {listing}. "
+                             "Choose one (series id) or put each series in its own folder")
+        series_id = series[0][0]
+    if series_id not in files:
+        raise InputError(f"input {folder}: no DICOM series {series_id!r}; found: {', '.join(files)}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files[series_id])
+    try:
+        with _QuietITK():
+            return reader.Execute()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise InputError(f"cannot read the DICOM series {series_id} in {folder} ({first})") from e
