@@ -101,7 +101,7 @@ class MetaSeg(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = _(
             "MetaSeg implements 'Fit Pixels, Get Labels: Meta-learned Implicit Networks for Image Segmentation' "
-            "(Vyas et al., MICCAI 2025). Training data: neurite-oasis (OASIS-1)."
+            "(Vyas et al., MICCAI 2025). Weights meta-trained on FreeSurfer-processed public T1 scans; see the model card in Resources/Weights."
         )
 
 
