@@ -445,7 +445,7 @@ class MetaSegJob:
 
     def _loadResult(self) -> None:
         logic, volume = self.logic, self.volumeNode
-        report = json.loads(self.process.report_path.read_text())
+        report = json.loads(self.process.report_path.read_text(encoding="utf-8"))
         _scene, source = logic._readSegmentationFile(str(self.process.segmentation_path))
         if self.outputSegmentation is not None:
             target, created = self.outputSegmentation, False

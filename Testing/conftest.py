@@ -24,3 +24,11 @@ def weights_2d() -> Path:
     if not WEIGHTS_2D.exists():
         pytest.skip("shipped 2D weights not built yet (Resources/Weights/metaseg2d.pt)")
     return WEIGHTS_2D
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's real data (../shared/data/brains); tests that need it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data/brains not present")
+    return SHARED_DATA

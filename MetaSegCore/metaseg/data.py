@@ -23,7 +23,7 @@ class LabeledImage:
 
 
 def load_splits(path: Path = SPLITS_FILE) -> Dict[str, List[str]]:
-    d = json.loads(Path(path).read_text())
+    d = json.loads(Path(path).read_text(encoding="utf-8"))
     return {k: list(v) for k, v in d.items() if not k.startswith("_")}
 
 

@@ -112,4 +112,4 @@ def environment() -> Dict[str, str]:
 
 
 def write_report(report: Dict[str, Any], path: Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

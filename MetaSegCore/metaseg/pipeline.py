@@ -185,5 +185,5 @@ def evaluate_folder(a: argparse.Namespace) -> int:
     if a.json:
         summary = {"weights": str(wpath), "weights_sha256": w.sha256, "steps": plan.steps, "device": str(dev),
                    "rows": rows, "mean_fg_dice": float(fg.mean()), "mean_gds": float(gds.mean())}
-        write_all([(Path(a.json), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))])
+        write_all([(Path(a.json), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))])
     return EXIT_OK

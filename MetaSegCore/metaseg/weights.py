@@ -78,7 +78,7 @@ def save_weights(w: Weights, path: Path) -> str:
     }
     write_all([(path, lambda tmp: torch.save(blob, tmp))])
     digest = sha256_of(path)
-    write_all([(Path(str(path) + ".sha256"), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n"))])
+    write_all([(Path(str(path) + ".sha256"), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n", encoding="utf-8"))])
     return digest
 
 
@@ -91,7 +91,7 @@ def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
         side = Path(str(path) + ".sha256")
         if not side.is_file():
             raise WeightsError(f"no checksum for {path}: expected {side.name} beside it (or pass the sha256 explicitly)")
-        expected_sha256 = side.read_text().split()[0]
+        expected_sha256 = side.read_text(encoding="utf-8").split()[0]
     digest = sha256_of(path)
     if digest != expected_sha256.lower():
         raise WeightsError(

@@ -40,7 +40,7 @@ def weights_sha256(path: Path) -> Optional[str]:
     """The expected hash from the `.sha256` file beside the weights (the core verifies it)."""
     side = Path(str(path) + ".sha256")
     try:
-        return side.read_text().split()[0]
+        return side.read_text(encoding="utf-8").split()[0]
     except (OSError, IndexError):
         return None
 

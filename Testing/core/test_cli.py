@@ -45,7 +45,7 @@ def test_sample_reaches_the_dice_floor_with_the_shipped_weights(sample_slice, sa
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_labels)))
     assert foreground_dice(pred, ref) >= SAMPLE_DICE_FLOOR
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert report["weights_sha256"] and report["device"] == "cpu" and report["fit"]["psnr_db"] > 25
     assert [c["name"] for c in report["classes"]][1:] == [l["name"] for l in LABELS][1:]
     assert not report["warnings"]
@@ -167,14 +167,14 @@ def test_existing_output_is_kept_without_force(sample_slice, tiny_weights, tmp_p
     out.write_text("precious")
     args = ["segment", str(sample_slice), "-o", str(out), "--weights", str(tiny_weights), "--progress", "none"]
     assert main(args) == 2
-    assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "precious"
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_text(encoding="utf-8") == "precious"
     assert main(args + ["--force"]) == 0 and sitk.ReadImage(str(out)).GetSize() == (160, 192, 1)
 
 
 def test_tampered_weights_are_refused(sample_slice, tiny_weights, tmp_path, capsys):
     bad = tmp_path / "t.pt"
     bad.write_bytes(tiny_weights.read_bytes() + b"x")
-    (tmp_path / "t.pt.sha256").write_text((tiny_weights.parent / "tiny.pt.sha256").read_text())
+    (tmp_path / "t.pt.sha256").write_text((tiny_weights.parent / "tiny.pt.sha256").read_text(encoding="utf-8"))
     assert main(["segment", str(sample_slice), "-o", str(tmp_path / "o.nii.gz"), "--weights", str(bad)]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
@@ -199,5 +199,5 @@ def test_evaluate_prints_the_dice_table(sample_slice, sample_labels, tiny_weight
     assert rc == 0
     out = capsys.readouterr().out
     assert "fg-Dice" in out and "ecog" in out and "mean" in out
-    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))["rows"]
     assert rows[0]["subject"] == "ecog" and 0 <= rows[0]["fg_dice"] <= 1

@@ -1,6 +1,4 @@
 import numpy as np
-import pytest
-
 from metaseg.data import PAPER_SLICE, coronal_slices, load_slice, load_splits
 
 
@@ -12,12 +10,8 @@ def test_splits_are_disjoint_and_hold_the_sample_out():
     assert len(train) == 7
 
 
-def test_paper_slice_is_coronal_slice_109_of_the_volume(request):
-    from conftest import SHARED_DATA
-
-    d = SHARED_DATA / "ecog"
-    if not d.exists():
-        pytest.skip("../shared/data not present")
+def test_paper_slice_is_coronal_slice_109_of_the_volume(shared_data):
+    d = shared_data / "ecog"
     s = load_slice(d)
     (c,) = coronal_slices(d, [PAPER_SLICE])
     assert s.image.shape == (192, 160)

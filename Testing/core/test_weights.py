@@ -23,7 +23,7 @@ def test_round_trip_keeps_tensors_card_and_hash(tmp_path):
     w = _weights()
     path = tmp_path / "m.pt"
     digest = save_weights(w, path)
-    assert (tmp_path / "m.pt.sha256").read_text().split()[0] == digest
+    assert (tmp_path / "m.pt.sha256").read_text(encoding="utf-8").split()[0] == digest
     back = load_weights(path)
     assert back.sha256 == digest and back.config == CFG
     assert back.plan == FitPlan(steps=3, batch_size=64) and back.canvas == (8, 8)

@@ -27,7 +27,7 @@ def module_name(text: str) -> str:
 
 def test_scripted_module_lists_every_script_and_resource():
     folder = ROOT / "MetaSegSlicer"
-    text = (folder / "CMakeLists.txt").read_text()
+    text = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
     names = {"MODULE_NAME": module_name(text)}
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS", names)
     resources = cmake_list(text, "MODULE_PYTHON_RESOURCES", names)
@@ -41,7 +41,7 @@ def test_scripted_module_lists_every_script_and_resource():
 
 
 def test_shipped_weights_and_sample_are_installed_with_the_module():
-    text = (ROOT / "MetaSegSlicer" / "CMakeLists.txt").read_text()
+    text = (ROOT / "MetaSegSlicer" / "CMakeLists.txt").read_text(encoding="utf-8")
     shared = set(cmake_list(text, "_metaseg_shared_files", {}))
     for sub in ("Weights", "Sample"):
         for p in (ROOT / "Resources" / sub).glob("*"):
@@ -66,7 +66,7 @@ def test_core_library_lists_every_module():
     packaged (and needs listing) once it is part of the repository. Outside git: on disk.
     """
     folder = ROOT / "MetaSegCore"
-    text = (folder / "CMakeLists.txt").read_text()
+    text = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS", {}))
     resources = set(cmake_list(text, "MODULE_PYTHON_RESOURCES", {}))
     on_disk = {p.relative_to(folder).as_posix() for p in (folder / "metaseg").iterdir() if p.is_file()}
@@ -85,7 +85,7 @@ def test_core_library_lists_every_module():
 
 
 def test_extension_metadata():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r'set\(EXTENSION_CATEGORY "Segmentation"\)', text)
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
     for var in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
@@ -95,8 +95,8 @@ def test_extension_metadata():
 
 
 def test_ui_file_names_the_widgets_the_module_uses():
-    ui = (ROOT / "MetaSegSlicer" / "Resources" / "UI" / "MetaSeg.ui").read_text()
-    code = (ROOT / "MetaSegSlicer" / "MetaSeg.py").read_text()
+    ui = (ROOT / "MetaSegSlicer" / "Resources" / "UI" / "MetaSeg.ui").read_text(encoding="utf-8")
+    code = (ROOT / "MetaSegSlicer" / "MetaSeg.py").read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", code))
     declared = set(re.findall(r'<widget class="\w+" name="(\w+)"', ui))
     assert used <= declared, f"widgets used but not in the .ui: {used - declared}"

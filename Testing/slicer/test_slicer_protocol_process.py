@@ -191,7 +191,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     try:  # a zombie is dead for our purpose (waiting for its parent to reap it)
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/status").read_text(encoding="utf-8").split("State:")[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
 
