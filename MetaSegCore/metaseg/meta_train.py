@@ -281,7 +281,9 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, coords, gen, lo
     init = {k: p.detach() for k, p in net.named_parameters()}
     feats, targets = [], []
     t0 = time.time()
-    for t in train:
+    for i, t in enumerate(train):
+        if i % 10 == 0:
+            Log.bar(i, len(train), t0, "stage 2: fitting the training images")
         for _ in range(s.head_fits_per_image):
             img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
             values = img.reshape(-1)
