@@ -18,25 +18,29 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--data", default="../shared/data/brains", help="folder of subject folders (default: %(default)s)")
     p.add_argument("--out", default="runs/metaseg2d", help="run folder: checkpoint, log, weights (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=4000,
+    p.add_argument("--steps", type=int, default=1250,
                    help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) (default: %(default)s)")
     p.add_argument("--fit-steps", type=int, default=10, help="inner = test-time Adam steps (default: %(default)s)")
-    p.add_argument("--test-steps", type=int, default=0,
-                   help="test-time fit steps if different from --fit-steps (the paper: 2 inner, 100 at test) (default: same)")
+    p.add_argument("--test-steps", type=int, default=100,
+                   help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (default: %(default)s)")
+    p.add_argument("--test-batch", type=int, default=4096, help="test-time coordinates per step; 0: --fit-batch (default: %(default)s)")
+    p.add_argument("--test-lr", type=float, default=1e-4,
+                   help="constant test-time learning rate; 0: the meta-learned per-step rates (default: %(default)s)")
     p.add_argument("--fit-batch", type=int, default=2048, help="coordinates per fit step (default: %(default)s)")
     p.add_argument("--inner-lr", type=float, default=3e-4, help="initial inner learning rate (default: %(default)s)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not meta-learn the inner learning rates")
     p.add_argument("--warm-steps", type=int, default=300, help="first outer steps without the inner fit (default: %(default)s)")
     p.add_argument("--lr-lr", type=float, default=1e-2, help="outer learning rate of the log inner learning rates (default: %(default)s)")
     p.add_argument("--outer-lr", type=float, default=1e-4, help="outer Adam learning rate (default: %(default)s)")
-    p.add_argument("--head-fits", type=int, default=2, help="stage-2 fits per training image (default: %(default)s)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="stage-2 head learning rate (default: %(default)s)")
+    p.add_argument("--head-fits", type=int, default=1, help="stage-2 fits per training image (default: %(default)s)")
     p.add_argument("--outer-points", type=int, default=8192, help="pixels scoring the outer loss (default: %(default)s)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
     p.add_argument("--no-augment", action="store_true", help="no intensity/affine augmentation")
     p.add_argument("--focal-gamma", type=float, default=1.0, help="focal loss gamma (default: %(default)s)")
-    p.add_argument("--head-steps", type=int, default=1500, help="stage-2 head fine-tuning steps (default: %(default)s)")
+    p.add_argument("--head-steps", type=int, default=4000, help="stage-2 head fine-tuning steps (default: %(default)s)")
     p.add_argument("--val-every", type=int, default=100, help="validate every N outer steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -53,9 +57,9 @@ def _train(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     s = TrainSettings(
         data_root=a.data, out_dir=a.out, outer_steps=a.steps, plan=FitPlan(steps=a.fit_steps, batch_size=a.fit_batch),
-        test_steps=a.test_steps, inner_lr=a.inner_lr, learn_inner_lr=not a.fixed_inner_lr, warm_steps=a.warm_steps, lr_lr=a.lr_lr, outer_lr=a.outer_lr, outer_points=a.outer_points,
+        test_steps=a.test_steps, test_batch=a.test_batch, test_lr=a.test_lr, inner_lr=a.inner_lr, learn_inner_lr=not a.fixed_inner_lr, warm_steps=a.warm_steps, lr_lr=a.lr_lr, outer_lr=a.outer_lr, outer_points=a.outer_points,
         first_order=not a.second_order, image_only=a.image_only, augment=not a.no_augment, focal_gamma=a.focal_gamma,
-        head_steps=a.head_steps, head_fits_per_image=a.head_fits, val_every=a.val_every, seed=a.seed,
+        head_steps=a.head_steps, head_lr=a.head_lr, head_fits_per_image=a.head_fits, val_every=a.val_every, seed=a.seed,
         command="metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
     )
     meta_train(s)

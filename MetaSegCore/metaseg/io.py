@@ -145,6 +145,7 @@ def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]]) -> None:
             os.close(fd)
             temps.append((tmp, path))
             writer(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
         for tmp, path in temps:
             os.replace(tmp, path)
     finally:

@@ -45,13 +45,15 @@ class TrainSettings:
     train_slices: tuple = tuple(range(95, 124, 2))  # coronal slices around the paper's 109
     val_slices: tuple = (105, PAPER_SLICE, 113)
     plan: FitPlan = field(default_factory=FitPlan)  # the inner loop of meta-training
-    test_steps: int = 0  # test-time fit steps; 0: the same as the inner loop (budget-matched)
+    test_steps: int = 100  # test-time fit steps (0: the inner loop's); stage 2 and the card use them
+    test_batch: int = 4096  # coordinates per test-time step (0: the inner loop's)
+    test_lr: float = 1e-4  # constant test-time learning rate (0: the meta-learned per-step rates)
     inner_lr: float = 3e-4  # initial value of the meta-learned per-step learning rates
     learn_inner_lr: bool = True
     inner_loss: str = "mse"  # "mse": the test-time loss; "joint": the paper's MSE + focal inner loss
     first_order: bool = True  # first-order learned faster per CPU-minute than second-order in our runs
     warm_steps: int = 300  # first outer steps without the inner fit: the init learns the population first
-    outer_steps: int = 4000
+    outer_steps: int = 1250
     outer_lr: float = 1e-4
     lr_lr: float = 1e-2
     meta_batch: int = 1
@@ -61,17 +63,24 @@ class TrainSettings:
     augment: bool = True
     val_every: int = 100
     ckpt_every: int = 50
-    head_steps: int = 1500
-    head_lr: float = 5e-4
-    head_fits_per_image: int = 2
+    head_steps: int = 4000
+    head_lr: float = 1e-3
+    head_fits_per_image: int = 1
     head_points: int = 8192
     seed: int = 0
     command: str = ""
 
     @property
     def test_plan(self) -> FitPlan:
-        """The fit run at validation and test time: the inner loop's, with `test_steps` if set."""
-        return FitPlan(**{**self.plan.to_dict(), "steps": self.test_steps or self.plan.steps})
+        """The fit run at test time (and for stage 2): the inner loop's unless overridden."""
+        return FitPlan(steps=self.test_steps or self.plan.steps, batch_size=self.test_batch or self.plan.batch_size,
+                       bg_weight=self.plan.bg_weight)
+
+    def test_log_lr(self, log_lr: torch.Tensor) -> torch.Tensor:
+        """Test-time log learning rates: a constant `test_lr`, or the meta-learned ones."""
+        if self.test_lr > 0:
+            return torch.full((1, log_lr.shape[1]), math.log(self.test_lr))
+        return log_lr.detach().clone()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -153,8 +162,10 @@ def meta_train(s: TrainSettings) -> Path:
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if c["settings_core"] != _core(s):
-            raise SystemExit(f"{ckpt} was written by different settings; use another --out or delete it")
+        old, new = json.loads(c["settings_core"]), json.loads(_core(s))
+        differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+        if differ:
+            raise SystemExit(f"{ckpt} was written with other settings ({', '.join(differ)}); use another --out or delete it")
         net.load_state_dict(c["net"])
         log_lr.data.copy_(c["log_lr"])
         opt.load_state_dict(c["opt"])
@@ -213,8 +224,8 @@ def meta_train(s: TrainSettings) -> Path:
         if step % s.val_every == 0 or step == s.outer_steps:
             if s.image_only:
                 v = {"fg_dice": -float(stats["mse"])}  # no head yet: keep the best reconstruction
-            else:
-                v = validate(net, log_lr, s.test_plan, val, s.canvas)
+            else:  # the fit being meta-learned: inner plan, learned rates
+                v = validate(net, log_lr, s.plan, val, s.canvas)
             log.write(event="val", step=step, **v)
             print(f"\nstep {step}: validation {v}", file=sys.stderr)
             if v["fg_dice"] > state["best"]:
@@ -228,11 +239,12 @@ def meta_train(s: TrainSettings) -> Path:
     best = torch.load(out / "best_stage1.pt", map_location="cpu", weights_only=True)
     net.load_state_dict(best["net"])
     log_lr.data.copy_(best["log_lr"])
+    test_lr = s.test_log_lr(log_lr)
     stage1 = {"step": state["best_step"]}
     if not s.image_only and s.outer_steps > 0:
-        stage1.update(validate(net, log_lr, s.test_plan, val, s.canvas))
-    head_metrics = train_head(net, log_lr, s, train, coords, gen, log)
-    stage2 = validate(net, log_lr, s.test_plan, val, s.canvas)
+        stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))
+    head_metrics = train_head(net, test_lr, s, train, coords, gen, log)
+    stage2 = validate(net, test_lr, s.test_plan, val, s.canvas)
     log.write(event="stage2", **stage2)
     if "fg_dice" in stage1 and stage2["fg_dice"] < stage1["fg_dice"]:
         net.load_state_dict(best["net"])  # the fine-tuned head did not help on validation: keep stage 1's
@@ -260,7 +272,7 @@ def meta_train(s: TrainSettings) -> Path:
         },
         "metrics": {"validation_stage1": stage1, "validation_final": stage2 if chosen == "stage2" else stage1},
     }
-    w = Weights(s.model, net.state_dict(), log_lr.detach().clone(), card)
+    w = Weights(s.model, net.state_dict(), test_lr, card)
     path = out / "metaseg.pt"
     digest = save_weights(w, path)
     log.write(event="done", path=str(path), sha256=digest, minutes=(time.time() - t0) / 60)
@@ -271,13 +283,15 @@ def meta_train(s: TrainSettings) -> Path:
 def _core(s: TrainSettings) -> str:
     """The settings that must match to resume (not step counts or intervals)."""
     d = s.to_dict()
-    for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps"):
+    for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps", "head_lr",
+              "head_fits_per_image", "head_points", "test_steps", "test_batch", "test_lr"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
 
 def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, coords, gen, log: Log) -> dict:
-    """Stage 2: fit the initialization to each training image, fine-tune the head on the features."""
+    """Stage 2: fit the initialization to each training image exactly as at test time (plan
+    `s.test_plan`, learning rates `log_lr`), then fine-tune the head alone on the features."""
     init = {k: p.detach() for k, p in net.named_parameters()}
     feats, targets = [], []
     t0 = time.time()
@@ -288,7 +302,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, coords, gen, lo
             img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
             values = img.reshape(-1)
             fast = init
-            for _, _, fast in adapt(net, init, coords, values, s.test_plan, log_lr.detach(), generator=gen):
+            for _, _, fast in adapt(net, init, coords, values, s.test_plan, log_lr, generator=gen):
                 pass
             idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen)
             with torch.no_grad():
