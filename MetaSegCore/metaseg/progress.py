@@ -43,7 +43,7 @@ class Reporter:
     def fit_progress(self, p: FitProgress) -> None:
         if self.mode == "json":
             self.emit("progress", **vars(p))
-        elif self.mode == "bar":
+        elif self.mode == "bar" and (p.step == p.steps or p.step % max(1, p.steps // 25) == 0):
             n = int(30 * p.step / p.steps)
             self.stream.write(
                 f"\r  fit [{'#' * n:<30}] {p.step}/{p.steps} PSNR {p.psnr:5.1f} dB  {p.elapsed_s:5.1f} s, ~{p.remaining_s:4.1f} s left"
