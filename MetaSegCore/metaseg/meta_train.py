@@ -1,7 +1,8 @@
 """Meta-training (MAML) of the INR initialization and the segmentation head, then stage 2.
 
 Stage 1: for a training image, run the *test-time fit* (`fit.adapt`, differentiable Adam
-steps on the intensity MSE) from the current initialization, then score the adapted network
+steps on the intensity MSE — unlike the paper's inner loop, no label loss: at test time there
+are no labels, so the inner loop is exactly what runs then) from the current initialization, then score the adapted network
 on the joint loss (MSE + focal loss of the head's labels) and update the initialization,
 the head and the per-step learning rates with Adam. Because the inner loop is the test-time
 procedure itself, the model is trained for exactly the budget it runs with.
@@ -50,7 +51,6 @@ class TrainSettings:
     test_lr: float = 1e-4  # constant test-time learning rate (0: the meta-learned per-step rates)
     inner_lr: float = 3e-4  # initial value of the meta-learned per-step learning rates
     learn_inner_lr: bool = True
-    inner_loss: str = "mse"  # "mse": the test-time loss; "joint": the paper's MSE + focal inner loss
     first_order: bool = True  # first-order learned faster per CPU-minute than second-order in our runs
     warm_steps: int = 300  # first outer steps without the inner fit: the init learns the population first
     outer_steps: int = 1250
@@ -197,8 +197,6 @@ def meta_train(s: TrainSettings) -> Path:
             img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
             values, target = img.reshape(-1), lab.reshape(-1).long()
             params = dict(net.named_parameters())
-            if s.inner_loss == "joint":
-                raise NotImplementedError("joint inner loss is not implemented yet")
             fast = params
             warm = state["step"] < s.warm_steps
             for _, _, fast in ([] if warm else adapt(net, params, coords, values, s.plan, log_lr, create_graph=not s.first_order,
