@@ -28,4 +28,8 @@ def default_weights(dims: int) -> Path:
         if (d / name).is_file():
             return d / name
     searched = ", ".join(str(d) for d in weights_dirs())
+    if dims == 3:
+        raise FileNotFoundError(
+            "the input is a 3D volume, and no 3D MetaSeg model is installed (this release ships the 2D model: "
+            f"one aligned coronal slice); searched {searched}. Segment a 2D slice, or pass --weights with 3D weights")
     raise FileNotFoundError(f"no shipped {dims}D weights ({name}) found in {searched}; pass --weights FILE or set {WEIGHTS_ENV}")
