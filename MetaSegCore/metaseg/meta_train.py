@@ -1,13 +1,13 @@
 """Meta-training (MAML) of the INR initialization and the segmentation head, then stage 2.
 
-Stage 1: for a training image, run the *test-time fit* (`fit.adapt`, differentiable Adam
-steps on the intensity MSE — unlike the paper's inner loop, no label loss: at test time there
-are no labels, so the inner loop is exactly what runs then) from the current initialization, then score the adapted network
-on the joint loss (MSE + focal loss of the head's labels) and update the initialization,
-the head and the per-step learning rates with Adam. Because the inner loop is the test-time
-procedure itself, the model is trained for exactly the budget it runs with.
-Stage 2: fit the chosen initialization to every training image and fine-tune the head alone
-on the resulting features. Checkpoints are kept by validation Dice.
+Stage 1: for a training image, run the fit (`fit.adapt`: Adam steps on the intensity MSE only;
+unlike the paper's inner loop there is no label loss, since test time has no labels) from the
+current initialization, score the adapted network on the joint loss (MSE + focal loss of the
+head's labels) and update the initialization, the head and the per-step learning rates.
+Stage 2: fit the chosen initialization to every training image with the *test-time* plan
+(`TrainSettings.test_plan`, which may be longer than the inner loop) and fine-tune the head
+alone on the resulting features, so the head reads exactly the features it will see.
+Checkpoints are kept by validation Dice.
 """
 from __future__ import annotations
 
