@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--experiments", nargs="+", default=["default", "steps", "paper"])
     ap.add_argument("--steps-list", type=int, nargs="+", default=[2, 10, 20, 50, 100, 500])
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per slice for the default plan (median)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.threads:
@@ -68,7 +69,7 @@ def main() -> int:
            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "command": " ".join(sys.argv)}
     print(f"# {a.weights} ({w.sha256[:12]}), {out['machine']}\n")
     if "default" in a.experiments:
-        rows = run(net, w.log_lr, w.plan, subjects, a.data, w.canvas, repeats=5)
+        rows = run(net, w.log_lr, w.plan, subjects, a.data, w.canvas, repeats=a.repeats)
         out["default"] = {"plan": w.plan.to_dict(), "rows": rows, "summary": summary(rows)}
         print(f"## default plan {w.plan.to_dict()}\n\n| subject | split | fg-Dice | GDS | PSNR dB | s/slice |\n|---|---|---|---|---|---|")
         for r in rows:
