@@ -3,10 +3,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "Resources" / "Sample"
-WEIGHTS_2D = ROOT / "Resources" / "Weights" / "metaseg2d.pt"
-SHARED_DATA = ROOT.parent / "shared" / "data" / "brains"
+from testdata import SAMPLE, SHARED_DATA, WEIGHTS_2D
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ entropy, and affine registration (a good match accepted, a bad one flagged), on 
 import itertools
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ from metaseg.io import read_image
 from metaseg.metrics import dice_per_class
 from metaseg.registration import MIN_NCC, MIN_NCC_INTERIOR, RegistrationQuality, register_affine, registration_ok
 
-ROOT = Path(__file__).resolve().parents[2]
-BRAINS = ROOT.parent / "shared" / "data" / "brains"
+from testdata import SHARED_DATA as BRAINS
 ECOG = BRAINS / "ecog"
 pytestmark = pytest.mark.skipif(not (ECOG / "aligned_norm.nii.gz").exists(),
                                 reason=f"real brain data not available at {BRAINS}")

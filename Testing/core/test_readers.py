@@ -10,9 +10,9 @@ import SimpleITK as sitk
 from metaseg.geometry import oblique_direction, with_geometry
 from metaseg.io import InputError, dicom_series, image_array_3d, read_image
 
-ROOT = Path(__file__).resolve().parents[2]
-BRAINS = ROOT.parent / "shared" / "data" / "brains"
-SAMPLE_SLICE = ROOT / "Resources" / "Sample" / "ecog_slice_t1.nii.gz"
+from testdata import SAMPLE, SHARED_DATA as BRAINS
+
+SAMPLE_SLICE = SAMPLE / "ecog_slice_t1.nii.gz"
 SUBJECTS = sorted(p.name for p in BRAINS.glob("*") if (p / "native_t1.mgz").exists()) if BRAINS.exists() else []
 needs_brains = pytest.mark.skipif(not SUBJECTS, reason=f"real brain data not available at {BRAINS}")
 
