@@ -14,53 +14,66 @@ def _add_train(sub) -> None:
         "train",
         help="meta-train weights on the neurite-oasis data (stage 1 MAML + stage 2 head)",
         description="Meta-train a MetaSeg initialization and head on the training subjects of "
-        "metaseg/splits.json. Resumable: rerun the same command to continue from the checkpoint in --out.",
+        "metaseg/splits.json. Resumable: rerun the same command to continue from the checkpoint in --out. "
+        "Options left out take the defaults of --dims (2D: the shipped metaseg2d recipe; 3D: metaseg3d's).",
     )
-    p.add_argument("--data", default="../shared/data/brains", help="folder of subject folders (default: %(default)s)")
-    p.add_argument("--out", default="runs/metaseg2d", help="run folder: checkpoint, log, weights (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=1250,
-                   help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) (default: %(default)s)")
-    p.add_argument("--fit-steps", type=int, default=10, help="inner = test-time Adam steps (default: %(default)s)")
-    p.add_argument("--test-steps", type=int, default=100,
-                   help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (default: %(default)s)")
-    p.add_argument("--test-batch", type=int, default=4096, help="test-time coordinates per step; 0: --fit-batch (default: %(default)s)")
-    p.add_argument("--test-lr", type=float, default=1e-4,
-                   help="constant test-time learning rate; 0: the meta-learned per-step rates (default: %(default)s)")
-    p.add_argument("--fit-batch", type=int, default=2048, help="coordinates per fit step (default: %(default)s)")
-    p.add_argument("--inner-lr", type=float, default=3e-4, help="initial inner learning rate (default: %(default)s)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2: coronal slices; 3: aligned volumes (default: 2)")
+    p.add_argument("--data", help="folder of subject folders, or a .npz pack from metaseg.data.pack_volumes "
+                   "(default: ../shared/data/brains)")
+    p.add_argument("--out", help="run folder: checkpoint, log, weights (default: runs/metaseg2d or runs/metaseg3d)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
+    p.add_argument("--steps", type=int, help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) "
+                   "(2D 1250, 3D 2000)")
+    p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
+    p.add_argument("--fit-batch", type=int, help="coordinates per inner step (2D 2048, 3D 8192)")
+    p.add_argument("--test-steps", type=int, help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (100)")
+    p.add_argument("--test-batch", type=int, help="test-time coordinates per step; 0: --fit-batch (2D 4096, 3D 8192)")
+    p.add_argument("--test-lr", type=float, help="constant test-time learning rate; 0: the meta-learned per-step rates (1e-4)")
+    p.add_argument("--inner-lr", type=float, help="initial inner learning rate (3e-4)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not meta-learn the inner learning rates")
-    p.add_argument("--warm-steps", type=int, default=300, help="first outer steps without the inner fit (default: %(default)s)")
-    p.add_argument("--lr-lr", type=float, default=1e-2, help="outer learning rate of the log inner learning rates (default: %(default)s)")
-    p.add_argument("--outer-lr", type=float, default=1e-4, help="outer Adam learning rate (default: %(default)s)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="stage-2 head learning rate (default: %(default)s)")
-    p.add_argument("--head-fits", type=int, default=1, help="stage-2 fits per training image (default: %(default)s)")
-    p.add_argument("--outer-points", type=int, default=8192, help="pixels scoring the outer loss (default: %(default)s)")
+    p.add_argument("--warm-steps", type=int, help="first outer steps without the inner fit (300)")
+    p.add_argument("--lr-lr", type=float, help="outer learning rate of the log inner learning rates (1e-2)")
+    p.add_argument("--outer-lr", type=float, help="outer Adam learning rate (1e-4)")
+    p.add_argument("--outer-points", type=int, help="pixels scoring the outer loss (2D 8192, 3D 16384)")
+    p.add_argument("--head-lr", type=float, help="stage-2 head learning rate (1e-3)")
+    p.add_argument("--head-fits", type=int, help="stage-2 fits per training image (2D 1, 3D 4)")
+    p.add_argument("--head-steps", type=int, help="stage-2 head fine-tuning steps (4000)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
     p.add_argument("--no-augment", action="store_true", help="no intensity/affine augmentation")
-    p.add_argument("--focal-gamma", type=float, default=1.0, help="focal loss gamma (default: %(default)s)")
-    p.add_argument("--head-steps", type=int, default=4000, help="stage-2 head fine-tuning steps (default: %(default)s)")
-    p.add_argument("--val-every", type=int, default=100, help="validate every N outer steps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--focal-gamma", type=float, help="focal loss gamma (1.0)")
+    p.add_argument("--val-every", type=int, help="validate every N outer steps (100)")
+    p.add_argument("--seed", type=int, help="random seed (0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_train)
 
 
+# `metaseg train` option -> TrainSettings field
+_TRAIN_FIELDS = {
+    "data": "data_root", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
+    "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
+    "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
+    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",
+    "val_every": "val_every", "seed": "seed",
+}
+
+
 def _train(a: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
-    from .fit import FitPlan
-    from .meta_train import TrainSettings, meta_train
+    from .meta_train import meta_train, settings_for
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    s = TrainSettings(
-        data_root=a.data, out_dir=a.out, outer_steps=a.steps, plan=FitPlan(steps=a.fit_steps, batch_size=a.fit_batch),
-        test_steps=a.test_steps, test_batch=a.test_batch, test_lr=a.test_lr, inner_lr=a.inner_lr, learn_inner_lr=not a.fixed_inner_lr, warm_steps=a.warm_steps, lr_lr=a.lr_lr, outer_lr=a.outer_lr, outer_points=a.outer_points,
-        first_order=not a.second_order, image_only=a.image_only, augment=not a.no_augment, focal_gamma=a.focal_gamma,
-        head_steps=a.head_steps, head_lr=a.head_lr, head_fits_per_image=a.head_fits, val_every=a.val_every, seed=a.seed,
-        command="metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+    s = settings_for(a.dims, **{f: getattr(a, k) for k, f in _TRAIN_FIELDS.items() if getattr(a, k) is not None})
+    plan = {"steps": a.fit_steps, "batch_size": a.fit_batch}
+    s = dataclasses.replace(
+        s, plan=dataclasses.replace(s.plan, **{k: v for k, v in plan.items() if v is not None}),
+        learn_inner_lr=not a.fixed_inner_lr, first_order=not a.second_order, image_only=a.image_only,
+        augment=not a.no_augment, command="metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
     )
     meta_train(s)
     return 0

@@ -28,6 +28,7 @@ class FitPlan:
     steps: int = 10
     batch_size: int = 4096  # coordinates sampled per step; >= pixel count means full batch
     bg_weight: float = 1.0  # weight of the MSE on background (zero-intensity) pixels
+    foreground_only: bool = False  # fit and decode only nonzero voxels; the rest is background (3D)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,10 +5,8 @@ with the pixels and the output can be written in exactly the input's geometry.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -128,39 +126,6 @@ def labels_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 def write_image(img: sitk.Image, path: Path) -> None:
     sitk.WriteImage(img, str(path), True)
-
-
-def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]]) -> None:
-    """Write every (path, writer) to a temporary file beside it, then rename them all into place.
-
-    If any writer fails, every temporary file is removed and no output appears: a run
-    publishes all of its files or none (a crash between the renames is the only window).
-    """
-    temps: List[Tuple[str, Path]] = []
-    try:
-        for path, writer in outputs:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + _suffix(path), dir=path.parent)
-            os.close(fd)
-            temps.append((tmp, path))
-            writer(tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def _suffix(path: Path) -> str:
-    """The extension writers dispatch on (".seg.nrrd" and ".nii.gz" included)."""
-    name = path.name.lower()
-    for s in (".seg.nrrd", ".nii.gz") + IMAGE_SUFFIXES + (".png", ".json"):
-        if name.endswith(s):
-            return s
-    return path.suffix
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> Tuple[bool, Optional[str]]:

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 
 from . import __version__
 from .config import ModelConfig
-from .data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits
+from .data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, load_volume
+from .device import pick_device
 from .fit import FitPlan, adapt, weighted_mse
 from .metrics import foreground_dice, generalized_dice
 from .model import MetaSegNet
-from .preprocess import augment_2d, grid_coords, normalize_intensity, pad_to_canvas
+from .preprocess import augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
 from .segment import segment_array
-from .io import write_all
+from .atomic import write_all
 from .weights import LABELS, Weights, save_weights
 
 
@@ -39,8 +40,9 @@ from .weights import LABELS, Weights, save_weights
 class TrainSettings:
     """Everything that defines a meta-training run; written into the checkpoint and the card."""
 
-    data_root: str = "../shared/data/brains"
+    data_root: str = "../shared/data/brains"  # a folder of subjects, or a pack from data.pack_volumes (3D)
     out_dir: str = "runs/metaseg2d"
+    dims: int = 2  # 2: coronal slices on a 192x192 canvas; 3: whole aligned volumes
     model: ModelConfig = field(default_factory=ModelConfig)
     canvas: tuple = (192, 192)
     train_slices: tuple = tuple(range(95, 124, 2))  # coronal slices around the paper's 109
@@ -68,13 +70,14 @@ class TrainSettings:
     head_fits_per_image: int = 1
     head_points: int = 8192
     seed: int = 0
+    device: str = "auto"
     command: str = ""
 
     @property
     def test_plan(self) -> FitPlan:
         """The fit run at test time (and for stage 2): the inner loop's unless overridden."""
         return FitPlan(steps=self.test_steps or self.plan.steps, batch_size=self.test_batch or self.plan.batch_size,
-                       bg_weight=self.plan.bg_weight)
+                       bg_weight=self.plan.bg_weight, foreground_only=self.plan.foreground_only)
 
     def test_log_lr(self, log_lr: torch.Tensor) -> torch.Tensor:
         """Test-time log learning rates: a constant `test_lr`, or the meta-learned ones."""
@@ -89,22 +92,76 @@ class TrainSettings:
         return d
 
 
+INPUT_DESCRIPTION = {
+    2: "one coronal slice of a skull-stripped T1 brain MRI, affinely aligned to Talairach space and cropped "
+    "like neurite-oasis (160x192, 1 mm); centred on the canvas",
+    3: "a skull-stripped T1 brain MRI volume, affinely aligned to Talairach space and cropped like "
+    "neurite-oasis (160x192x224, 1 mm, FreeSurfer LIA voxel order); only its nonzero voxels are fitted",
+}
+
+
+def settings_for(dims: int, **overrides) -> TrainSettings:
+    """The default training settings for 2D slices or 3D volumes, with `overrides` applied."""
+    if dims == 3:
+        base = dict(
+            dims=3, out_dir="runs/metaseg3d", model=ModelConfig(in_dim=3, width=128, hidden_layers=4),
+            canvas=(224, 192, 160), plan=FitPlan(steps=20, batch_size=8192, foreground_only=True),
+            test_steps=100, test_batch=8192, outer_steps=2000, outer_points=16384, head_fits_per_image=4,
+            head_points=16384,
+        )
+    elif dims == 2:
+        base = dict(plan=FitPlan(steps=10, batch_size=2048), outer_points=8192)
+    else:
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    return TrainSettings(**{**base, **overrides})
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
     logp = F.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1)
     return torch.mean(-((1 - logp.exp()) ** gamma) * logp)
 
 
-def prepare_tasks(root: Path, subjects: List[str], slices, canvas) -> List[LabeledImage]:
-    """Normalized, canvas-padded slices (torch tensors) of the given subjects."""
+def prepare_tasks(root: Path, subjects: List[str], s: "TrainSettings", slices=()) -> List[LabeledImage]:
+    """Normalized, canvas-padded images (torch tensors) of the given subjects: the coronal
+    `slices` of each in 2D, the whole aligned volume in 3D."""
     out = []
-    for s in subjects:
-        for im in coronal_slices(root / s, slices):
+    for subj in subjects:
+        images = coronal_slices(root / subj, slices) if s.dims == 2 else [load_volume(root / subj)]
+        for im in images:
             if not (im.image > 0).any():
                 continue
-            img, _ = pad_to_canvas(normalize_intensity(im.image), canvas)
-            lab, _ = pad_to_canvas(im.labels, canvas)
+            img, _ = pad_to_canvas(normalize_intensity(im.image), s.canvas)
+            lab, _ = pad_to_canvas(im.labels, s.canvas)
             out.append(LabeledImage(im.name, torch.from_numpy(img), torch.from_numpy(lab)))
     return out
+
+
+class TaskPoints:
+    """A training image as the points a fit sees: coordinates, intensities and labels.
+
+    With a foreground-only plan (3D) these are the brain's voxels alone, as at test time.
+    Augmentation: the slice itself is warped in 2D (`augment_2d`); in 3D the coordinates are
+    (`augment_points`), which is exact and needs no resampling of the volume.
+    """
+
+    def __init__(self, s: "TrainSettings", device: torch.device):
+        self.s, self.device = s, device
+        self.grid = grid_coords(s.canvas).to(device)
+        self.cache: Dict[str, tuple] = {}
+
+    def __call__(self, t: LabeledImage, gen: torch.Generator, augment: bool) -> tuple:
+        if self.s.dims == 2:
+            img, lab = augment_2d(t.image, t.labels, gen) if augment else (t.image, t.labels)
+            return self.grid, img.reshape(-1).to(self.device), lab.reshape(-1).long().to(self.device)
+        if t.name not in self.cache:
+            flat = t.image.reshape(-1)
+            idx = torch.nonzero(flat > 0).squeeze(1) if self.s.plan.foreground_only else torch.arange(flat.numel())
+            self.cache[t.name] = tuple(x.to(self.device) for x in
+                                       (grid_coords(self.s.canvas, idx), flat[idx], t.labels.reshape(-1)[idx].long()))
+        coords, values, labels = self.cache[t.name]
+        if augment:
+            coords, values = augment_points(coords, values, gen)
+        return coords, values, labels
 
 
 def validate(net: MetaSegNet, log_lr: torch.Tensor, plan: FitPlan, tasks, canvas, seed: int = 0) -> Dict[str, float]:
@@ -145,13 +202,14 @@ def meta_train(s: TrainSettings) -> Path:
     log = Log(out / "train.log")
     root = Path(s.data_root)
     splits = load_splits()
-    train = prepare_tasks(root, splits["train"], s.train_slices, s.canvas)
-    val = prepare_tasks(root, splits["validation"], s.val_slices, s.canvas)
-    coords = grid_coords(s.canvas)
+    train = prepare_tasks(root, splits["train"], s, s.train_slices)
+    val = prepare_tasks(root, splits["validation"], s, s.val_slices)
+    dev = pick_device(s.device)
+    points = TaskPoints(s, dev)
 
-    net = MetaSegNet(s.model)
+    net = MetaSegNet(s.model).to(dev)
     names = net.inr_parameter_names()
-    log_lr = torch.nn.Parameter(torch.full((s.plan.steps, len(names)), math.log(s.inner_lr)))
+    log_lr = torch.nn.Parameter(torch.full((s.plan.steps, len(names)), math.log(s.inner_lr), device=dev))
     groups = [{"params": list(net.parameters()), "lr": s.outer_lr}]
     if s.learn_inner_lr:
         groups.append({"params": [log_lr], "lr": s.lr_lr})
@@ -161,7 +219,7 @@ def meta_train(s: TrainSettings) -> Path:
 
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        c = torch.load(ckpt, map_location=dev, weights_only=True)
         old, new = json.loads(c["settings_core"]), json.loads(_core(s))
         differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
         if differ:
@@ -173,7 +231,8 @@ def meta_train(s: TrainSettings) -> Path:
         state = json.loads(c["state"])
         print(f"resumed from step {state['step']}", file=sys.stderr)
     else:
-        log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__)
+        log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__,
+                  device=str(dev), torch=torch.__version__)
 
     def save_ckpt() -> None:
         blob = {
@@ -194,15 +253,14 @@ def meta_train(s: TrainSettings) -> Path:
         stats = {"mse": 0.0, "focal": 0.0}
         for _ in range(s.meta_batch):
             t = train[int(torch.randint(len(train), (1,), generator=gen))]
-            img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
-            values, target = img.reshape(-1), lab.reshape(-1).long()
+            coords, values, target = points(t, gen, s.augment)
             params = dict(net.named_parameters())
             fast = params
             warm = state["step"] < s.warm_steps
             for _, _, fast in ([] if warm else adapt(net, params, coords, values, s.plan, log_lr, create_graph=not s.first_order,
                                    first_order=s.first_order, generator=gen)):
                 pass
-            idx = torch.randint(0, coords.shape[0], (s.outer_points,), generator=gen)
+            idx = torch.randint(0, coords.shape[0], (s.outer_points,), generator=gen).to(dev)
             pred, feats = torch.func.functional_call(net, fast, (coords[idx],))
             mse = weighted_mse(pred, values[idx], s.plan.bg_weight)
             loss = mse
@@ -210,9 +268,9 @@ def meta_train(s: TrainSettings) -> Path:
                 logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")}, (feats,))
                 foc = focal_loss(logits, target[idx], s.focal_gamma)
                 loss = loss + foc
-                stats["focal"] += float(foc) / s.meta_batch
+                stats["focal"] += float(foc.detach()) / s.meta_batch
             (loss / s.meta_batch).backward()
-            stats["mse"] += float(mse) / s.meta_batch
+            stats["mse"] += float(mse.detach()) / s.meta_batch
         opt.step()
         state["step"] += 1
         step = state["step"]
@@ -234,14 +292,14 @@ def meta_train(s: TrainSettings) -> Path:
 
     if s.outer_steps == 0:  # ablation: no meta-training, the SIREN init as it is
         save_best()
-    best = torch.load(out / "best_stage1.pt", map_location="cpu", weights_only=True)
+    best = torch.load(out / "best_stage1.pt", map_location=dev, weights_only=True)
     net.load_state_dict(best["net"])
     log_lr.data.copy_(best["log_lr"])
     test_lr = s.test_log_lr(log_lr)
     stage1 = {"step": state["best_step"]}
     if not s.image_only and s.outer_steps > 0:
         stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))
-    head_metrics = train_head(net, test_lr, s, train, coords, gen, log)
+    head_metrics = train_head(net, test_lr.to(dev), s, train, points, gen, log)
     stage2 = validate(net, test_lr, s.test_plan, val, s.canvas)
     log.write(event="stage2", **stage2)
     if "fg_dice" in stage1 and stage2["fg_dice"] < stage1["fg_dice"]:
@@ -250,14 +308,13 @@ def meta_train(s: TrainSettings) -> Path:
     else:
         chosen = "stage2"
     card = {
-        "name": "MetaSeg 2D, 5 tissue classes",
+        "name": f"MetaSeg {s.dims}D, 5 tissue classes",
         "metaseg_version": __version__,
         "labels": LABELS,
         "input": {
-            "dims": 2,
+            "dims": s.dims,
             "canvas": list(s.canvas),
-            "description": "one coronal slice of a skull-stripped T1 brain MRI, affinely aligned to Talairach "
-            "space and cropped like neurite-oasis (160x192, 1 mm); centred on the canvas",
+            "description": INPUT_DESCRIPTION[s.dims],
             "normalization": "divide by the 99th percentile of the brain (nonzero) pixels, clip to [0, 1]",
         },
         "fit": s.test_plan.to_dict(),
@@ -270,7 +327,7 @@ def meta_train(s: TrainSettings) -> Path:
         },
         "metrics": {"validation_stage1": stage1, "validation_final": stage2 if chosen == "stage2" else stage1},
     }
-    w = Weights(s.model, net.state_dict(), test_lr, card)
+    w = Weights(s.model, {k: v.cpu() for k, v in net.state_dict().items()}, test_lr.cpu(), card)
     path = out / "metaseg.pt"
     digest = save_weights(w, path)
     log.write(event="done", path=str(path), sha256=digest, minutes=(time.time() - t0) / 60)
@@ -287,7 +344,7 @@ def _core(s: TrainSettings) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, coords, gen, log: Log) -> dict:
+def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoints, gen, log: Log) -> dict:
     """Stage 2: fit the initialization to each training image exactly as at test time (plan
     `s.test_plan`, learning rates `log_lr`), then fine-tune the head alone on the features."""
     init = {k: p.detach() for k, p in net.named_parameters()}
@@ -297,21 +354,20 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, coords, gen, lo
         if i % 10 == 0:
             Log.bar(i, len(train), t0, "stage 2: fitting the training images")
         for _ in range(s.head_fits_per_image):
-            img, lab = augment_2d(t.image, t.labels, gen) if s.augment else (t.image, t.labels)
-            values = img.reshape(-1)
+            coords, values, target = points(t, gen, s.augment)
             fast = init
             for _, _, fast in adapt(net, init, coords, values, s.test_plan, log_lr, generator=gen):
                 pass
-            idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen)
+            idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen).to(coords.device)
             with torch.no_grad():
                 _, f = torch.func.functional_call(net, fast, (coords[idx],))
             feats.append(f)
-            targets.append(lab.reshape(-1)[idx].long())
+            targets.append(target[idx])
     feats, targets = torch.cat(feats), torch.cat(targets)
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)
     losses = []
     for i in range(s.head_steps):
-        idx = torch.randint(0, feats.shape[0], (8192,), generator=gen)
+        idx = torch.randint(0, feats.shape[0], (8192,), generator=gen).to(feats.device)
         loss = focal_loss(net.head(feats[idx]), targets[idx], s.focal_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,7 +20,8 @@ import torch
 from .data import load_splits
 from .device import pick_device
 from .fit import FitCancelled
-from .io import InputError, check_output_path, image_array_2d, image_dims, labels_like, read_image, write_all, write_image
+from .atomic import write_all
+from .io import InputError, check_output_path, image_array_2d, image_dims, labels_like, read_image, write_image
 from .metrics import dice_per_class, foreground_dice, generalized_dice
 from .outputs import class_sizes, environment, overlay_rgb, write_preview, write_report, write_seg_nrrd
 from .progress import Reporter

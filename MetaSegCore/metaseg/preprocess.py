@@ -41,10 +41,42 @@ def pad_to_canvas(array: np.ndarray, canvas: Tuple[int, ...]) -> Tuple[np.ndarra
     return out, region
 
 
-def grid_coords(shape: Tuple[int, ...]) -> torch.Tensor:
-    """Model coordinates of every pixel of a canvas, (prod(shape), ndim) in [-1, 1], C order."""
-    axes = [torch.linspace(-1.0, 1.0, s) for s in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+def grid_coords(shape: Tuple[int, ...], index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Model coordinates of a canvas's pixels, (N, ndim) in [-1, 1]: all of them in C order,
+    or only those at the flat indices `index` (so a 3D volume's brain needs no full grid)."""
+    if index is None:
+        axes = [torch.linspace(-1.0, 1.0, s) for s in shape]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+    out = torch.empty(index.shape[0], len(shape))
+    rest = index.clone()
+    for d in reversed(range(len(shape))):
+        out[:, d] = (rest % shape[d]).float() * (2.0 / max(shape[d] - 1, 1)) - 1.0
+        rest //= shape[d]
+    return out
+
+
+def augment_points(coords: torch.Tensor, values: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Random small affine + intensity changes of an image given as points (coords, values).
+
+    Moving the coordinates instead of resampling the image is exact and costs nothing in 3D:
+    the network sees the same voxels at slightly rotated, scaled and shifted positions, as it
+    would for a scan aligned a little differently. Intensity: gamma, contrast and a smooth
+    multiplicative bias field, as in `augment_2d`.
+    """
+
+    def u(lo: float, hi: float, n: int = 1) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    d = coords.shape[1]
+    a = torch.eye(d) + u(-0.06, 0.06, d * d).reshape(d, d)  # rotation/shear/scale of up to ~6 %
+    t = u(-0.03, 0.03, d)
+    new = coords @ a.T.to(coords) + t.to(coords)
+    v = values.clamp(min=0) ** float(u(0.75, 1.35))
+    mean = v.mean()
+    v = (v - mean) * float(u(0.85, 1.2)) + mean
+    bias = torch.exp(coords @ u(-0.15, 0.15, d).to(coords))
+    v = (v * bias).clamp(0.0, 1.0)
+    return new, torch.where(values > 0, v, torch.zeros_like(v))
 
 
 def augment_2d(image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelConfig
 from .fit import FitPlan
-from .io import write_all
+from .atomic import write_all
 from .model import MetaSegNet
 
 FORMAT = "metaseg-weights/1"
