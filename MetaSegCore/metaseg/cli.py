@@ -24,6 +24,7 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--steps", type=int, help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) "
                    "(2D 1250, 3D 2000)")
+    p.add_argument("--width", type=int, help="SIREN width (128)")
     p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
     p.add_argument("--fit-batch", type=int, help="coordinates per inner step (2D 2048, 3D 8192)")
     p.add_argument("--test-steps", type=int, help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (100)")
@@ -70,6 +71,8 @@ def _train(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     s = settings_for(a.dims, **{f: getattr(a, k) for k, f in _TRAIN_FIELDS.items() if getattr(a, k) is not None})
     plan = {"steps": a.fit_steps, "batch_size": a.fit_batch}
+    if a.width:
+        s = dataclasses.replace(s, model=dataclasses.replace(s.model, width=a.width))
     s = dataclasses.replace(
         s, plan=dataclasses.replace(s.plan, **{k: v for k, v in plan.items() if v is not None}),
         learn_inner_lr=not a.fixed_inner_lr, first_order=not a.second_order, image_only=a.image_only,

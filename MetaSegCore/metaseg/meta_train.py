@@ -372,7 +372,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (i + 1) % 100 == 0:
             log.write(event="head", step=i + 1, focal=float(np.mean(losses[-100:])))
     return {"points": int(feats.shape[0]), "steps": s.head_steps, "final_focal": float(np.mean(losses[-100:])),
