@@ -227,7 +227,7 @@ def meta_train(s: TrainSettings) -> Path:
         net.load_state_dict(c["net"])
         log_lr.data.copy_(c["log_lr"])
         opt.load_state_dict(c["opt"])
-        gen.set_state(c["gen"])
+        gen.set_state(c["gen"].cpu())  # map_location may have moved it to the GPU
         state = json.loads(c["state"])
         print(f"resumed from step {state['step']}", file=sys.stderr)
     else:
