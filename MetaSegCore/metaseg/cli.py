@@ -27,7 +27,7 @@ def _add_train(sub) -> None:
     p.add_argument("--width", type=int, help="SIREN width (128)")
     p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
     p.add_argument("--fit-batch", type=int, help="coordinates per inner step (2D 2048, 3D 8192)")
-    p.add_argument("--test-steps", type=int, help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (100)")
+    p.add_argument("--test-steps", type=int, help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (2D 100, 3D 400)")
     p.add_argument("--test-batch", type=int, help="test-time coordinates per step; 0: --fit-batch (2D 4096, 3D 8192)")
     p.add_argument("--test-lr", type=float, help="constant test-time learning rate; 0: the meta-learned per-step rates (1e-4)")
     p.add_argument("--inner-lr", type=float, help="initial inner learning rate (3e-4)")

@@ -106,7 +106,7 @@ def settings_for(dims: int, **overrides) -> TrainSettings:
         base = dict(
             dims=3, out_dir="runs/metaseg3d", model=ModelConfig(in_dim=3, width=128, hidden_layers=4),
             canvas=(224, 192, 160), plan=FitPlan(steps=20, batch_size=8192, foreground_only=True),
-            test_steps=100, test_batch=8192, outer_steps=2000, outer_points=16384, head_fits_per_image=4,
+            test_steps=400, test_batch=8192, outer_steps=2000, outer_points=16384, head_fits_per_image=4,
             head_points=16384,
         )
     elif dims == 2:
