@@ -45,6 +45,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-augment", action="store_true", help="no intensity/affine augmentation")
     p.add_argument("--focal-gamma", type=float, help="focal loss gamma (1.0)")
     p.add_argument("--val-every", type=int, help="validate every N outer steps (100)")
+    p.add_argument("--meta-batch", type=int, help="tasks per outer step; under torchrun they are split over the processes (1)")
     p.add_argument("--seed", type=int, help="random seed (0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_train)
@@ -56,7 +57,7 @@ _TRAIN_FIELDS = {
     "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
     "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",
-    "val_every": "val_every", "seed": "seed",
+    "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch",
 }
 
 

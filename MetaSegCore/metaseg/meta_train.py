@@ -8,19 +8,30 @@ Stage 2: fit the chosen initialization to every training image with the *test-ti
 (`TrainSettings.test_plan`, which may be longer than the inner loop) and fine-tune the head
 alone on the resulting features, so the head reads exactly the features it will see.
 Checkpoints are kept by validation Dice.
+
+Distributed stage 1: launched by torchrun with several processes (`torchrun --nproc_per_node N
+-m metaseg train ...`, WORLD_SIZE > 1), every rank draws the same `meta_batch` task indices per
+outer step and runs the tasks whose slot is its rank modulo N; the gradients are summed over the
+ranks (gloo on the CPU, nccl on CUDA) before the step, so every rank takes the update one process
+would take on all the tasks. The random draws inside a task come from a generator seeded by
+(seed, step, slot) alone (`task_generator`), hence the result does not depend on N. Rank 0 alone
+logs, validates, checkpoints and runs stage 2. One process (no torchrun) is the default.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import __version__
@@ -194,6 +205,118 @@ class Log:
         sys.stderr.flush()
 
 
+def build_model(s: TrainSettings, dev: torch.device) -> tuple:
+    """A fresh network, its per-step log learning rates and the outer Adam over both (the
+    rates only when they are learned); seeded by the caller's `torch.manual_seed`."""
+    net = MetaSegNet(s.model).to(dev)
+    names = net.inr_parameter_names()
+    log_lr = torch.nn.Parameter(torch.full((s.plan.steps, len(names)), math.log(s.inner_lr), device=dev))
+    groups = [{"params": list(net.parameters()), "lr": s.outer_lr}]
+    if s.learn_inner_lr:
+        groups.append({"params": [log_lr], "lr": s.lr_lr})
+    return net, log_lr, torch.optim.Adam(groups)
+
+
+def task_generator(seed: int, step: int, slot: int) -> torch.Generator:
+    """The generator of the random draws inside task `slot` of outer step `step` (augmentation,
+    coordinate sampling). It depends on nothing else, so a task sees the same numbers whichever
+    rank runs it, and a resumed run the same as an uninterrupted one."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0]))
+
+
+def outer_step(net: MetaSegNet, log_lr: torch.Tensor, opt: torch.optim.Optimizer, tasks: List[LabeledImage],
+               s: TrainSettings, step: int, points: TaskPoints) -> Dict[str, float]:
+    """One meta-update on `tasks` (the step's meta-batch, the same list on every rank); `step`
+    counts the updates done before. Each task: fit from the current initialization (none during
+    the warm steps), score the joint loss on `s.outer_points` pixels, backward with weight
+    1/len(tasks). In a process group each rank runs the slots equal to its rank modulo the world
+    size and the gradients are summed over the ranks before `opt.step()`. Returns the mean losses."""
+    rank, world = _rank_world()
+    opt.zero_grad(set_to_none=True)
+    totals = [0.0, 0.0]  # mse, focal summed over this rank's tasks
+    warm = step < s.warm_steps
+    for slot, t in enumerate(tasks):
+        if slot % world != rank:
+            continue
+        g = task_generator(s.seed, step, slot)
+        coords, values, target = points(t, g, s.augment)
+        params = dict(net.named_parameters())
+        fast = params
+        for _, _, fast in ([] if warm else adapt(net, params, coords, values, s.plan, log_lr, create_graph=not s.first_order,
+                               first_order=s.first_order, generator=g)):
+            pass
+        idx = torch.randint(0, coords.shape[0], (s.outer_points,), generator=g).to(coords.device)
+        pred, feats = torch.func.functional_call(net, fast, (coords[idx],))
+        mse = weighted_mse(pred, values[idx], s.plan.bg_weight)
+        loss = mse
+        if not s.image_only:
+            logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")}, (feats,))
+            foc = focal_loss(logits, target[idx], s.focal_gamma)
+            loss = loss + foc
+            totals[1] += float(foc.detach())
+        (loss / len(tasks)).backward()
+        totals[0] += float(mse.detach())
+    if world > 1:
+        _all_reduce_grads([p for group in opt.param_groups for p in group["params"]])
+        summed = torch.tensor(totals, device=log_lr.device)
+        dist.all_reduce(summed)
+        totals = summed.tolist()
+    opt.step()
+    return {"mse": totals[0] / len(tasks), "focal": totals[1] / len(tasks)}
+
+
+def _rank_world() -> tuple:
+    """(rank, world size) of this process: (0, 1) unless it is in a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _dist_setup(dev: torch.device) -> torch.device:
+    """Join torchrun's process group when it started several processes (WORLD_SIZE > 1) and
+    return the device this process trains on: nccl with the GPU of LOCAL_RANK on CUDA, gloo on
+    the CPU. The timeout is long because the other ranks wait while rank 0 validates. A single
+    process is left alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise SystemExit(f"distributed training runs on CUDA (nccl) or the CPU (gloo), not {dev}: use --device cpu or cuda")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    return dev
+
+
+def _all_reduce_grads(params: List[torch.Tensor]) -> None:
+    """Sum the gradients of `params` over the ranks, in place, in one flat all-reduce.
+
+    A parameter without a gradient on some rank (it ran no task) counts as zero there; one with
+    none on every rank keeps `grad` None, as in one process, so Adam leaves it (and its step
+    count) alone, e.g. the learning rates during the warm steps."""
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    grads = []
+    for p, h in zip(params, has.tolist()):
+        if h:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def _dist_finish() -> None:
+    """At the end of stage 1: wait for every rank, then leave the process group (no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def meta_train(s: TrainSettings) -> Path:
     """Run (or resume) stage 1 and stage 2; write `<out_dir>/metaseg.pt` and return its path."""
     torch.manual_seed(s.seed)
@@ -204,17 +327,16 @@ def meta_train(s: TrainSettings) -> Path:
     splits = load_splits()
     train = prepare_tasks(root, splits["train"], s, s.train_slices)
     val = prepare_tasks(root, splits["validation"], s, s.val_slices)
-    dev = pick_device(s.device)
+    dev = _dist_setup(pick_device(s.device))
+    lead = _rank_world()[0] == 0  # rank 0 (or the only process) logs, validates and saves
+    world = _rank_world()[1]
+    if lead and world > s.meta_batch:
+        print(f"note: {world} processes but {s.meta_batch} task(s) per step: some processes stay idle (--meta-batch)",
+              file=sys.stderr)
     points = TaskPoints(s, dev)
 
-    net = MetaSegNet(s.model).to(dev)
-    names = net.inr_parameter_names()
-    log_lr = torch.nn.Parameter(torch.full((s.plan.steps, len(names)), math.log(s.inner_lr), device=dev))
-    groups = [{"params": list(net.parameters()), "lr": s.outer_lr}]
-    if s.learn_inner_lr:
-        groups.append({"params": [log_lr], "lr": s.lr_lr})
-    opt = torch.optim.Adam(groups)
-    gen = torch.Generator().manual_seed(s.seed)
+    net, log_lr, opt = build_model(s, dev)
+    gen = torch.Generator().manual_seed(s.seed)  # draws the task indices (and stage 2's randomness)
     state = {"step": 0, "best": -1.0, "best_step": 0}
 
     ckpt = out / "checkpoint.pt"
@@ -229,8 +351,9 @@ def meta_train(s: TrainSettings) -> Path:
         opt.load_state_dict(c["opt"])
         gen.set_state(c["gen"].cpu())  # map_location may have moved it to the GPU
         state = json.loads(c["state"])
-        print(f"resumed from step {state['step']}", file=sys.stderr)
-    else:
+        if lead:
+            print(f"resumed from step {state['step']}", file=sys.stderr)
+    elif lead:
         log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__,
                   device=str(dev), torch=torch.__version__)
 
@@ -249,31 +372,12 @@ def meta_train(s: TrainSettings) -> Path:
     t0 = time.time()
     start = state["step"]
     while state["step"] < s.outer_steps:
-        opt.zero_grad(set_to_none=True)
-        stats = {"mse": 0.0, "focal": 0.0}
-        for _ in range(s.meta_batch):
-            t = train[int(torch.randint(len(train), (1,), generator=gen))]
-            coords, values, target = points(t, gen, s.augment)
-            params = dict(net.named_parameters())
-            fast = params
-            warm = state["step"] < s.warm_steps
-            for _, _, fast in ([] if warm else adapt(net, params, coords, values, s.plan, log_lr, create_graph=not s.first_order,
-                                   first_order=s.first_order, generator=gen)):
-                pass
-            idx = torch.randint(0, coords.shape[0], (s.outer_points,), generator=gen).to(dev)
-            pred, feats = torch.func.functional_call(net, fast, (coords[idx],))
-            mse = weighted_mse(pred, values[idx], s.plan.bg_weight)
-            loss = mse
-            if not s.image_only:
-                logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")}, (feats,))
-                foc = focal_loss(logits, target[idx], s.focal_gamma)
-                loss = loss + foc
-                stats["focal"] += float(foc.detach()) / s.meta_batch
-            (loss / s.meta_batch).backward()
-            stats["mse"] += float(mse.detach()) / s.meta_batch
-        opt.step()
+        batch = [train[int(i)] for i in torch.randint(len(train), (s.meta_batch,), generator=gen)]
+        stats = outer_step(net, log_lr, opt, batch, s, state["step"], points)
         state["step"] += 1
         step = state["step"]
+        if not lead:
+            continue
         if step % 10 == 0:
             log.write(event="step", step=step, **stats, lr_mean=float(log_lr.detach().exp().mean()))
         Log.bar(step - start, s.outer_steps - start, t0, f"mse {stats['mse']:.2e} focal {stats['focal']:.3f}")
@@ -290,6 +394,9 @@ def meta_train(s: TrainSettings) -> Path:
         if step % s.ckpt_every == 0 or step == s.outer_steps:
             save_ckpt()
 
+    _dist_finish()
+    if not lead:  # stage 2 and the weights are rank 0's
+        return out / "metaseg.pt"
     if s.outer_steps == 0:  # ablation: no meta-training, the SIREN init as it is
         save_best()
     best = torch.load(out / "best_stage1.pt", map_location=dev, weights_only=True)
