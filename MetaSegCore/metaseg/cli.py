@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
@@ -88,12 +89,13 @@ def _add_segment(sub) -> None:
         "segment",
         help="segment an image: fit the INR to its pixels, decode the labels",
         description="Segment INPUT into 0 background, 1 cortical GM, 2 subcortical GM, 3 WM, 4 CSF. "
-        "The labelmap has exactly INPUT's geometry. INPUT: a skull-stripped T1 slice aligned like "
-        "neurite-oasis (e.g. a 160x192x1 NIfTI). No file is written unless the whole run succeeds, and "
-        "existing files are only replaced with --force.",
+        "The labelmap has exactly INPUT's geometry. INPUT: a skull-stripped T1 volume in any scanner "
+        "geometry (registered to the model's template automatically; files on the training grid are used "
+        "as they are), or one aligned coronal slice like neurite-oasis (e.g. a 160x192x1 NIfTI). "
+        "No file is written unless the whole run succeeds, and existing files are only replaced with --force.",
         epilog="exit codes: 0 done, 2 bad input/weights/arguments, 3 cancelled, 1 unexpected error",
     )
-    p.add_argument("input", help="image file (.nii, .nii.gz, .nrrd, .mha, .mhd)")
+    p.add_argument("input", help="image file (.nii, .nii.gz, .nrrd, .mha, .mhd, .mgz) or a DICOM series folder")
     p.add_argument("-o", "--output", required=True, help="labelmap to write (.nii.gz, .nrrd, ...; .seg.nrrd for a Slicer segmentation)")
     p.add_argument("--weights", help="weights file (default: the shipped model for the input's dimension)")
     p.add_argument("--steps", type=int, help="test-time fit steps (default: the weights' card)")
@@ -103,6 +105,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--preview", help="PNG of the image with the labels overlaid")
     p.add_argument("--seg-nrrd", help="also write a Slicer .seg.nrrd segmentation (names, colours, terminology)")
     p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--mask", help="3D: brain mask in the scan's geometry (nonzero = brain); voxels outside are ignored")
+    p.add_argument("--uncertainty", help="3D: also write the per-voxel entropy of the class probabilities (0 certain .. 1)")
+    p.add_argument("--save-inr", help="3D: save the fitted INR (.pt) for `metaseg reslice`: new planes without refitting")
     p.add_argument("--live-dir", help="write the labels as they form into this folder (live preview, with --live-every)")
     p.add_argument("--live-every", type=int, default=0, help="steps between live label snapshots (default: off)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
@@ -114,6 +119,77 @@ def _segment(a: argparse.Namespace) -> int:
     from .pipeline import segment_file
 
     return segment_file(a)
+
+
+def _add_reslice(sub) -> None:
+    p = sub.add_parser(
+        "reslice",
+        help="labels, probabilities or intensity of a saved fitted INR on any plane, without refitting",
+        description="Render a cross-section of a fitted 3D INR (from `metaseg segment --save-inr`). The plane is "
+        "a standard one through the scan's centre (--orientation, optionally tilted by --angles and moved by "
+        "--offset), or given in physical LPS mm by --origin with --normal or with --u and --v. The output is a "
+        "one-slice image placed on that plane.",
+        epilog="exit codes: 0 done, 2 bad input/arguments, 1 unexpected error",
+    )
+    p.add_argument("inr", help="fitted INR file (.pt, with its .sha256 beside it)")
+    p.add_argument("-o", "--output", required=True, help="image to write (.nii.gz, .nrrd, ...)")
+    p.add_argument("--what", choices=("labels", "probabilities", "intensity"), default="labels",
+                   help="what to render (default: %(default)s)")
+    p.add_argument("--orientation", choices=("axial", "coronal", "sagittal"), default="axial",
+                   help="standard plane through the scan's centre (default: %(default)s)")
+    p.add_argument("--angles", type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=("X", "Y", "Z"),
+                   help="tilt the standard plane by these rotations in degrees (an oblique plane)")
+    p.add_argument("--offset", type=float, default=0.0, help="move the standard plane along its normal (mm)")
+    p.add_argument("--origin", type=float, nargs=3, metavar=("X", "Y", "Z"), help="plane centre in physical LPS mm")
+    p.add_argument("--normal", type=float, nargs=3, metavar=("X", "Y", "Z"), help="plane normal (with --origin)")
+    p.add_argument("--u", type=float, nargs=3, metavar=("X", "Y", "Z"), help="in-plane column direction (with --origin, --v)")
+    p.add_argument("--v", type=float, nargs=3, metavar=("X", "Y", "Z"), help="in-plane row direction (with --origin, --u)")
+    p.add_argument("--extent", type=float, help="plane width and height in mm (default: the scan's diagonal)")
+    p.add_argument("--spacing", type=float, help="pixel spacing in mm, e.g. 0.25 for 4x super-resolution of 1 mm "
+                   "(default: the scan's smallest)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_reslice)
+
+
+def _reslice(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .device import pick_device
+    from .fitted import FittedVolume
+    from .io import InputError, check_output_path, write_image
+    from .reslice import Plane, reslice, standard_plane
+    from .weights import WeightsError
+    from .atomic import write_all
+
+    try:
+        out = check_output_path(Path(a.output), a.force)
+        if a.what == "probabilities" and out.name.lower().endswith((".nii", ".nii.gz")):
+            raise InputError("NIfTI loses the plane's orientation for multi-component images: write the "
+                             "probabilities as .nrrd or .mha")
+        vol = FittedVolume.load(Path(a.inr), pick_device(a.device))
+        ref = vol.info["reference"]
+        sp = a.spacing or float(min(ref["spacing"]))
+        extent = a.extent or float(np.linalg.norm((np.array(ref["size"]) - 1) * np.array(ref["spacing"])))
+        if a.origin is None:
+            if a.normal or a.u or a.v:
+                raise InputError("--normal, --u and --v need --origin (the plane's centre in LPS mm)")
+            plane = standard_plane(ref, a.orientation, sp, a.angles, a.offset, a.extent)
+        elif a.normal is not None:
+            plane = Plane.from_normal(a.origin, a.normal, (extent, extent), (sp, sp))
+        elif a.u is not None and a.v is not None:
+            plane = Plane.centred(a.origin, a.u, a.v, (extent, extent), (sp, sp))
+        else:
+            raise InputError("with --origin give --normal, or both --u and --v")
+        if plane.size[0] * plane.size[1] > 64_000_000:
+            raise InputError(f"the plane would have {plane.size[0]}x{plane.size[1]} pixels; use a larger --spacing or a smaller --extent")
+        img = reslice(vol, plane, a.what)
+        write_all([(out, lambda tmp: write_image(img, tmp))])
+    except (InputError, WeightsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({plane.size[0]}x{plane.size[1]} pixels of {sp:g} mm, {a.what})", file=sys.stderr)
+    return 0
 
 
 def _add_evaluate(sub) -> None:
@@ -171,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"metaseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_segment(sub)
+    _add_reslice(sub)
     _add_evaluate(sub)
     _add_train(sub)
     _add_info(sub)

@@ -218,3 +218,47 @@ def centred_affine(
     t.SetMatrix(tuple(float(v) for v in rotation_matrix(angles_deg).ravel()))
     t.SetTranslation(tuple(float(v) for v in centre_of(scan) - centre_of(model) + np.asarray(shift_mm, float)))
     return t
+
+
+# ---- physical points -> model coordinates (the INR's [-1, 1] space) ----
+
+
+def affine_matrix(transform: sitk.Transform) -> np.ndarray:
+    """The 4x4 homogeneous matrix of an affine-type SimpleITK transform (point -> point)."""
+    t = sitk.AffineTransform(transform) if not isinstance(transform, sitk.AffineTransform) else transform
+    a = np.array(t.GetMatrix(), float).reshape(3, 3)
+    c = np.array(t.GetCenter(), float)
+    m = np.eye(4)
+    m[:3, :3] = a
+    m[:3, 3] = np.array(t.GetTranslation(), float) + c - a @ c
+    return m
+
+
+def physical_to_model(
+    reference: sitk.Image, canvas: Sequence[int], offset: Sequence[int] = (0, 0, 0),
+    transform: Optional[sitk.Transform] = None,
+) -> np.ndarray:
+    """4x4 matrix taking physical points (LPS mm) to model coordinates in [-1, 1] (array axis order).
+
+    `reference` is the image whose array was placed on the model canvas at `offset` (array order).
+    With `transform` (model-grid points -> scan points, as registration returns) the points are
+    the scan's and `reference` is the model grid. Every step is affine, so one matrix serves any
+    point: a scan's voxel centres, a plane, a super-resolved grid.
+    """
+    d = np.array(reference.GetDirection(), float).reshape(3, 3)
+    sp = np.array(reference.GetSpacing(), float)
+    o = np.array(reference.GetOrigin(), float)
+    to_index = np.eye(4)  # physical -> continuous ITK index (x, y, z)
+    to_index[:3, :3] = np.diag(1.0 / sp) @ np.linalg.inv(d)
+    to_index[:3, 3] = -to_index[:3, :3] @ o
+    to_coords = np.zeros((4, 4))  # ITK index (x, y, z) -> array order (z, y, x) -> [-1, 1]
+    to_coords[3, 3] = 1.0
+    for a in range(3):
+        n = canvas[a]
+        scale = 2.0 / max(n - 1, 1)
+        to_coords[a, 2 - a] = scale
+        to_coords[a, 3] = offset[a] * scale - 1.0
+    m = to_coords @ to_index
+    if transform is not None:
+        m = m @ np.linalg.inv(affine_matrix(transform))
+    return m

@@ -124,6 +124,11 @@ def labels_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return out
 
 
+def sitk_array(img: sitk.Image) -> np.ndarray:
+    """A copy of an image's voxels in (z, y, x) order."""
+    return sitk.GetArrayFromImage(img)
+
+
 def write_image(img: sitk.Image, path: Path) -> None:
     sitk.WriteImage(img, str(path), True)
 

@@ -38,6 +38,13 @@ def overlay_rgb(image: np.ndarray, labels: np.ndarray, colors: Dict[int, List[in
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
+def orthogonal_slices(image: np.ndarray, labels: np.ndarray) -> List[tuple]:
+    """(image, labels) slice pairs through the labelled tissue's centre along each array axis of a volume."""
+    idx = np.argwhere(labels > 0)
+    centre = idx.mean(0).round().astype(int) if len(idx) else np.array(labels.shape) // 2
+    return [(np.take(image, c, axis=ax), np.take(labels, c, axis=ax)) for ax, c in enumerate(centre)]
+
+
 def write_preview(panels: List[np.ndarray], path: Path, scale: int = 2) -> None:
     """Side-by-side RGB panels (already oriented for display), enlarged `scale`x, as PNG."""
     h = max(p.shape[0] for p in panels)

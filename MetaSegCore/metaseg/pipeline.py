@@ -21,12 +21,13 @@ from .data import load_splits
 from .device import pick_device
 from .fit import FitCancelled
 from .atomic import write_all
-from .io import InputError, check_output_path, image_array_2d, image_dims, labels_like, read_image, write_image
+from .io import InputError, check_output_path, sitk_array, image_array_2d, image_dims, labels_like, read_image, write_image
 from .metrics import dice_per_class, foreground_dice, generalized_dice
-from .outputs import class_sizes, environment, overlay_rgb, write_preview, write_report, write_seg_nrrd
+from .outputs import class_sizes, environment, orthogonal_slices, overlay_rgb, write_preview, write_report, write_seg_nrrd
 from .progress import Reporter
 from .resources import default_weights
 from .segment import segment_array
+from .volume import segment_volume
 from .weights import Weights, WeightsError, load_weights
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
@@ -67,20 +68,36 @@ def segment_file(a: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event) -> int:
-    t_start = time.perf_counter()
-    outs = {"labels": a.output, "report": a.report, "preview": a.preview, "seg_nrrd": a.seg_nrrd}
-    outs = {k: check_output_path(Path(v), a.force) if k in ("labels", "seg_nrrd") else Path(v) for k, v in outs.items() if v}
-    for k in ("report", "preview"):
+def _output_paths(a: argparse.Namespace) -> Dict[str, Path]:
+    """The run's output files, checked before any work: known extensions, none existing unless --force."""
+    outs = {"labels": a.output, "report": a.report, "preview": a.preview, "seg_nrrd": a.seg_nrrd,
+            "uncertainty": a.uncertainty, "inr": a.save_inr}
+    images = ("labels", "seg_nrrd", "uncertainty")
+    outs = {k: check_output_path(Path(v), a.force) if k in images else Path(v) for k, v in outs.items() if v}
+    for k in ("report", "preview", "inr"):
         if k in outs and outs[k].exists() and not a.force:
             raise InputError(f"output {outs[k]} exists; pass --force to overwrite it")
+    if "inr" in outs and not str(outs["inr"]).endswith(".pt"):
+        raise InputError(f"--save-inr {outs['inr']}: the fitted INR is saved as a .pt file")
     if len({str(p.resolve()) for p in outs.values()}) != len(outs):
         raise InputError("two outputs name the same file")
+    return outs
 
+
+def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event) -> int:
+    t_start = time.perf_counter()
+    outs = _output_paths(a)
     rep.emit("stage", stage="read", message=f"reading {a.input}")
     img = read_image(Path(a.input))
     dims = image_dims(img)
     w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
+    if dims == 3:
+        return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start)
+    for k in ("uncertainty", "inr"):
+        if k in outs:
+            raise InputError(f"--{'save-inr' if k == 'inr' else k} needs a 3D volume; the input is a 2D slice")
+    if a.mask:
+        raise InputError("--mask needs a 3D volume; the input is a 2D slice")
     array = image_array_2d(img)
     rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})",
              device=str(dev), torch=torch.__version__)
@@ -128,6 +145,63 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     if rep.mode == "bar":
         sizes = ", ".join(f"{c['name']} {c.get('area_mm2', c.get('volume_ml'))}" for c in report["classes"][1:])
         print(f"wrote {outs['labels']}  (fit PSNR {res.psnr:.1f} dB, {report['timings_s']['total']:.2f} s on {dev}; {sizes})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: Dict[str, Path], model, t_start: float) -> int:
+    """The 3D path: scan -> (registration) -> fit -> labels on the scan's grid -> all outputs at once."""
+    w, wpath, net, plan, dev = model
+    mask = read_image(Path(a.mask)) if a.mask else None
+    t_load = time.perf_counter()
+    live = None
+    if a.live_dir and a.live_every > 0:
+        live_dir = Path(a.live_dir)
+        live_dir.mkdir(parents=True, exist_ok=True)
+
+        def live(step: int, labels_img) -> None:
+            path = live_dir / f"live_{step:05d}.nii.gz"
+            write_all([(path, lambda tmp: write_image(labels_img, tmp))])
+            rep.emit("labels", step=step, path=str(path), segments=w.card["labels"])
+
+    res = segment_volume(
+        net, w.log_lr, plan, img, w.canvas, seed=a.seed, mask=mask, uncertainty="uncertainty" in outs,
+        info={"labels": w.card["labels"], "weights_sha256": w.sha256, "source": str(a.input)},
+        stage=lambda name, msg: rep.emit("stage", stage=name, message=msg, device=str(dev), torch=torch.__version__),
+        progress=rep.fit_progress, cancel=cancel, live=live, live_every=a.live_every)
+    for msg in res.warnings:
+        rep.emit("warning", message=msg)
+    labels = sitk_array(res.labels)
+    report: Dict[str, Any] = {
+        "input": str(a.input), "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
+        "outputs": {k: str(v) for k, v in outs.items()},
+        "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
+        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2)},
+        "registration": res.registration,
+        "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
+        "classes": class_sizes(labels, img.GetSpacing(), w.card["labels"]),
+        "warnings": res.warnings, "versions": environment(),
+    }
+    writers = [(outs["labels"], lambda tmp: write_image(res.labels, tmp))]
+    if "seg_nrrd" in outs:
+        writers.append((outs["seg_nrrd"], lambda tmp: write_seg_nrrd(res.labels, w.card["labels"], tmp)))
+    if "uncertainty" in outs:
+        writers.append((outs["uncertainty"], lambda tmp: write_image(res.entropy, tmp)))
+    if "preview" in outs:
+        colors = {lab["value"]: lab["color"] for lab in w.card["labels"]}
+        panels = [overlay_rgb(i, l, colors) for i, l in orthogonal_slices(sitk_array(img), labels)]
+        writers.append((outs["preview"], lambda tmp: write_preview(panels, tmp)))
+    if "inr" in outs:
+        writers += res.fitted.writers(outs["inr"])
+    if cancel.is_set():
+        raise FitCancelled("cancelled before writing")
+    report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    if "report" in outs:
+        writers.append((outs["report"], lambda tmp: write_report(report, tmp)))
+    write_all(writers)
+    rep.emit("done", outputs=report["outputs"], report=report)
+    if rep.mode == "bar":
+        sizes = ", ".join(f"{c['name']} {c.get('volume_ml')} mL" for c in report["classes"][1:])
+        print(f"wrote {outs['labels']}  (fit PSNR {res.psnr:.1f} dB, {report['timings_s']['total']:.1f} s on {dev}; {sizes})", file=sys.stderr)
     return EXIT_OK
 
 

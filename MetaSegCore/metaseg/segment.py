@@ -21,7 +21,7 @@ from .preprocess import grid_coords, normalize_intensity, pad_to_canvas
 
 @dataclass
 class SegmentResult:
-    labels: np.ndarray  # uint8, same shape as the input array
+    labels: Optional[np.ndarray]  # uint8, same shape as the input array (None: not decoded)
     fitted: FittedINR
     region: Tuple[slice, ...]  # where the input sits on the model canvas
     psnr: float  # of the fitted intensities against the normalized input, on the input's pixels
@@ -41,6 +41,7 @@ def segment_array(
     cancel: Optional[threading.Event] = None,
     live: Optional[Callable[[int, np.ndarray], None]] = None,
     live_every: int = 0,
+    decode: bool = True,
 ) -> SegmentResult:
     """Fit the INR to `image` (on the model canvas) and decode labels for the image's pixels.
 
@@ -48,7 +49,8 @@ def segment_array(
     is background: skull-stripped inputs have no tissue outside the brain, and a volume's
     brain is a third of its voxels. `live(step, labels)` receives the labels as they form every
     `live_every` steps, decoded on a coarse subgrid of at most LIVE_POINTS points so that the
-    preview costs a small fraction of the fit.
+    preview costs a small fraction of the fit. With `decode=False` only the fit runs (labels None,
+    PSNR on the fit's last batches): for callers that decode elsewhere, e.g. on a scan's own grid.
     """
     device = next(net.parameters()).device
     t0 = time.perf_counter()
@@ -73,9 +75,18 @@ def segment_array(
     if live is not None:
         preview = _Preview(canvas, region, inside, out_idx)
         snapshot = lambda step, inr: live(step, preview.labels(inr))  # noqa: E731
-    fitted = fit(net, params, fit_coords, values, plan, log_lr.to(device), seed=seed, progress=progress, cancel=cancel,
+    last_loss = [float("nan")]
+
+    def on_step(p: FitProgress) -> None:
+        last_loss[0] = p.loss
+        if progress is not None:
+            progress(p)
+
+    fitted = fit(net, params, fit_coords, values, plan, log_lr.to(device), seed=seed, progress=on_step, cancel=cancel,
                  snapshot=snapshot, snapshot_every=live_every)
     t2 = time.perf_counter()
+    if not decode:
+        return SegmentResult(None, fitted, region, psnr_from_mse(last_loss[0]), {"preprocess_s": t1 - t0, "fit_s": t2 - t1})
     labels, inten = fitted.decode(fit_coords[out_sel])
     mse = float(torch.mean((inten - values[out_sel].cpu()) ** 2))
     full = torch.zeros(flat.shape[0], dtype=torch.uint8)

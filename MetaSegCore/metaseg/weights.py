@@ -7,6 +7,7 @@ hash differs is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,27 +67,32 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_weights(w: Weights, path: Path) -> str:
-    """Write the file and its `.sha256` sidecar atomically; return the hash."""
+def checked_writers(blob: Dict[str, Any], path: Path) -> list:
+    """(path, writer) pairs for `io.write_all`: the torch.save'd `blob` and its `.sha256` sidecar.
+
+    The blob is serialized once in memory, so the file and its hash are published together.
+    """
     path = Path(path)
-    card = dict(w.card, config=w.config.to_dict(), format=FORMAT)
-    blob = {
-        "format": FORMAT,
-        "card_json": json.dumps(card, sort_keys=True),
-        "state": {k: v.detach().cpu().contiguous() for k, v in w.state.items()},
-        "log_lr": w.log_lr.detach().cpu().contiguous(),
-    }
-    write_all([(path, lambda tmp: torch.save(blob, tmp))])
-    digest = sha256_of(path)
-    write_all([(Path(str(path) + ".sha256"), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n", encoding="utf-8"))])
-    return digest
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    return [(path, lambda tmp: Path(tmp).write_bytes(data)),
+            (Path(str(path) + ".sha256"), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n", encoding="utf-8"))]
 
 
-def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
-    """Load and verify a weights file; the expected hash comes from the argument or the sidecar."""
+def save_checked(blob: Dict[str, Any], path: Path) -> str:
+    """torch.save `blob` (tensors, strings, numbers only) with a `.sha256` sidecar, atomically; return the hash."""
+    writers = checked_writers(blob, path)
+    write_all(writers)
+    return Path(writers[1][0]).read_text(encoding="utf-8").split()[0]
+
+
+def load_checked(path: Path, fmt: str, expected_sha256: Optional[str] = None, what: str = "weights") -> tuple:
+    """Verify the sha256 (argument or sidecar), load without executing code, check the format: (blob, digest)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"{what} file not found: {path}")
     if expected_sha256 is None:
         side = Path(str(path) + ".sha256")
         if not side.is_file():
@@ -96,16 +102,35 @@ def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
     if digest != expected_sha256.lower():
         raise WeightsError(
             f"checksum mismatch for {path}: file has sha256 {digest[:16]}..., expected {expected_sha256[:16]}...; "
-            "the file is corrupt or was modified: restore the original weights"
+            f"the file is corrupt or was modified: restore the original {what}"
         )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") != FORMAT:
-            raise WeightsError(f"{path} is not a MetaSeg weights file (format {blob.get('format')!r}, expected {FORMAT!r})")
+    except Exception as e:  # a hash-valid file that does not parse: wrong kind of file
+        raise WeightsError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise WeightsError(f"{path} is not a MetaSeg {what} file (format {found!r}, expected {fmt!r})")
+    return blob, digest
+
+
+def save_weights(w: Weights, path: Path) -> str:
+    """Write the file and its `.sha256` sidecar atomically; return the hash."""
+    card = dict(w.card, config=w.config.to_dict(), format=FORMAT)
+    return save_checked({
+        "format": FORMAT,
+        "card_json": json.dumps(card, sort_keys=True),
+        "state": {k: v.detach().cpu().contiguous() for k, v in w.state.items()},
+        "log_lr": w.log_lr.detach().cpu().contiguous(),
+    }, path)
+
+
+def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
+    """Load and verify a weights file; the expected hash comes from the argument or the sidecar."""
+    blob, digest = load_checked(path, FORMAT, expected_sha256)
+    try:
         card = json.loads(blob["card_json"])
         config = ModelConfig.from_dict(card.pop("config"))
         return Weights(config, dict(blob["state"]), blob["log_lr"], card, digest)
-    except WeightsError:
-        raise
-    except Exception as e:  # a hash-valid file that does not parse: wrong kind of file
+    except Exception as e:
         raise WeightsError(f"cannot read weights {path}: {e}") from e

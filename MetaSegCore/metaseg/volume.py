@@ -1,0 +1,210 @@
+"""3D scans: into the model's space, fit, and labels back on the scan's own voxel grid.
+
+A scan already on the training grid (160x192x224 voxels of 1 mm, identity header: the aligned
+files) is fitted as it is. Any other scan is registered affinely to the template, resampled onto
+the model grid and normalized like the training data. Either way the fitted INR is then decoded
+at the scan's own brain voxels through one affine map (`FittedVolume`): the labels have exactly
+the scan's size, spacing, origin and direction, and no label image is ever resampled.
+
+Template: the mean of the *training* subjects' aligned T1s at 2 mm (`build_template`), not the
+image the meta-learned initialization renders. That rendering was measured as a poor target:
+the initialization is fitted on brain voxels only (3D fits are foreground-only), so it renders
+noise outside the brain, and inside the brain it correlates only 0.41-0.57 with real aligned
+brains (NCC, 4 subjects; docs/results.md), against 0.78-0.82 between real brains.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .data import load_volume
+from .fit import FitPlan, FitProgress
+from .fitted import FittedVolume
+from .geometry import model_grid, physical_to_model, to_model_space, to_scan_space, entropy_map
+from .io import InputError, image_array_3d, same_geometry
+from .model import MetaSegNet
+from .preprocess import normalize_intensity
+from .registration import RegistrationQuality, register_affine, registration_ok
+from .resources import weights_dirs
+from .segment import segment_array
+
+TEMPLATE_NAME = "metaseg3d_template.nii.gz"
+TEMPLATE_MM = 2.0
+MIN_PSNR_3D = 18.0  # below: the fit did not reproduce the scan (validation volumes: 21-22 dB on brain voxels)
+
+
+@dataclass
+class VolumeResult:
+    labels: sitk.Image  # uint8, the scan's exact geometry
+    fitted: FittedVolume
+    psnr: float
+    entropy: Optional[sitk.Image] = None  # normalized entropy in [0, 1] on the scan's grid
+    registration: Optional[Dict[str, Any]] = None
+    warnings: List[str] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def is_model_grid(img: sitk.Image, canvas: Sequence[int]) -> bool:
+    """True for a scan on the training grid itself (an `aligned_norm`-like file): no registration."""
+    return (tuple(img.GetSize()) == tuple(reversed(canvas))
+            and np.allclose(img.GetSpacing(), 1.0, atol=1e-3)
+            and np.allclose(img.GetDirection(), np.eye(3).ravel(), atol=1e-3))
+
+
+def model_reference(canvas: Sequence[int]) -> sitk.Image:
+    """An empty image with the model grid's geometry (1 mm, LIA, centred on 0)."""
+    return model_grid(sitk.Image([int(x) for x in reversed(canvas)], sitk.sitkUInt8))
+
+
+def build_template(root: Path, subjects: Sequence[str], canvas: Sequence[int], out: Path) -> sitk.Image:
+    """Mean of the subjects' normalized aligned T1s, averaged to 2 mm, on the model grid's geometry."""
+    acc = None
+    for s in subjects:
+        img = normalize_intensity(load_volume(Path(root) / s).image)
+        acc = img if acc is None else acc + img
+    mean = sitk.GetImageFromArray((acc / len(subjects)).astype(np.float32))
+    mean.CopyInformation(model_reference(canvas))
+    f = int(TEMPLATE_MM)
+    tpl = sitk.BinShrink(mean, [f, f, f])  # block means: the 2 mm voxels cover the 1 mm ones exactly
+    sitk.WriteImage(tpl, str(out), True)
+    return tpl
+
+
+def load_template(path: Optional[Path] = None) -> sitk.Image:
+    if path is None:
+        for d in weights_dirs():
+            if (d / TEMPLATE_NAME).is_file():
+                path = d / TEMPLATE_NAME
+                break
+        else:
+            raise FileNotFoundError(f"the registration template {TEMPLATE_NAME} is not installed (searched "
+                                    f"{', '.join(str(d) for d in weights_dirs())})")
+    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+
+
+def voxel_points(img: sitk.Image, flat_index: np.ndarray) -> np.ndarray:
+    """Physical centres (N, 3) of voxels given by flat indices into the (z, y, x) array."""
+    zyx = np.stack(np.unravel_index(flat_index, tuple(reversed(img.GetSize()))), 1)
+    ijk = zyx[:, ::-1].astype(np.float64)
+    m = np.array(img.GetDirection(), float).reshape(3, 3) @ np.diag(img.GetSpacing())
+    return ijk @ m.T + np.array(img.GetOrigin(), float)
+
+
+def segment_volume(
+    net: MetaSegNet, log_lr: torch.Tensor, plan: FitPlan, scan: sitk.Image, canvas: Sequence[int], *,
+    seed: int = 0, mask: Optional[sitk.Image] = None, register: Optional[bool] = None, uncertainty: bool = False,
+    info: Optional[Dict[str, Any]] = None, stage: Optional[Callable[[str, str], None]] = None,
+    progress: Optional[Callable[[FitProgress], None]] = None, cancel: Optional[threading.Event] = None,
+    live: Optional[Callable[[int, sitk.Image], None]] = None, live_every: int = 0,
+) -> VolumeResult:
+    """Segment a 3D scan; labels (and optional entropy) on its own grid, plus the fitted volume.
+
+    `register`: None decides (registration unless the scan is on the model grid), True/False force.
+    `mask` (the scan's geometry, nonzero = brain) restricts the scan to a brain the user trusts.
+    """
+    say = stage or (lambda name, msg: None)
+    t0 = time.perf_counter()
+    arr = image_array_3d(scan)
+    if mask is not None:
+        ok, why = same_geometry(mask, scan)
+        if not ok:
+            raise InputError(f"the mask does not have the scan's geometry ({why}); resample it onto the scan first")
+        arr = np.where(sitk.GetArrayViewFromImage(mask) > 0, arr, 0).astype(np.float32)
+    if not (arr > 0).any():
+        raise InputError("the scan has no voxel above 0: expected a skull-stripped T1 (background 0), or pass --mask")
+    work = sitk.GetImageFromArray(arr)
+    work.CopyInformation(scan)
+    warnings: List[str] = []
+    reg_info = None
+    transform = None
+    if register is None:
+        register = not is_model_grid(scan, canvas)
+    if register:
+        say("register", "registering the scan to the model's template (affine, mutual information)")
+        transform, quality = register_affine(work, load_template())
+        reg_info = quality.to_dict()
+        reg_info["ok"] = registration_ok(quality)
+        if not reg_info["ok"]:
+            warnings.append(
+                f"the scan matches the model's template poorly after registration (NCC {quality.ncc:.2f} in the brain, "
+                f"{quality.ncc_interior:.2f} in its interior): is it a skull-stripped T1 brain MRI? Check the result, "
+                "or pass --mask with a brain mask")
+        reference = model_reference(canvas)
+        model_arr = sitk.GetArrayFromImage(to_model_space(work, reference, transform))
+        model_arr[model_arr < 0] = 0
+        m2p = physical_to_model(reference, canvas, transform=transform)
+    else:
+        if tuple(arr.shape) != tuple(canvas):
+            raise InputError(f"without registration the scan must be on the model grid {tuple(reversed(canvas))}, "
+                             f"got {scan.GetSize()}")
+        model_arr, reference, m2p = arr, scan, physical_to_model(scan, canvas)
+    t1 = time.perf_counter()
+
+    model_live = None
+    if live is not None:
+        def model_live(step: int, labels: np.ndarray) -> None:
+            live(step, _labels_on_scan(labels, reference, scan, transform))
+
+    say("fit", f"fitting {plan.steps} steps")
+    res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed, progress=progress, cancel=cancel,
+                        live=model_live, live_every=live_every, decode=False)
+    fitted = FittedVolume(res.fitted, m2p, mask=model_arr > 0, info={**(info or {}), "reference": _geometry(scan)})
+    t2 = time.perf_counter()
+
+    say("decode", "labelling the scan's voxels")
+    flat = np.flatnonzero(arr.reshape(-1) > 0)
+    points = voxel_points(scan, flat)
+    labels = np.zeros(arr.size, np.uint8)
+    entropy_img = None
+    if uncertainty:
+        probs = fitted.query(points, "probabilities")
+        labels[flat] = probs.argmax(1)
+        ent = np.zeros(arr.size, np.float32)
+        ent[flat] = entropy_map(probs.T)
+        entropy_img = sitk.GetImageFromArray(ent.reshape(arr.shape))
+        entropy_img.CopyInformation(scan)
+    else:
+        labels[flat] = fitted.query(points, "labels")
+    labels_img = sitk.GetImageFromArray(labels.reshape(arr.shape))
+    labels_img.CopyInformation(scan)
+    if res.psnr < MIN_PSNR_3D:
+        warnings.append(f"the fit reproduced the scan poorly (PSNR {res.psnr:.1f} dB on brain voxels): is this a "
+                        "skull-stripped T1 brain MRI?")
+    warnings += label_warnings(labels)
+    t3 = time.perf_counter()
+    return VolumeResult(labels_img, fitted, res.psnr, entropy_img, reg_info, warnings,
+                        {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2})
+
+
+def label_warnings(labels: np.ndarray) -> List[str]:
+    """Label proportions far from any brain's: reported, never ignored silently."""
+    fg = labels > 0
+    n = int(fg.sum())
+    if n == 0:
+        return ["no tissue was labelled: the input does not look like a brain MRI"]
+    warn = []
+    wm = float((labels == 3).sum()) / n
+    if wm < 0.15:
+        warn.append(f"only {100 * wm:.0f}% of the tissue was labelled white matter (brains: about 30-45%): "
+                    "the input may not be a T1-weighted brain image")
+    return warn
+
+
+def _labels_on_scan(labels: np.ndarray, reference: sitk.Image, scan: sitk.Image, transform) -> sitk.Image:
+    if transform is None:
+        out = sitk.GetImageFromArray(np.ascontiguousarray(labels, np.uint8))
+        out.CopyInformation(scan)
+        return out
+    return to_scan_space(np.ascontiguousarray(labels, np.uint8), reference, scan, transform)
+
+
+def _geometry(img: sitk.Image) -> Dict[str, Any]:
+    return {"size": list(img.GetSize()), "spacing": list(img.GetSpacing()), "origin": list(img.GetOrigin()),
+            "direction": list(img.GetDirection())}
