@@ -1,0 +1,126 @@
+"""3D on the bundled real scan: registration, fit, labels on the scan's own grid, fitted-INR files, planes.
+
+The fits are short (tens of steps) to keep CI fast; Dice floors are set for those budgets, well
+below what the shipped step count gives (docs/results.md).
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from metaseg.fitted import FittedVolume
+from metaseg.geometry import physical_to_model, with_geometry, oblique_direction, centred_affine
+from metaseg.io import read_image, same_geometry
+from metaseg.metrics import foreground_dice
+from metaseg.preprocess import grid_coords
+from metaseg.registration import register_affine
+from metaseg.reslice import Plane, reslice, standard_plane
+from metaseg.volume import load_template, model_reference, segment_volume, voxel_points
+from metaseg.weights import WeightsError, load_weights
+from testdata import SAMPLE_SEG, SAMPLE_T1, WEIGHTS_3D
+
+
+@pytest.fixture(scope="module")
+def model3d():
+    w = load_weights(WEIGHTS_3D)
+    return w, w.build()
+
+
+@pytest.fixture(scope="module")
+def native_run(model3d):
+    w, net = model3d
+    scan = read_image(SAMPLE_T1)
+    res = segment_volume(net, w.log_lr, dataclasses.replace(w.plan, steps=60), scan, w.canvas, uncertainty=True)
+    return scan, res
+
+
+@pytest.fixture(scope="module")
+def aligned_run(model3d):
+    """The sample moved onto the model grid with an identity header, exactly like the `aligned_norm` files."""
+    w, net = model3d
+    scan = read_image(SAMPLE_T1)
+    transform, _ = register_affine(scan, load_template())
+    on_grid = sitk.Resample(scan, model_reference(w.canvas), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    aligned = sitk.GetImageFromArray(sitk.GetArrayFromImage(on_grid))  # identity header: voxel = mm
+    res = segment_volume(net, w.log_lr, dataclasses.replace(w.plan, steps=20), aligned, w.canvas)
+    assert res.registration is None  # on the model grid: used as it is
+    return aligned, res
+
+
+def test_native_scan_labels_in_the_scans_geometry(native_run):
+    scan, res = native_run
+    ok, why = same_geometry(res.labels, scan)
+    assert ok, why
+    assert res.registration["ok"], res.registration
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_SEG)))
+    labels = sitk.GetArrayFromImage(res.labels)
+    assert foreground_dice(labels, ref) > 0.6
+    assert not (labels[sitk.GetArrayViewFromImage(scan) == 0]).any()  # nothing outside the brain
+    ent = sitk.GetArrayViewFromImage(res.entropy)
+    assert same_geometry(res.entropy, scan)[0] and 0.0 <= ent.min() and ent.max() <= 1.0 + 1e-6
+
+
+def test_fitted_volume_save_load_reproduces_labels(native_run, tmp_path):
+    scan, res = native_run
+    flat = np.flatnonzero(sitk.GetArrayViewFromImage(scan).reshape(-1) > 0)[::97]
+    points = voxel_points(scan, flat)
+    path = tmp_path / "fitted.pt"
+    res.fitted.save(path)
+    again = FittedVolume.load(path)
+    assert np.array_equal(again.query(points), res.fitted.query(points))
+    assert np.array_equal(again.query(points), sitk.GetArrayViewFromImage(res.labels).reshape(-1)[flat])
+    np.testing.assert_allclose(again.query(points, "intensity"), res.fitted.query(points, "intensity"), atol=1e-6)
+    with open(path, "r+b") as f:  # one flipped byte: refused by the checksum
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        FittedVolume.load(path)
+
+
+def test_plane_through_voxel_centres_reproduces_the_volume(aligned_run):
+    img, res = aligned_run
+    labels = sitk.GetArrayFromImage(res.labels)
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    size, sp = img.GetSize(), img.GetSpacing()
+    k = 110  # an axial slice of the array: voxel index z = k
+    axial = Plane(tuple(img.TransformIndexToPhysicalPoint((0, 0, k))), tuple(d[:, 0]), tuple(d[:, 1]),
+                  (size[0], size[1]), (sp[0], sp[1]))
+    assert np.array_equal(sitk.GetArrayFromImage(reslice(res.fitted, axial))[0], labels[k])
+    j = 90  # a plane of constant y
+    plane = Plane(tuple(img.TransformIndexToPhysicalPoint((0, j, 0))), tuple(d[:, 0]), tuple(d[:, 2]),
+                  (size[0], size[2]), (sp[0], sp[2]))
+    assert np.array_equal(sitk.GetArrayFromImage(reslice(res.fitted, plane))[0], labels[:, j, :])
+
+
+def test_super_resolved_oblique_plane(aligned_run):
+    img, res = aligned_run
+    plane = standard_plane(res.fitted.info["reference"], "coronal", spacing=0.25, angles_deg=(15, 0, 10), extent_mm=40)
+    out = reslice(res.fitted, plane)
+    assert out.GetSize() == (161, 161, 1) and out.GetSpacing()[:2] == (0.25, 0.25)
+    d = np.array(out.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(d.T @ d, np.eye(3), atol=1e-9)
+    assert set(np.unique(sitk.GetArrayViewFromImage(out))) >= {2, 3}  # deep grey and white matter at the centre
+    probs = sitk.GetArrayFromImage(reslice(res.fitted, plane, "probabilities"))
+    assert probs.shape == (1, 161, 161, 5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert np.array_equal(probs.argmax(-1), sitk.GetArrayFromImage(out))
+
+
+@pytest.mark.parametrize("angles,flip", [((0, 0, 0), (False, False, False)), ((12, -20, 33), (True, False, True))])
+def test_physical_to_model_matches_the_grid(angles, flip):
+    canvas = (6, 5, 4)
+    img = with_geometry(sitk.Image([4, 5, 6], sitk.sitkUInt8), oblique_direction(angles, flip), (0.9, 1.3, 2.0), (5.0, -7.0, 11.0))
+    flat = np.arange(int(np.prod(canvas)))
+    m = physical_to_model(img, canvas)
+    pts = voxel_points(img, flat)
+    got = pts @ m[:3, :3].T + m[:3, 3]
+    np.testing.assert_allclose(got, grid_coords(canvas).numpy(), atol=1e-5)
+    # through a registration transform: the scan's points land on the same model coordinates
+    scan = with_geometry(sitk.Image([7, 7, 7], sitk.sitkUInt8), oblique_direction((5, 0, -8)), (1.1, 1.1, 1.1))
+    t = centred_affine(img, scan, (10, -4, 7), (3, -2, 1))
+    scan_pts = np.array([t.TransformPoint(tuple(p)) for p in pts])
+    m2 = physical_to_model(img, canvas, transform=t)
+    np.testing.assert_allclose(scan_pts @ m2[:3, :3].T + m2[:3, 3], grid_coords(canvas).numpy(), atol=1e-5)
