@@ -14,6 +14,7 @@ The Logic imports without Qt or the Slicer application (only MRML), so it also r
 PyPI package `slicer-core`; see Testing/slicer/.
 """
 
+import atexit
 import importlib.util
 import json
 import logging
@@ -21,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import slicer
 import vtk
+import vtk.util.numpy_support
 
-from MetaSegLib import paths
+from MetaSegLib import paths, planes
 from MetaSegLib.process import ProcessError, SegmentProcess, python_executable
 from MetaSegLib.protocol import Event, format_progress, format_seconds
 from MetaSegLib.report import device_text, format_report
@@ -71,6 +74,7 @@ IN_SLICER_APP = HAVE_GUI and hasattr(slicer, "app")
 MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = {"torch": "torch>=2.0", "slicerio": "slicerio>=1.0", "SimpleITK": "SimpleITK>=2.2", "numpy": "numpy>=1.21"}
 REPORT_ATTRIBUTE = "MetaSeg.Report"
+FITTED_ATTRIBUTE = "MetaSeg.FittedNetwork"  # file of the fitted 3D network, for cross-sections
 _RUNNING_JOBS = set()  # jobs polled by a timer stay alive even if the caller drops its reference
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -136,6 +140,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._lastSegmentation = None  # the last result: cross-sections render it
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -149,11 +154,15 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for text, device in ((_("auto (GPU if available)"), "auto"), (_("CPU"), "cpu"), (_("GPU"), "gpu")):
             self.ui.deviceComboBox.addItem(text, device)
         self.ui.progressBar.hide()
-        self.ui.crossSectionButton.enabled = False  # needs a core feature (see the button's tooltip)
+        for view in ("Red", "Yellow", "Green"):
+            self.ui.sliceViewComboBox.addItem(view)
+        for text, what in ((_("labels"), "labels"), (_("intensity"), "intensity")):
+            self.ui.crossSectionWhatComboBox.addItem(text, what)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.crossSectionButton.connect("clicked(bool)", self.onCrossSectionButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.initializeParameterNode()
 
@@ -214,6 +223,10 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelLabel.text = text
         for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.advancedCollapsibleButton):
             w.enabled = not running
+        last = self._lastSegmentation
+        if last is not None and last.GetScene() is None:  # removed from the scene meanwhile
+            last = self._lastSegmentation = None
+        self.ui.crossSectionButton.enabled = not running and self.logic.hasFittedNetwork(last)
         if running:
             self.ui.segmentButton.text = _("Cancel")
             self.ui.segmentButton.toolTip = _("Stop the segmentation; the scene is left as it was")
@@ -251,6 +264,16 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Starting the MetaSeg process…")
         self.updateGUI()
 
+    def onCrossSectionButton(self) -> None:
+        view = self.ui.sliceViewComboBox.currentText
+        what = self.ui.crossSectionWhatComboBox.currentData
+        with slicer.util.tryWithErrorDisplay(_("MetaSeg could not render the cross-section."), waitCursor=True):
+            sliceNode = slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
+            node = self.logic.crossSection(self._lastSegmentation, sliceNode, self.ui.superResolutionSpinBox.value, what)
+            dims = node.GetImageData().GetDimensions()
+            self.ui.statusLabel.text = _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit.").format(
+                name=node.GetName(), w=dims[0], h=dims[1], s=node.GetSpacing()[0])
+
     def onJobProgress(self, event: Event) -> None:
         if event.kind == "stage":
             self.ui.statusLabel.text = event["message"]
@@ -268,6 +291,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self.ui.progressBar.hide()
         if job.state == "done":
+            self._lastSegmentation = job.segmentationNode
             self.ui.statusLabel.text = _("Done in {t}.").format(t=format_seconds(job.elapsed))
             self.ui.deviceLabel.text = device_text(job.report)
             self.ui.reportText.plainText = format_report(job.report)
@@ -468,6 +492,8 @@ class MetaSegJob:
                 target.EndModify(wasModifying)
             if created:
                 logic._placeBesideVolume(target, volume)
+            if self.process.fitted_path is not None and self.process.fitted_path.is_file():
+                logic._keepFitted(target, self.process.fitted_path)
             labelmap = logic._exportLabelmap(target, volume) if self.keepLabelmap else None
         except Exception:
             if created:  # a failed run adds nothing to the scene
@@ -486,6 +512,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.moduleDir = MODULE_DIR
+        self._fitted: Dict[str, Any] = {}  # fitted-INR file -> loaded FittedVolume (cross-sections)
 
     if HAVE_GUI:
         def getParameterNode(self):
@@ -611,7 +638,8 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             # The child gets this process's environment (as slicer.util.pip_install does) plus the core.
             process = SegmentProcess(python=python_executable(IN_SLICER_APP), weights=str(weights),
                                      device=str(device).lower(), seed=seed, steps=steps,
-                                     live_every=liveEvery if livePreview else 0, python_path=[str(corePath)])
+                                     live_every=liveEvery if livePreview else 0, save_inr=dims == 3,
+                                     python_path=[str(corePath)])
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
         try:
@@ -627,6 +655,100 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         if IN_SLICER_APP:
             job.startTimer()
         return job
+
+    def hasFittedNetwork(self, segmentationNode) -> bool:
+        """True if cross-sections can be rendered for this segmentation (a 3D result of this session)."""
+        path = segmentationNode.GetAttribute(FITTED_ATTRIBUTE) if segmentationNode is not None else None
+        return bool(path) and Path(path).is_file()
+
+    def crossSection(self, segmentationNode, sliceNode, superResolution: int = 4, what: str = "labels",
+                     show: bool = True):
+        """Render a 3D result on the plane of `sliceNode` from the fitted network, without refitting.
+
+        :param superResolution: pixels per input voxel along each in-plane axis (4: a quarter voxel).
+        :param what: "labels" (a labelmap volume) or "intensity" (the intensity the network reproduces).
+        :return: a new one-slice volume node lying on the view's plane (axial, coronal, sagittal or oblique).
+        """
+        if what not in ("labels", "intensity"):
+            raise MetaSegError(f"what must be 'labels' or 'intensity', got {what!r}")
+        if int(superResolution) < 1:
+            raise MetaSegError(f"superResolution must be at least 1 (got {superResolution})")
+        if not self.hasFittedNetwork(segmentationNode):
+            raise MetaSegError("this segmentation has no fitted network: cross-sections need a 3D MetaSeg result "
+                               "computed in this session")
+        from metaseg.fitted import FittedVolume
+        from metaseg.reslice import Plane
+
+        path = segmentationNode.GetAttribute(FITTED_ATTRIBUTE)
+        if path not in self._fitted:
+            self._fitted[path] = FittedVolume.load(Path(path))
+        fitted = self._fitted[path]
+        ref = fitted.info["reference"]
+        sliceToRAS = [[sliceNode.GetSliceToRAS().GetElement(i, j) for j in range(4)] for i in range(4)]
+        diagonal = float(np.linalg.norm((np.array(ref["size"]) - 1) * np.array(ref["spacing"])))
+        try:
+            centre, u, v, extent, spacing = planes.plane_from_slice(
+                sliceToRAS, sliceNode.GetFieldOfView()[:2], min(ref["spacing"]) / int(superResolution), diagonal)
+            plane = Plane.centred(centre, u, v, extent, (spacing, spacing))
+        except ValueError as e:
+            raise MetaSegError(str(e)) from e
+        values = fitted.query(plane.points(), what).reshape(plane.size[1], plane.size[0])
+        scene = segmentationNode.GetScene()
+        kind = "vtkMRMLLabelMapVolumeNode" if what == "labels" else "vtkMRMLScalarVolumeNode"
+        name = scene.GenerateUniqueName(f"{segmentationNode.GetName()} {sliceNode.GetName()} {what}")
+        node = scene.AddNewNodeByClass(kind, name)
+        image = vtk.vtkImageData()
+        image.SetDimensions(plane.size[0], plane.size[1], 1)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if what == "labels" else vtk.VTK_FLOAT, 1)
+        vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = values.reshape(-1)
+        node.SetAndObserveImageData(image)
+        matrix = vtk.vtkMatrix4x4()
+        for i, row in enumerate(planes.ijk_to_ras(plane.origin, plane.u, plane.v, plane.spacing)):
+            for j, x in enumerate(row):
+                matrix.SetElement(i, j, x)
+        node.SetIJKToRASMatrix(matrix)
+        node.CreateDefaultDisplayNodes()
+        if what == "labels":
+            node.GetDisplayNode().SetAndObserveColorNodeID(self._tissueColors(scene, fitted.info.get("labels", [])).GetID())
+        node.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
+        if show and IN_SLICER_APP:
+            composite = slicer.app.layoutManager().sliceWidget(sliceNode.GetLayoutName()).sliceLogic().GetSliceCompositeNode()
+            if what == "labels":
+                composite.SetLabelVolumeID(node.GetID())
+            else:
+                composite.SetForegroundVolumeID(node.GetID())
+                composite.SetForegroundOpacity(1.0)
+        return node
+
+    @staticmethod
+    def _tissueColors(scene, labels: List[Dict[str, Any]]):
+        """The colour table of the tissue labels (created once per scene, found again by its attribute)."""
+        for node in scene.GetNodesByClass("vtkMRMLColorTableNode") if hasattr(scene, "GetNodesByClass") else []:
+            if node.GetAttribute("MetaSeg.TissueColors") == "1":
+                return node
+        table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", scene.GenerateUniqueName("MetaSeg tissues"))
+        table.SetTypeToUser()
+        table.SetNumberOfColors(max([lab["value"] for lab in labels] + [4]) + 1)
+        table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+        for lab in labels:
+            if lab["value"] > 0:
+                r, g, b = (x / 255.0 for x in lab["color"])
+                table.SetColor(lab["value"], lab["name"], r, g, b, 1.0)
+        table.SetAttribute("MetaSeg.TissueColors", "1")
+        return table
+
+    def _keepFitted(self, segmentationNode, source: Path) -> None:
+        """Copy the fitted network (and its checksum) out of the run's temporary folder, for cross-sections."""
+        import shutil
+        import tempfile
+
+        if getattr(self, "_fittedDir", None) is None:
+            self._fittedDir = Path(tempfile.mkdtemp(prefix="MetaSeg-fitted-"))
+            atexit.register(shutil.rmtree, str(self._fittedDir), True)
+        target = self._fittedDir / f"{segmentationNode.GetID()}-{int(time.time() * 1000)}.pt"
+        shutil.copyfile(source, target)
+        shutil.copyfile(str(source) + ".sha256", str(target) + ".sha256")
+        segmentationNode.SetAttribute(FITTED_ATTRIBUTE, str(target))
 
     @staticmethod
     def _checkInput(volumeNode, outputSegmentation) -> None:

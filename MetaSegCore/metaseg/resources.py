@@ -10,12 +10,13 @@ DEFAULT_WEIGHTS = {2: "metaseg2d.pt", 3: "metaseg3d.pt"}
 
 
 def weights_dirs() -> List[Path]:
-    """Folders searched for shipped weights: $METASEG_WEIGHTS_DIR, then the repository's Resources/Weights."""
+    """Folders searched for shipped weights: $METASEG_WEIGHTS_DIR, the repository's Resources/Weights, and
+    the Slicer extension's (qt-scripted-modules/Resources/Weights beside this package)."""
     dirs = []
     if os.environ.get(WEIGHTS_ENV):
         dirs.append(Path(os.environ[WEIGHTS_ENV]))
     here = Path(__file__).resolve().parent
-    dirs += [here.parent.parent / "Resources" / "Weights", here / "Weights"]
+    dirs += [here.parent.parent / "Resources" / "Weights", here.parent / "Resources" / "Weights"]
     return dirs
 
 
@@ -28,8 +29,4 @@ def default_weights(dims: int) -> Path:
         if (d / name).is_file():
             return d / name
     searched = ", ".join(str(d) for d in weights_dirs())
-    if dims == 3:
-        raise FileNotFoundError(
-            "the input is a 3D volume, and no 3D MetaSeg model is installed (this release ships the 2D model: "
-            f"one aligned coronal slice); searched {searched}. Segment a 2D slice, or pass --weights with 3D weights")
     raise FileNotFoundError(f"no shipped {dims}D weights ({name}) found in {searched}; pass --weights FILE or set {WEIGHTS_ENV}")

@@ -52,10 +52,17 @@ class VolumeResult:
 
 
 def is_model_grid(img: sitk.Image, canvas: Sequence[int]) -> bool:
-    """True for a scan on the training grid itself (an `aligned_norm`-like file): no registration."""
+    """True for a scan on the training grid itself (an `aligned_norm`-like file): no registration.
+
+    Those files carry an identity affine: ITK reads it as a diagonal direction (NIfTI's identity
+    is diag(-1, -1, 1) in LPS). Their header does not describe the anatomy (the voxels are LIA,
+    see geometry.py), so registering them would start from a wrong orientation; their voxels are
+    already the model's.
+    """
+    d = np.array(img.GetDirection()).reshape(3, 3)
     return (tuple(img.GetSize()) == tuple(reversed(canvas))
             and np.allclose(img.GetSpacing(), 1.0, atol=1e-3)
-            and np.allclose(img.GetDirection(), np.eye(3).ravel(), atol=1e-3))
+            and np.allclose(np.abs(d), np.eye(3), atol=1e-3))
 
 
 def model_reference(canvas: Sequence[int]) -> sitk.Image:

@@ -124,3 +124,17 @@ def test_physical_to_model_matches_the_grid(angles, flip):
     scan_pts = np.array([t.TransformPoint(tuple(p)) for p in pts])
     m2 = physical_to_model(img, canvas, transform=t)
     np.testing.assert_allclose(scan_pts @ m2[:3, :3].T + m2[:3, 3], grid_coords(canvas).numpy(), atol=1e-5)
+
+
+def test_aligned_files_are_used_as_they_are():
+    """The aligned training files (identity affine: ITK direction diag(-1, -1, 1)) skip registration;
+    scans in scanner geometry do not."""
+    from metaseg.volume import is_model_grid
+
+    canvas = (224, 192, 160)
+    aligned = sitk.Image([160, 192, 224], sitk.sitkUInt8)
+    aligned.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    assert is_model_grid(aligned, canvas)
+    assert not is_model_grid(sitk.Image([256, 256, 256], sitk.sitkUInt8), canvas)
+    oblique = with_geometry(aligned, oblique_direction((10, 0, 0)))
+    assert not is_model_grid(oblique, canvas)

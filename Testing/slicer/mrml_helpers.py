@@ -40,3 +40,5 @@ def scene_state(scene):
     scene.Commit()
     xml = scene.GetSceneXMLString()
     return nodes, hashlib.sha256(xml.encode()).hexdigest()
+SAMPLE_T1_3D = ROOT / "Resources" / "Sample" / "ecog_t1.nii.gz"  # native scanner geometry, 256^3
+SAMPLE_SEG_3D = ROOT / "Resources" / "Sample" / "ecog_seg4.nii.gz"

@@ -1,0 +1,103 @@
+"""Cross-sections of a 3D result on a slice view's plane (MetaSegLogic.crossSection, slicer-core).
+
+A 3D run on the bundled scan (short fit) keeps the fitted network; the logic then renders labels
+on the planes of slice nodes (axial, oblique) at 4x resolution. Checked: the node lies on the
+view's plane with the requested spacing, its labels agree with the run's own segmentation at the
+same points, and nothing else in the scene changes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mrml_helpers import SAMPLE_T1_3D, load_volume, scene_state
+
+pytestmark = pytest.mark.usefixtures("slicer_core")
+
+
+@pytest.fixture
+def MetaSeg(slicer_core):
+    import MetaSeg as module
+
+    return module
+
+
+def matrix(vtk_matrix):
+    return np.array([[vtk_matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def slice_node(scene, name, slice_to_ras, fov=(120.0, 100.0)):
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode", name)
+    node.SetLayoutName(name)
+    m = node.GetSliceToRAS()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, slice_to_ras[i][j])
+    node.SetFieldOfView(fov[0], fov[1], 1.0)
+    node.UpdateMatrices()
+    return node
+
+
+def test_cross_section_of_a_3d_result(scene, MetaSeg):
+    import slicer
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    logic = MetaSeg.MetaSegLogic()
+    volume = load_volume(scene, SAMPLE_T1_3D, "ecog")
+    seg = logic.segment(volume, device="cpu", steps=5, wait=True)
+    assert logic.hasFittedNetwork(seg)
+    # the run's own labels, on the volume's grid
+    labels_node = logic._exportLabelmap(seg, volume)
+    ijk_to_ras = matrix(_ijk(labels_node))
+    labels = vtk_to_numpy(labels_node.GetImageData().GetPointData().GetScalars()).reshape(
+        labels_node.GetImageData().GetDimensions()[::-1])
+
+    centre = ijk_to_ras @ np.r_[(np.array(labels.shape[::-1]) - 1) / 2.0, 1.0]
+    rot = np.array([[1, 0, 0], [0, np.cos(0.4), -np.sin(0.4)], [0, np.sin(0.4), np.cos(0.4)]])
+    for name, r in (("Red", np.eye(3)), ("Yellow", rot)):
+        s2r = np.eye(4)
+        s2r[:3, :3] = r
+        s2r[:3, 3] = centre[:3]
+        view = slice_node(scene, name, s2r)
+        before = scene_state(scene)
+        node = logic.crossSection(seg, view, superResolution=4)
+        assert node.IsA("vtkMRMLLabelMapVolumeNode")
+        m = matrix(_ijk(node))
+        np.testing.assert_allclose(np.linalg.norm(m[:3, :2], axis=0), [0.25, 0.25], atol=1e-6)  # 1 mm / 4
+        np.testing.assert_allclose(m[:3, 0] / 0.25, r[:, 0], atol=1e-6)  # on the view's plane
+        np.testing.assert_allclose(m[:3, 1] / 0.25, r[:, 1], atol=1e-6)
+        dims = node.GetImageData().GetDimensions()
+        assert dims[2] == 1 and abs((dims[0] - 1) * 0.25 - 120.0) <= 0.25 and abs((dims[1] - 1) * 0.25 - 100.0) <= 0.25
+        plane = vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[1], dims[0])
+        # every 8th pixel: the run's label at the nearest voxel agrees with the cross-section (up to boundaries)
+        jj, ii = np.mgrid[0:dims[1]:8, 0:dims[0]:8]
+        ras = (m @ np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)]))
+        ijk = np.rint(np.linalg.solve(ijk_to_ras, ras)[:3]).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < np.array(labels.shape[::-1])[:, None]), axis=0)
+        want = labels[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
+        got = plane[jj.ravel()[inside], ii.ravel()[inside]]
+        tissue = (want > 0) | (got > 0)
+        assert tissue.sum() > 100 and np.mean(want[tissue] == got[tissue]) > 0.9
+        # only the new node (its display node and the colour table) was added; nothing else changed
+        after_nodes = {n[0]: n for n in scene_state(scene)[0]}
+        for n in before[0]:
+            if n[1] != "vtkMRMLSubjectHierarchyNode":
+                assert after_nodes[n[0]] == n or n[1] == "vtkMRMLColorTableNode"
+
+
+def test_cross_section_needs_a_3d_result(scene, MetaSeg):
+    logic = MetaSeg.MetaSegLogic()
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    view = slice_node(scene, "Red", np.eye(4))
+    with pytest.raises(MetaSeg.MetaSegError, match="no fitted network"):
+        logic.crossSection(seg, view)
+
+
+def _ijk(node):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return m
