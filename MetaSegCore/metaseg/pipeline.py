@@ -90,14 +90,13 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     rep.emit("stage", stage="read", message=f"reading {a.input}")
     img = read_image(Path(a.input))
     dims = image_dims(img)
+    if dims == 2:
+        for option, given in (("--save-inr", "inr" in outs), ("--uncertainty", "uncertainty" in outs), ("--mask", a.mask)):
+            if given:
+                raise InputError(f"{option} needs a 3D volume; the input is a 2D slice")
     w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
     if dims == 3:
         return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start)
-    for k in ("uncertainty", "inr"):
-        if k in outs:
-            raise InputError(f"--{'save-inr' if k == 'inr' else k} needs a 3D volume; the input is a 2D slice")
-    if a.mask:
-        raise InputError("--mask needs a 3D volume; the input is a 2D slice")
     array = image_array_2d(img)
     rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})",
              device=str(dev), torch=torch.__version__)
