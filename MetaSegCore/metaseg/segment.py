@@ -42,6 +42,7 @@ def segment_array(
     live: Optional[Callable[[int, np.ndarray], None]] = None,
     live_every: int = 0,
     decode: bool = True,
+    snapshot: Optional[Callable[[int, FittedINR], None]] = None,
 ) -> SegmentResult:
     """Fit the INR to `image` (on the model canvas) and decode labels for the image's pixels.
 
@@ -50,7 +51,8 @@ def segment_array(
     brain is a third of its voxels. `live(step, labels)` receives the labels as they form every
     `live_every` steps, decoded on a coarse subgrid of at most LIVE_POINTS points so that the
     preview costs a small fraction of the fit. With `decode=False` only the fit runs (labels None,
-    PSNR on the fit's last batches): for callers that decode elsewhere, e.g. on a scan's own grid.
+    PSNR on the fit's last batches): for callers that decode elsewhere, e.g. on a scan's own grid;
+    they get the fit in progress as `snapshot(step, inr)` every `live_every` steps instead of `live`.
     """
     device = next(net.parameters()).device
     t0 = time.perf_counter()
@@ -71,7 +73,6 @@ def segment_array(
         out_sel = out_idx.to(device)
     t1 = time.perf_counter()
     params = {k: p.detach() for k, p in net.named_parameters()}
-    snapshot = None
     if live is not None:
         preview = _Preview(canvas, region, inside, out_idx)
         snapshot = lambda step, inr: live(step, preview.labels(inr))  # noqa: E731

@@ -27,13 +27,13 @@ import torch
 from .data import load_volume
 from .fit import FitPlan, FitProgress
 from .fitted import FittedVolume
-from .geometry import model_grid, physical_to_model, to_model_space, to_scan_space, entropy_map
+from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
 from .io import InputError, image_array_3d, same_geometry
 from .model import MetaSegNet
 from .preprocess import normalize_intensity
 from .registration import RegistrationQuality, register_affine, registration_ok
 from .resources import weights_dirs
-from .segment import segment_array
+from .segment import LIVE_POINTS, segment_array
 
 TEMPLATE_NAME = "metaseg3d_template.nii.gz"
 TEMPLATE_MM = 2.0
@@ -154,14 +154,16 @@ def segment_volume(
         model_arr, reference, m2p = arr, scan, physical_to_model(scan, canvas)
     t1 = time.perf_counter()
 
-    model_live = None
+    snapshot = None
     if live is not None:
-        def model_live(step: int, labels: np.ndarray) -> None:
-            live(step, _labels_on_scan(labels, reference, scan, transform))
+        preview = _ScanPreview(scan, arr)
+
+        def snapshot(step: int, inr) -> None:
+            live(step, preview.labels(FittedVolume(inr, m2p, mask=model_arr > 0)))
 
     say("fit", f"fitting {plan.steps} steps")
     res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed, progress=progress, cancel=cancel,
-                        live=model_live, live_every=live_every, decode=False)
+                        snapshot=snapshot, live_every=live_every, decode=False)
     fitted = FittedVolume(res.fitted, m2p, mask=model_arr > 0, info={**(info or {}), "reference": _geometry(scan)})
     t2 = time.perf_counter()
 
@@ -204,12 +206,29 @@ def label_warnings(labels: np.ndarray) -> List[str]:
     return warn
 
 
-def _labels_on_scan(labels: np.ndarray, reference: sitk.Image, scan: sitk.Image, transform) -> sitk.Image:
-    if transform is None:
-        out = sitk.GetImageFromArray(np.ascontiguousarray(labels, np.uint8))
-        out.CopyInformation(scan)
-        return out
-    return to_scan_space(np.ascontiguousarray(labels, np.uint8), reference, scan, transform)
+class _ScanPreview:
+    """Live labels on a coarse copy of the scan's own grid (every s-th voxel, s chosen so that at
+    most LIVE_POINTS brain voxels are decoded): the same place and orientation as the scan, a
+    fraction of the cost of a full decode."""
+
+    def __init__(self, scan: sitk.Image, arr: np.ndarray):
+        n = int((arr > 0).sum())
+        s = max(1, int(np.ceil((n / LIVE_POINTS) ** (1.0 / 3.0))))
+        coarse = arr[::s, ::s, ::s]
+        self.shape = coarse.shape
+        self.flat = np.flatnonzero(coarse.reshape(-1) > 0)
+        self.image = sitk.Image([int(x) for x in reversed(coarse.shape)], sitk.sitkUInt8)
+        self.image.SetSpacing(tuple(sp * s for sp in scan.GetSpacing()))
+        self.image.SetDirection(scan.GetDirection())
+        self.image.SetOrigin(scan.GetOrigin())
+        self.points = voxel_points(self.image, self.flat)
+
+    def labels(self, fitted: FittedVolume) -> sitk.Image:
+        out = np.zeros(int(np.prod(self.shape)), np.uint8)
+        out[self.flat] = fitted.query(self.points)
+        img = sitk.GetImageFromArray(out.reshape(self.shape))
+        img.CopyInformation(self.image)
+        return img
 
 
 def _geometry(img: sitk.Image) -> Dict[str, Any]:

@@ -31,7 +31,10 @@ def model3d():
 def native_run(model3d):
     w, net = model3d
     scan = read_image(SAMPLE_T1)
-    res = segment_volume(net, w.log_lr, dataclasses.replace(w.plan, steps=60), scan, w.canvas, uncertainty=True)
+    live = []
+    res = segment_volume(net, w.log_lr, dataclasses.replace(w.plan, steps=60), scan, w.canvas, uncertainty=True,
+                         live=lambda step, img: live.append((step, img)), live_every=30)
+    res.live = live
     return scan, res
 
 
@@ -59,6 +62,18 @@ def test_native_scan_labels_in_the_scans_geometry(native_run):
     assert not (labels[sitk.GetArrayViewFromImage(scan) == 0]).any()  # nothing outside the brain
     ent = sitk.GetArrayViewFromImage(res.entropy)
     assert same_geometry(res.entropy, scan)[0] and 0.0 <= ent.min() and ent.max() <= 1.0 + 1e-6
+
+
+def test_live_preview_lies_on_the_scans_grid(native_run):
+    """Live labels come on a coarse copy of the scan's grid: same origin and direction, whole voxels skipped."""
+    scan, res = native_run
+    assert [step for step, _ in res.live] == [30]  # every 30 steps, none at the end (the result follows)
+    img = res.live[0][1]
+    assert img.GetDirection() == scan.GetDirection() and img.GetOrigin() == scan.GetOrigin()
+    stride = img.GetSpacing()[0] / scan.GetSpacing()[0]
+    assert stride > 1 and stride == int(stride)
+    assert img.GetSize() == tuple(-(-n // int(stride)) for n in scan.GetSize())
+    assert (sitk.GetArrayViewFromImage(img) == 3).any()  # white matter already at step 30
 
 
 def test_fitted_volume_save_load_reproduces_labels(native_run, tmp_path):
