@@ -898,7 +898,7 @@ class MetaSegTest(ScriptedLoadableModuleTest):
         import unittest
 
         for test in (self.test_segment_sample, self.test_cancel_leaves_scene_unchanged,
-                     self.test_bad_weights_is_an_error):
+                     self.test_bad_weights_is_an_error, self.test_cross_section_of_3d_sample):
             self.setUp()
             try:
                 test()
@@ -969,3 +969,31 @@ class MetaSegTest(ScriptedLoadableModuleTest):
             logic.segment(volume, device="cpu", steps=1, weights="/nonexistent/metaseg.pt", timeout=120)
         self.assertIn("weights", str(ctx.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+
+    def test_cross_section_of_3d_sample(self):
+        self.delayDisplay("MetaSeg: 3D sample, then labels on an oblique slice plane at 4x")
+        logic = MetaSegLogic()
+        path = logic.samplePath("ecog_t1.nii.gz")
+        self.assertIsNotNone(path, "the sample Resources/Sample/ecog_t1.nii.gz is not installed")
+        if logic.weightsPath(3) is None or logic.missingPackages():
+            self.skipTest("no shipped 3D weights or missing Python packages")
+        volume = slicer.util.loadVolume(str(path))
+        segmentation = logic.segment(volume, device="cpu", steps=5)
+        self.assertTrue(logic.hasFittedNetwork(segmentation))
+        sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        sliceNode.SetOrientation("Coronal")
+        tilt = vtk.vtkTransform()  # an oblique reformat: the coronal plane tilted by 20 degrees
+        tilt.RotateX(20)
+        oblique = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Multiply4x4(sliceNode.GetSliceToRAS(), tilt.GetMatrix(), oblique)
+        sliceNode.GetSliceToRAS().DeepCopy(oblique)
+        sliceNode.UpdateMatrices()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        node = logic.crossSection(segmentation, sliceNode, superResolution=4)
+        self.assertTrue(node.IsA("vtkMRMLLabelMapVolumeNode"))
+        self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.assertAlmostEqual(node.GetSpacing()[0], volume.GetSpacing()[0] / 4, places=4)
+        labels = slicer.util.arrayFromVolume(node)
+        self.assertTrue((labels == 3).any(), "no white matter on the plane")
+        composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+        self.assertEqual(composite.GetLabelVolumeID(), node.GetID())

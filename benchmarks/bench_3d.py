@@ -19,7 +19,6 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 

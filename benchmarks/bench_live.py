@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from metaseg.atomic import write_all

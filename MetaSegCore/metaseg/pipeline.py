@@ -28,7 +28,7 @@ from .progress import Reporter
 from .resources import default_weights
 from .segment import segment_array
 from .volume import segment_volume
-from .weights import Weights, WeightsError, load_weights
+from .weights import WeightsError, load_weights
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
 

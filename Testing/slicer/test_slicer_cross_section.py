@@ -27,8 +27,6 @@ def matrix(vtk_matrix):
 
 
 def slice_node(scene, name, slice_to_ras, fov=(120.0, 100.0)):
-    import slicer
-
     node = scene.AddNewNodeByClass("vtkMRMLSliceNode", name)
     node.SetLayoutName(name)
     m = node.GetSliceToRAS()
@@ -41,7 +39,6 @@ def slice_node(scene, name, slice_to_ras, fov=(120.0, 100.0)):
 
 
 def test_cross_section_of_a_3d_result(scene, MetaSeg):
-    import slicer
     from vtk.util.numpy_support import vtk_to_numpy
 
     logic = MetaSeg.MetaSegLogic()
