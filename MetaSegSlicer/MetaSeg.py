@@ -75,6 +75,7 @@ MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = {"torch": "torch>=2.0", "slicerio": "slicerio>=1.0", "SimpleITK": "SimpleITK>=2.2", "numpy": "numpy>=1.21"}
 REPORT_ATTRIBUTE = "MetaSeg.Report"
 FITTED_ATTRIBUTE = "MetaSeg.FittedNetwork"  # file of the fitted 3D network, for cross-sections
+LIVE_EVERY = {2: 10, 3: 50}  # live-preview interval (steps) per input dimension: overhead <= 10 % (docs/results.md)
 _RUNNING_JOBS = set()  # jobs polled by a timer stay alive even if the caller drops its reference
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -597,7 +598,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     # -------------------------------------------------------------- segment
     def segment(self, volumeNode, device: str = "cpu", steps: Optional[int] = None, seed: int = 0, wait: bool = True,
                 outputSegmentation=None, weights: Optional[str] = None, keepLabelmap: bool = False,
-                livePreview: bool = False, liveEvery: int = 1,
+                livePreview: bool = False, liveEvery: Optional[int] = None,
                 onProgress: Optional[Callable[[Event], None]] = None,
                 onFinished: Optional[Callable[[MetaSegJob], None]] = None,
                 timeout: Optional[float] = None):
@@ -612,6 +613,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         :param weights: weights file; default: the shipped model for the input's dimension.
         :param keepLabelmap: also create a labelmap volume of the tissues.
         :param livePreview: show the labels as they form (every `liveEvery` steps) in a hidden node.
+          Default interval: LIVE_EVERY for the input's dimension, measured to slow the fit by <= 10 %.
         :param onProgress: called with each protocol Event (stage, progress, labels, warning).
         :param onFinished: called with the job once it is done, failed or cancelled.
         """
@@ -638,7 +640,8 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             # The child gets this process's environment (as slicer.util.pip_install does) plus the core.
             process = SegmentProcess(python=python_executable(IN_SLICER_APP), weights=str(weights),
                                      device=str(device).lower(), seed=seed, steps=steps,
-                                     live_every=liveEvery if livePreview else 0, save_inr=dims == 3,
+                                     live_every=(liveEvery or LIVE_EVERY[dims]) if livePreview else 0,
+                                     save_inr=dims == 3,
                                      python_path=[str(corePath)])
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e

@@ -49,7 +49,7 @@ def segment_array(
     With `plan.foreground_only` (3D) only the nonzero voxels are fitted and decoded, the rest
     is background: skull-stripped inputs have no tissue outside the brain, and a volume's
     brain is a third of its voxels. `live(step, labels)` receives the labels as they form every
-    `live_every` steps, decoded on a coarse subgrid of at most LIVE_POINTS points so that the
+    `live_every` steps, decoded on a coarse subgrid of at most LIVE_POINTS[dims] points so that the
     preview costs a small fraction of the fit. With `decode=False` only the fit runs (labels None,
     PSNR on the fit's last batches): for callers that decode elsewhere, e.g. on a scan's own grid;
     they get the fit in progress as `snapshot(step, inr)` every `live_every` steps instead of `live`.
@@ -102,7 +102,10 @@ def segment_array(
     )
 
 
-LIVE_POINTS = 40_000
+# Points decoded per live-preview snapshot, per dimension: a snapshot then costs about one fit step
+# (2D, 8000 points ~ 35 ms) or a few (3D), so a preview every LIVE_EVERY steps slows the fit < 10 %
+# (benchmarks/bench_live.py, docs/results.md).
+LIVE_POINTS = {2: 8_000, 3: 40_000}
 
 
 class _Preview:
@@ -111,7 +114,7 @@ class _Preview:
 
     def __init__(self, canvas, region, inside: torch.Tensor, out_idx: torch.Tensor):
         n = out_idx.shape[0]
-        self.stride = max(1, math.ceil((n / LIVE_POINTS) ** (1.0 / len(canvas))))
+        self.stride = max(1, math.ceil((n / LIVE_POINTS[len(canvas)]) ** (1.0 / len(canvas))))
         s = self.stride
         self.canvas, self.region = canvas, region
         wanted = torch.zeros(inside.numel(), dtype=torch.bool)

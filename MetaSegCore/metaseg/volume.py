@@ -219,7 +219,7 @@ class _ScanPreview:
 
     def __init__(self, scan: sitk.Image, arr: np.ndarray):
         n = int((arr > 0).sum())
-        s = max(1, int(np.ceil((n / LIVE_POINTS) ** (1.0 / 3.0))))
+        s = max(1, int(np.ceil((n / LIVE_POINTS[3]) ** (1.0 / 3.0))))
         coarse = arr[::s, ::s, ::s]
         self.shape = coarse.shape
         self.flat = np.flatnonzero(coarse.reshape(-1) > 0)

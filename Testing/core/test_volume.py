@@ -153,3 +153,22 @@ def test_aligned_files_are_used_as_they_are():
     assert not is_model_grid(sitk.Image([256, 256, 256], sitk.sitkUInt8), canvas)
     oblique = with_geometry(aligned, oblique_direction((10, 0, 0)))
     assert not is_model_grid(oblique, canvas)
+
+
+@pytest.mark.parametrize("kind", ["sample", "inverted (T2-like)", "noise"])
+def test_registration_gate_tells_wrong_input(kind):
+    """The bundled T1 passes the registration gate; a T2-like contrast or noise does not (and is then
+    segmented only with a warning, see volume.segment_volume)."""
+    from metaseg.registration import registration_ok
+    from metaseg.volume import TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR
+
+    scan = read_image(SAMPLE_T1)
+    a = sitk.GetArrayFromImage(scan).astype(np.float32)
+    if kind == "inverted (T2-like)":
+        a = np.where(a > 0, a.max() - a + 1, 0).astype(np.float32)
+    elif kind == "noise":
+        a = np.random.default_rng(0).random(a.shape).astype(np.float32)
+    img = sitk.GetImageFromArray(a)
+    img.CopyInformation(scan)
+    _, q = register_affine(img, load_template())
+    assert registration_ok(q, TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR) == (kind == "sample"), q
