@@ -172,3 +172,26 @@ def test_registration_gate_tells_wrong_input(kind):
     img.CopyInformation(scan)
     _, q = register_affine(img, load_template())
     assert registration_ok(q, TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR) == (kind == "sample"), q
+
+
+def test_seg_nrrd_of_a_3d_scan_round_trips(native_run, tmp_path):
+    """The .seg.nrrd of an oblique-free but LIA-ordered real scan: labels voxel for voxel, names, colours."""
+    import slicerio
+
+    from metaseg.outputs import write_seg_nrrd
+    from metaseg.weights import LABELS
+
+    scan, res = native_run
+    path = tmp_path / "s.seg.nrrd"
+    write_seg_nrrd(res.labels, LABELS, path)
+    s = slicerio.read_segmentation(str(path))
+    assert {x["labelValue"]: x["name"] for x in s["segments"]} == {l["value"]: l["name"] for l in LABELS if l["value"]}
+    assert {x["labelValue"]: [round(c * 255) for c in x["color"]] for x in s["segments"]} == \
+        {l["value"]: l["color"] for l in LABELS if l["value"]}
+    labels = sitk.GetArrayFromImage(res.labels)  # (k, j, i)
+    assert np.array_equal(np.transpose(s["voxels"], (2, 1, 0)), labels)
+    # the segmentation's geometry is the scan's: IJK -> LPS through slicerio's space directions
+    ijk_to_lps = np.array(s["ijkToLPS"])
+    d = np.array(scan.GetDirection()).reshape(3, 3) @ np.diag(scan.GetSpacing())
+    np.testing.assert_allclose(ijk_to_lps[:3, :3], d, atol=1e-5)
+    np.testing.assert_allclose(ijk_to_lps[:3, 3], scan.GetOrigin(), atol=1e-4)
