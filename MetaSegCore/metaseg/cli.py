@@ -144,7 +144,7 @@ def _add_reslice(sub) -> None:
     p.add_argument("--normal", type=float, nargs=3, metavar=("X", "Y", "Z"), help="plane normal (with --origin)")
     p.add_argument("--u", type=float, nargs=3, metavar=("X", "Y", "Z"), help="in-plane column direction (with --origin, --v)")
     p.add_argument("--v", type=float, nargs=3, metavar=("X", "Y", "Z"), help="in-plane row direction (with --origin, --u)")
-    p.add_argument("--extent", type=float, help="plane width and height in mm (default: the scan's diagonal)")
+    p.add_argument("--extent", type=float, help="plane width and height in mm (default: the scan's longest side)")
     p.add_argument("--spacing", type=float, help="pixel spacing in mm, e.g. 0.25 for 4x super-resolution of 1 mm "
                    "(default: the scan's smallest)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
@@ -170,7 +170,7 @@ def _reslice(a: argparse.Namespace) -> int:
         vol = FittedVolume.load(Path(a.inr), pick_device(a.device))
         ref = vol.info["reference"]
         sp = a.spacing or float(min(ref["spacing"]))
-        extent = a.extent or float(np.linalg.norm((np.array(ref["size"]) - 1) * np.array(ref["spacing"])))
+        extent = a.extent or float(((np.array(ref["size"]) - 1) * np.array(ref["spacing"])).max())
         if a.origin is None:
             if a.normal or a.u or a.v:
                 raise InputError("--normal, --u and --v need --origin (the plane's centre in LPS mm)")

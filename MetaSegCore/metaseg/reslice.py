@@ -88,7 +88,8 @@ def standard_plane(reference: dict, orientation: str = "axial", spacing: Optiona
 
     `orientation` axial, coronal or sagittal, tilted by `angles_deg` (about x, y, z) for an oblique
     plane and moved `offset_mm` along its normal; `extent_mm` wide and high (default: the grid's
-    diagonal, so any orientation covers it). Default spacing: the grid's smallest.
+    longest side, which holds the head in any orientation: scans centre it). Default spacing: the
+    grid's smallest.
     """
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
@@ -99,7 +100,7 @@ def standard_plane(reference: dict, orientation: str = "axial", spacing: Optiona
     r = rotation_matrix(angles_deg)
     u, v = (r @ np.asarray(x) for x in ORIENTATIONS[orientation])
     centre = centre + offset_mm * np.cross(u, v)
-    extent = extent_mm or float(np.linalg.norm((size - 1) * sp))
+    extent = extent_mm or float(((size - 1) * sp).max())
     step = float(spacing) if spacing else float(sp.min())
     return Plane.centred(centre, u, v, (extent, extent), (step, step))
 
