@@ -109,7 +109,7 @@ RESLICE_CASES = {
     "--normal without --origin": (lambda t, f: f, ["--normal", "0", "0", "1"], "need --origin"),
     "--origin alone": (lambda t, f: f, ["--origin", "0", "0", "0"], "give --normal, or both --u and --v"),
     "zero normal": (lambda t, f: f, ["--origin", "0", "0", "0", "--normal", "0", "0", "0"], "must not be the zero vector"),
-    "huge plane": (lambda t, f: f, ["--spacing", "0.005"], "use a larger --spacing"),
+    "huge plane": (lambda t, f: f, ["--spacing", "0.002"], "use a larger --spacing"),
     "tampered file": (tampered, [], "checksum mismatch"),
     "weights instead of a fitted INR": (lambda t, f: WEIGHTS_3D, [], "is not a MetaSeg fitted INR file"),
     "missing file": (lambda t, f: t / "absent.pt", [], "fitted INR file not found"),
