@@ -75,6 +75,7 @@ MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = {"torch": "torch>=2.0", "slicerio": "slicerio>=1.0", "SimpleITK": "SimpleITK>=2.2", "numpy": "numpy>=1.21"}
 REPORT_ATTRIBUTE = "MetaSeg.Report"
 FITTED_ATTRIBUTE = "MetaSeg.FittedNetwork"  # file of the fitted 3D network, for cross-sections
+UNCERTAINTY_ATTRIBUTE = "MetaSeg.Uncertainty"  # ID of the uncertainty volume of a 3D result
 LIVE_EVERY = {2: 10, 3: 50}  # live-preview interval (steps) per input dimension: overhead <= 10 % (docs/results.md)
 _RUNNING_JOBS = set()  # jobs polled by a timer stay alive even if the caller drops its reference
 DEVICES = ("auto", "cpu", "gpu")
@@ -128,6 +129,8 @@ if HAVE_GUI:
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
         keepLabelmap: bool = False
         livePreview: bool = False
+        uncertainty: bool = False
+        surfaces: bool = False
 
 
 #
@@ -256,6 +259,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.segment(
                 pn.inputVolume, device=pn.device, steps=pn.steps or None, seed=pn.seed, wait=False,
                 outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
+                uncertainty=pn.uncertainty, surfaces=pn.surfaces,
                 onProgress=self.onJobProgress, onFinished=self.onJobFinished)
             # events arrive from the job's timer, after this method returns
             self.ui.reportText.plainText = ""
@@ -322,7 +326,7 @@ class MetaSegJob:
     POLL_MS = 100
 
     def __init__(self, logic: "MetaSegLogic", volumeNode, process: SegmentProcess, outputSegmentation=None,
-                 keepLabelmap: bool = False, livePreview: bool = False,
+                 keepLabelmap: bool = False, livePreview: bool = False, surfaces: bool = False,
                  onProgress: Optional[Callable[[Event], None]] = None,
                  onFinished: Optional[Callable[["MetaSegJob"], None]] = None):
         self.logic = logic
@@ -331,6 +335,8 @@ class MetaSegJob:
         self.process = process
         self.outputSegmentation = outputSegmentation
         self.keepLabelmap = keepLabelmap
+        self.surfaces = surfaces
+        self.uncertaintyNode = None
         self.livePreview = livePreview
         self.onProgress = onProgress
         self.onFinished = onFinished
@@ -479,6 +485,7 @@ class MetaSegJob:
             self._previewNode = None
         else:
             target, created = logic._createSegmentationNode(self.scene, volume, hidden=True), True
+        labelmap = None
         try:
             target.CreateDefaultDisplayNodes()  # only creates what is missing
             wasModifying = target.StartModify()
@@ -496,7 +503,16 @@ class MetaSegJob:
             if self.process.fitted_path is not None and self.process.fitted_path.is_file():
                 logic._keepFitted(target, self.process.fitted_path)
             labelmap = logic._exportLabelmap(target, volume) if self.keepLabelmap else None
+            uncertainty = self.process.uncertainty_path
+            if uncertainty is not None and uncertainty.is_file():
+                self.uncertaintyNode = logic._loadUncertainty(uncertainty, volume)
+                target.SetAttribute(UNCERTAINTY_ATTRIBUTE, self.uncertaintyNode.GetID())
+            if self.surfaces:
+                target.CreateClosedSurfaceRepresentation()
         except Exception:
+            for node in (labelmap, self.uncertaintyNode):
+                if node is not None:
+                    logic._removeNode(node)
             if created:  # a failed run adds nothing to the scene
                 logic._removeNode(target)
             raise
@@ -598,6 +614,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     # -------------------------------------------------------------- segment
     def segment(self, volumeNode, device: str = "cpu", steps: Optional[int] = None, seed: int = 0, wait: bool = True,
                 outputSegmentation=None, weights: Optional[str] = None, keepLabelmap: bool = False,
+                uncertainty: bool = False, surfaces: bool = False,
                 livePreview: bool = False, liveEvery: Optional[int] = None,
                 onProgress: Optional[Callable[[Event], None]] = None,
                 onFinished: Optional[Callable[[MetaSegJob], None]] = None,
@@ -612,6 +629,9 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
           default a new segmentation node is created. Nothing else in the scene is modified.
         :param weights: weights file; default: the shipped model for the input's dimension.
         :param keepLabelmap: also create a labelmap volume of the tissues.
+        :param uncertainty: 3D inputs: also create a volume of the per-voxel entropy of the class
+          probabilities (its node ID is in the segmentation's "MetaSeg.Uncertainty" attribute).
+        :param surfaces: create the segments' closed surfaces (shown in 3D views).
         :param livePreview: show the labels as they form (every `liveEvery` steps) in a hidden node.
           Default interval: LIVE_EVERY for the input's dimension, measured to slow the fit by <= 10 %.
         :param onProgress: called with each protocol Event (stage, progress, labels, warning).
@@ -641,7 +661,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             process = SegmentProcess(python=python_executable(IN_SLICER_APP), weights=str(weights),
                                      device=str(device).lower(), seed=seed, steps=steps,
                                      live_every=(liveEvery or LIVE_EVERY[dims]) if livePreview else 0,
-                                     save_inr=dims == 3,
+                                     save_inr=dims == 3, uncertainty=uncertainty and dims == 3,
                                      python_path=[str(corePath)])
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
@@ -652,6 +672,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             process.cleanup()
             raise MetaSegError(f"could not start MetaSeg: {e}") from e
         job = MetaSegJob(self, volumeNode, process, outputSegmentation=outputSegmentation, keepLabelmap=keepLabelmap,
+                         surfaces=surfaces,
                          livePreview=livePreview, onProgress=onProgress, onFinished=onFinished)
         if wait:
             return job.wait(timeout)
@@ -850,6 +871,26 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             sh.SetItemParent(item, parent)
         else:
             sh.CreateItem(parent, node)
+
+    def _loadUncertainty(self, path: Path, volumeNode):
+        """The run's entropy map as a new scalar volume beside the input (no storage node: the file is temporary)."""
+        private = slicer.vtkMRMLScene()
+        source = private.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        storage = private.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        if not storage.ReadData(source):
+            raise MetaSegError(f"could not read the uncertainty map {path}")
+        scene = volumeNode.GetScene()
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                       scene.GenerateUniqueName(f"{volumeNode.GetName()} MetaSeg uncertainty"))
+        node.SetAndObserveImageData(source.GetImageData())
+        matrix = vtk.vtkMatrix4x4()
+        source.GetIJKToRASMatrix(matrix)
+        node.SetIJKToRASMatrix(matrix)
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        node.CreateDefaultDisplayNodes()
+        self._placeBesideVolume(node, volumeNode)
+        return node
 
     def _exportLabelmap(self, segmentationNode, volumeNode):
         """A labelmap volume of the segments on the input's exact grid (values 1..N in segment order)."""

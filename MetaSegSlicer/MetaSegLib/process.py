@@ -291,6 +291,7 @@ class SegmentProcess(JsonLinesProcess):
 
     def __init__(self, python: Optional[str] = None, weights: Optional[str] = None, device: str = "auto",
                  seed: int = 0, steps: Optional[int] = None, live_every: int = 0, save_inr: bool = False,
+                 uncertainty: bool = False,
                  env: Optional[Dict[str, str]] = None, python_path: Optional[Sequence[str]] = None,
                  temp_root: Optional[str] = None):
         if steps is not None and int(steps) < 1:
@@ -304,6 +305,7 @@ class SegmentProcess(JsonLinesProcess):
         self.report_path = self.workdir / "report.json"
         self.live_dir = self.workdir / "live"
         self.fitted_path = self.workdir / "fitted.pt" if save_inr else None  # 3D: for cross-sections later
+        self.uncertainty_path = self.workdir / "uncertainty.nrrd" if uncertainty else None  # 3D: entropy map
         self.python = python or python_executable()
         self.weights, self.device, self.seed, self.steps, self.live_every = weights, device, int(seed), steps, int(live_every)
         env = dict(os.environ if env is None else env)
@@ -327,6 +329,8 @@ class SegmentProcess(JsonLinesProcess):
             cmd += ["--weights", str(self.weights)]
         if self.fitted_path is not None:
             cmd += ["--save-inr", str(self.fitted_path)]
+        if self.uncertainty_path is not None:
+            cmd += ["--uncertainty", str(self.uncertainty_path)]
         return cmd
 
     def start(self) -> "SegmentProcess":

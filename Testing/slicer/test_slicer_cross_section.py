@@ -43,8 +43,15 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
 
     logic = MetaSeg.MetaSegLogic()
     volume = load_volume(scene, SAMPLE_T1_3D, "ecog")
-    seg = logic.segment(volume, device="cpu", steps=5, wait=True)
+    seg = logic.segment(volume, device="cpu", steps=5, wait=True, uncertainty=True, surfaces=True)
     assert logic.hasFittedNetwork(seg)
+    # the uncertainty volume: on the input's grid, values in [0, 1]
+    entropy = scene.GetNodeByID(seg.GetAttribute(MetaSeg.UNCERTAINTY_ATTRIBUTE))
+    assert entropy is not None and entropy.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    np.testing.assert_allclose(matrix(_ijk(entropy)), matrix(_ijk(volume)), atol=1e-4)
+    values = vtk_to_numpy(entropy.GetImageData().GetPointData().GetScalars())
+    assert values.min() >= 0.0 and values.max() <= 1.0 + 1e-6 and values.max() > 0.1
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
     # the run's own labels, on the volume's grid
     labels_node = logic._exportLabelmap(seg, volume)
     ijk_to_ras = matrix(_ijk(labels_node))
