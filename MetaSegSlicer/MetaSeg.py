@@ -747,7 +747,9 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _tissueColors(scene, labels: List[Dict[str, Any]]):
         """The colour table of the tissue labels (created once per scene, found again by its attribute)."""
-        for node in scene.GetNodesByClass("vtkMRMLColorTableNode") if hasattr(scene, "GetNodesByClass") else []:
+        tables = scene.GetNodesByClass("vtkMRMLColorTableNode")
+        for i in range(tables.GetNumberOfItems()):
+            node = tables.GetItemAsObject(i)
             if node.GetAttribute("MetaSeg.TissueColors") == "1":
                 return node
         table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", scene.GenerateUniqueName("MetaSeg tissues"))
