@@ -101,15 +101,7 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})",
              device=str(dev), torch=torch.__version__)
     t_load = time.perf_counter()
-    live = None
-    if a.live_dir and a.live_every > 0:
-        live_dir = Path(a.live_dir)
-        live_dir.mkdir(parents=True, exist_ok=True)
-
-        def live(step: int, labels: np.ndarray) -> None:
-            path = live_dir / f"live_{step:05d}.nii.gz"
-            write_all([(path, lambda tmp: write_image(labels_like(labels, img), tmp))])
-            rep.emit("labels", step=step, path=str(path), segments=w.card["labels"])
+    live = _live_writer(a, rep, w.card["labels"], lambda labels: labels_like(labels, img))
 
     res = segment_array(net, w.log_lr, plan, array, w.canvas, seed=a.seed, progress=rep.fit_progress, cancel=cancel,
                         live=live, live_every=a.live_every)
@@ -134,17 +126,7 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     if "preview" in outs:
         colors = {lab["value"]: lab["color"] for lab in w.card["labels"]}
         writers.append((outs["preview"], lambda tmp: write_preview([overlay_rgb(array, res.labels, colors)], tmp)))
-    if cancel.is_set():
-        raise FitCancelled("cancelled before writing")
-    report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-    if "report" in outs:
-        writers.append((outs["report"], lambda tmp: write_report(report, tmp)))
-    write_all(writers)
-    rep.emit("done", outputs=report["outputs"], report=report)
-    if rep.mode == "bar":
-        sizes = ", ".join(f"{c['name']} {c.get('area_mm2', c.get('volume_ml'))}" for c in report["classes"][1:])
-        print(f"wrote {outs['labels']}  (fit PSNR {res.psnr:.1f} dB, {report['timings_s']['total']:.2f} s on {dev}; {sizes})", file=sys.stderr)
-    return EXIT_OK
+    return _publish(writers, report, outs, rep, cancel, t_start)
 
 
 def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: Dict[str, Path], model, t_start: float) -> int:
@@ -152,15 +134,7 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
     w, wpath, net, plan, dev = model
     mask = read_image(Path(a.mask)) if a.mask else None
     t_load = time.perf_counter()
-    live = None
-    if a.live_dir and a.live_every > 0:
-        live_dir = Path(a.live_dir)
-        live_dir.mkdir(parents=True, exist_ok=True)
-
-        def live(step: int, labels_img) -> None:
-            path = live_dir / f"live_{step:05d}.nii.gz"
-            write_all([(path, lambda tmp: write_image(labels_img, tmp))])
-            rep.emit("labels", step=step, path=str(path), segments=w.card["labels"])
+    live = _live_writer(a, rep, w.card["labels"], lambda labels_img: labels_img)
 
     res = segment_volume(
         net, w.log_lr, plan, img, w.canvas, seed=a.seed, mask=mask, uncertainty="uncertainty" in outs,
@@ -191,6 +165,27 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         writers.append((outs["preview"], lambda tmp: write_preview(panels, tmp)))
     if "inr" in outs:
         writers += res.fitted.writers(outs["inr"])
+    return _publish(writers, report, outs, rep, cancel, t_start)
+
+
+def _live_writer(a, rep: Reporter, segments, to_image):
+    """The `live` callback of --live-dir: each snapshot written as a NIfTI file and announced; None if off."""
+    if not (a.live_dir and a.live_every > 0):
+        return None
+    live_dir = Path(a.live_dir)
+    live_dir.mkdir(parents=True, exist_ok=True)
+
+    def live(step: int, labels) -> None:
+        path = live_dir / f"live_{step:05d}.nii.gz"
+        write_all([(path, lambda tmp: write_image(to_image(labels), tmp))])
+        rep.emit("labels", step=step, path=str(path), segments=segments)
+
+    return live
+
+
+def _publish(writers, report: Dict[str, Any], outs: Dict[str, Path], rep: Reporter, cancel: threading.Event,
+             t_start: float) -> int:
+    """Write every output of the run at once (report last, with the total time) and say so."""
     if cancel.is_set():
         raise FitCancelled("cancelled before writing")
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
@@ -199,8 +194,10 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
     write_all(writers)
     rep.emit("done", outputs=report["outputs"], report=report)
     if rep.mode == "bar":
-        sizes = ", ".join(f"{c['name']} {c.get('volume_ml')} mL" for c in report["classes"][1:])
-        print(f"wrote {outs['labels']}  (fit PSNR {res.psnr:.1f} dB, {report['timings_s']['total']:.1f} s on {dev}; {sizes})", file=sys.stderr)
+        sizes = ", ".join(f"{c['name']} " + (f"{c['area_mm2']} mm2" if "area_mm2" in c else f"{c['volume_ml']} mL")
+                          for c in report["classes"][1:])
+        print(f"wrote {outs['labels']}  (fit PSNR {report['fit']['psnr_db']:.1f} dB, {report['timings_s']['total']:.2f} s "
+              f"on {report['device']}; {sizes})", file=sys.stderr)
     return EXIT_OK
 
 
