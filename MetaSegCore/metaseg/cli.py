@@ -26,6 +26,10 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=int, help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) "
                    "(2D 1250, 3D 2000)")
     p.add_argument("--width", type=int, help="SIREN width (128)")
+    p.add_argument("--head-intensity", action="store_true",
+                   help="the head also reads the image's intensity at each point, not only the network's features")
+    p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.pt) instead of the SIREN "
+                   "initialization; with --steps 0 only stage 2 runs (e.g. a new head for the same initialization)")
     p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
     p.add_argument("--fit-batch", type=int, help="coordinates per inner step (2D 2048, 3D 8192)")
     p.add_argument("--test-steps", type=int, help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (2D 100, 3D 400)")
@@ -58,7 +62,7 @@ _TRAIN_FIELDS = {
     "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
     "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",
-    "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch",
+    "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init",
 }
 
 
@@ -75,6 +79,8 @@ def _train(a: argparse.Namespace) -> int:
     plan = {"steps": a.fit_steps, "batch_size": a.fit_batch}
     if a.width:
         s = dataclasses.replace(s, model=dataclasses.replace(s.model, width=a.width))
+    if a.head_intensity:
+        s = dataclasses.replace(s, model=dataclasses.replace(s.model, head_intensity=True))
     s = dataclasses.replace(
         s, plan=dataclasses.replace(s.plan, **{k: v for k, v in plan.items() if v is not None}),
         learn_inner_lr=not a.fixed_inner_lr, first_order=not a.second_order, image_only=a.image_only,

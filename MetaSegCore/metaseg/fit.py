@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call
 
 from .model import MetaSegNet, Params
+from .preprocess import sample_grid
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -126,40 +127,49 @@ class FittedINR:
     """An INR fitted to one image: query labels, probabilities, intensity or features anywhere.
 
     Coordinates are model coordinates in [-1, 1]; queries run in chunks so memory stays
-    bounded whatever the number of points.
+    bounded whatever the number of points. A model whose head also reads the image's intensity
+    (`config.head_intensity`) needs that `image` (normalized, on the model canvas); it is
+    interpolated at the query points, which gives the pixel values themselves on the grid.
     """
 
-    def __init__(self, model: MetaSegNet, params: Params, chunk: int = 1 << 16):
+    def __init__(self, model: MetaSegNet, params: Params, chunk: int = 1 << 16, image: Optional[torch.Tensor] = None):
+        if model.config.head_intensity and image is None:
+            raise ValueError("this model's head reads the image's intensity: pass the fitted image")
         self.model = model
         self.params = {k: t.detach() for k, t in params.items()}
         self.chunk = chunk
+        self.image = image.to(self.device, torch.float32) if model.config.head_intensity else None
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
-    def _map(self, coords: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _map(self, coords: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             head: bool = False) -> torch.Tensor:
+        """fn(intensity, features) per chunk; with `head`, fn(intensity, logits)."""
         coords = coords.to(self.device, torch.float32)
         out = []
         with torch.inference_mode():
             for s in range(0, coords.shape[0], self.chunk):
-                inten, feats = functional_call(self.model, self.params, (coords[s : s + self.chunk],))
+                x = coords[s : s + self.chunk]
+                inten, feats = functional_call(self.model, self.params, (x,))
+                if head:
+                    pixels = sample_grid(self.image, x) if self.image is not None else None
+                    feats = functional_call(self.model.head, _sub(self.params, "head."),
+                                            (self.model.head_input(feats, pixels),))
                 out.append(fn(inten, feats))
         return torch.cat(out) if out else torch.empty(0)
 
-    def _logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model.head, _sub(self.params, "head."), (feats,))
-
     def decode(self, coords: torch.Tensor) -> tuple:
         """(labels uint8, intensity float32) in one pass: what segmentation needs."""
-        packed = self._map(coords, lambda i, f: torch.stack([self._logits(f).argmax(-1).float(), i], -1)).cpu()
+        packed = self._map(coords, lambda i, z: torch.stack([z.argmax(-1).float(), i], -1), head=True).cpu()
         return packed[:, 0].to(torch.uint8), packed[:, 1].contiguous()
 
     def labels(self, coords: torch.Tensor) -> torch.Tensor:
-        return self._map(coords, lambda i, f: self._logits(f).argmax(-1).to(torch.uint8)).cpu()
+        return self._map(coords, lambda i, z: z.argmax(-1).to(torch.uint8), head=True).cpu()
 
     def probabilities(self, coords: torch.Tensor) -> torch.Tensor:
-        return self._map(coords, lambda i, f: torch.softmax(self._logits(f), -1)).cpu()
+        return self._map(coords, lambda i, z: torch.softmax(z, -1), head=True).cpu()
 
     def intensity(self, coords: torch.Tensor) -> torch.Tensor:
         return self._map(coords, lambda i, f: i).cpu()
@@ -188,12 +198,14 @@ def fit(
     cancel: Optional[threading.Event] = None,
     snapshot: Optional[Callable[[int, FittedINR], None]] = None,
     snapshot_every: int = 0,
+    image: Optional[torch.Tensor] = None,
 ) -> FittedINR:
     """Fit the INR to (coords, values) from `params`; return the fitted, queryable INR.
 
     `progress` is called after every step; `cancel` is checked after every step and raises
     FitCancelled promptly when set. `snapshot(step, inr)` receives the INR as it is every
-    `snapshot_every` steps (live preview of the labels forming).
+    `snapshot_every` steps (live preview of the labels forming). `image`: the normalized canvas
+    image, for a head that reads intensities (`FittedINR`).
     """
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -208,5 +220,5 @@ def fit(
         if cancel is not None and cancel.is_set():
             raise FitCancelled(f"fit cancelled at step {step} of {plan.steps}")
         if snapshot is not None and snapshot_every > 0 and step % snapshot_every == 0 and step < plan.steps:
-            snapshot(step, FittedINR(model, fast))
-    return FittedINR(model, fast)
+            snapshot(step, FittedINR(model, fast, image=image))
+    return FittedINR(model, fast, image=image)

@@ -15,11 +15,11 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import ModelConfig
 from .fit import FittedINR
 from .model import MetaSegNet
+from .preprocess import sample_grid
 from .weights import checked_writers, load_checked, save_checked
 
 FORMAT = "metaseg-fitted/1"
@@ -47,13 +47,10 @@ class FittedVolume:
         ok = (coords.abs() <= 1.0 + 1e-6).all(1)
         if self.mask is None:
             return ok
-        vol = torch.from_numpy(self.mask.astype(np.float32))[None, None]
-        out = torch.zeros(coords.shape[0], dtype=torch.bool)
+        vol = torch.from_numpy(self.mask.astype(np.float32))
         for s in range(0, coords.shape[0], chunk):
-            c = coords[s : s + chunk].flip(1)  # grid_sample wants (x, y, z) = reversed array order
-            v = F.grid_sample(vol, c.reshape(1, -1, 1, 1, 3), mode="bilinear", align_corners=True)
-            out[s : s + chunk] = v.reshape(-1) >= 0.5
-        return ok & out
+            ok[s : s + chunk] &= sample_grid(vol, coords[s : s + chunk]) >= 0.5
+        return ok
 
     def query(self, points: np.ndarray, what: str = "labels") -> np.ndarray:
         """`what` at physical points (N, 3): labels uint8 (N,), probabilities float32 (N, C) or
@@ -94,16 +91,23 @@ class FittedVolume:
         if self.mask is not None:
             blob["mask_shape"] = torch.tensor(self.mask.shape)
             blob["mask_bits"] = torch.from_numpy(np.packbits(self.mask.reshape(-1)))
+        image = self.inr.image
+        if image is not None:  # a head that reads intensities: keep the fitted image (its tissue voxels suffice)
+            image = image.cpu()
+            blob["image"] = image[torch.from_numpy(self.mask)] if self.mask is not None else image
         return blob
 
     @classmethod
     def load(cls, path: Path, device: torch.device = torch.device("cpu")) -> "FittedVolume":
         blob, digest = load_checked(path, FORMAT, what="fitted INR")
         net = MetaSegNet(ModelConfig.from_dict(json.loads(blob["config_json"]))).to(device).eval()
-        inr = FittedINR(net, {k: v.to(device) for k, v in blob["state"].items()})
         mask = None
         if "mask_bits" in blob:
             shape = tuple(int(x) for x in blob["mask_shape"])
             mask = np.unpackbits(blob["mask_bits"].numpy(), count=int(np.prod(shape))).astype(bool).reshape(shape)
+        image = blob.get("image")
+        if image is not None and mask is not None:
+            image = torch.zeros(mask.shape).index_put_((torch.from_numpy(mask),), image)
+        inr = FittedINR(net, {k: v.to(device) for k, v in blob["state"].items()}, image=image)
         info = dict(json.loads(blob["info_json"]), sha256=digest)
         return cls(inr, blob["physical_to_model"].numpy(), mask, info)

@@ -81,6 +81,7 @@ class TrainSettings:
     head_fits_per_image: int = 1
     head_points: int = 8192
     seed: int = 0
+    init: str = ""  # a best_stage1.pt to start from instead of the SIREN init (with outer_steps 0: stage 2 only)
     device: str = "auto"
     command: str = ""
 
@@ -250,7 +251,8 @@ def outer_step(net: MetaSegNet, log_lr: torch.Tensor, opt: torch.optim.Optimizer
         mse = weighted_mse(pred, values[idx], s.plan.bg_weight)
         loss = mse
         if not s.image_only:
-            logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")}, (feats,))
+            logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")},
+                                                (net.head_input(feats, values[idx]),))
             foc = focal_loss(logits, target[idx], s.focal_gamma)
             loss = loss + foc
             totals[1] += float(foc.detach())
@@ -353,9 +355,12 @@ def meta_train(s: TrainSettings) -> Path:
         state = json.loads(c["state"])
         if lead:
             print(f"resumed from step {state['step']}", file=sys.stderr)
-    elif lead:
-        log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__,
-                  device=str(dev), torch=torch.__version__)
+    else:
+        if s.init:
+            load_init(net, log_lr, Path(s.init))
+        if lead:
+            log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__,
+                      device=str(dev), torch=torch.__version__)
 
     def save_ckpt() -> None:
         blob = {
@@ -404,7 +409,7 @@ def meta_train(s: TrainSettings) -> Path:
     log_lr.data.copy_(best["log_lr"])
     test_lr = s.test_log_lr(log_lr)
     stage1 = {"step": state["best_step"]}
-    if not s.image_only and s.outer_steps > 0:
+    if not s.image_only and (s.outer_steps > 0 or s.init):
         stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))
     head_metrics = train_head(net, test_lr.to(dev), s, train, points, gen, log)
     stage2 = validate(net, test_lr, s.test_plan, val, s.canvas)
@@ -442,6 +447,28 @@ def meta_train(s: TrainSettings) -> Path:
     return path
 
 
+def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
+    """Start from another run's stage-1 result (`best_stage1.pt`). A head that read features only
+    gets a zero weight for the intensity column when this model's head also reads intensities
+    (`head_intensity`): it starts as the old head, and stage 2 teaches it to use the pixel."""
+    if not path.is_file():
+        raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.pt")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = dict(blob["net"])
+    w = state.get("head.0.weight")
+    want = net.head[0].weight.shape
+    if w is not None and w.shape[1] + 1 == want[1] and net.config.head_intensity:
+        state["head.0.weight"] = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"--init {path} does not fit this model ({e}); use the same --width and --dims") from None
+    if blob["log_lr"].shape != log_lr.shape:
+        raise SystemExit(f"--init {path} has learning rates for {blob['log_lr'].shape[0]} inner steps, this run "
+                         f"{log_lr.shape[0]}: use the same --fit-steps")
+    log_lr.data.copy_(blob["log_lr"])
+
+
 def _core(s: TrainSettings) -> str:
     """The settings that must match to resume (not step counts or intervals)."""
     d = s.to_dict()
@@ -468,7 +495,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
             idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen).to(coords.device)
             with torch.no_grad():
                 _, f = torch.func.functional_call(net, fast, (coords[idx],))
-            feats.append(f)
+            feats.append(net.head_input(f, values[idx]))
             targets.append(target[idx])
     feats, targets = torch.cat(feats), torch.cat(targets)
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)

@@ -48,7 +48,7 @@ class MetaSegNet(nn.Module):
         with torch.no_grad():
             self.intensity.weight.uniform_(-bound, bound)
         self.head = nn.Sequential(
-            nn.Linear(c.width, c.width), nn.LeakyReLU(0.01), nn.Linear(c.width, c.n_classes)
+            nn.Linear(c.width + int(c.head_intensity), c.width), nn.LeakyReLU(0.01), nn.Linear(c.width, c.n_classes)
         )
 
     def features(self, coords: torch.Tensor) -> torch.Tensor:
@@ -59,6 +59,11 @@ class MetaSegNet(nn.Module):
         """Return (intensity (N,), features (N, width))."""
         feats = self.trunk(coords)
         return self.intensity(feats).squeeze(-1), feats
+
+    def head_input(self, feats: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """What the head reads at N points: the features, and with `config.head_intensity` the
+        image's normalized intensity `pixels` (N,) there as one more column."""
+        return torch.cat([feats, pixels[:, None].to(feats.dtype)], 1) if self.config.head_intensity else feats
 
     def inr_parameter_names(self) -> list:
         """Names of the parameters a test-time fit optimizes: trunk + intensity output."""

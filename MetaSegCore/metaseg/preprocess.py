@@ -55,6 +55,16 @@ def grid_coords(shape: Tuple[int, ...], index: Optional[torch.Tensor] = None) ->
     return out
 
 
+def sample_grid(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Values of a canvas-shaped `image` at model coordinates (N, ndim), (bi/tri)linearly
+    interpolated: exactly the pixel values at `grid_coords` (the same [-1, 1] convention), and
+    0 outside the canvas."""
+    c = coords.to(image.device, torch.float32).flip(1)  # grid_sample wants (x, y[, z]) = reversed array order
+    grid = c.reshape(1, -1, *([1] * (image.dim() - 1)), image.dim())
+    out = F.grid_sample(image[None, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(-1)
+
+
 def augment_points(coords: torch.Tensor, values: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """Random small affine + intensity changes of an image given as points (coords, values).
 

@@ -84,7 +84,7 @@ def segment_array(
             progress(p)
 
     fitted = fit(net, params, fit_coords, values, plan, log_lr.to(device), seed=seed, progress=on_step, cancel=cancel,
-                 snapshot=snapshot, snapshot_every=live_every)
+                 snapshot=snapshot, snapshot_every=live_every, image=torch.from_numpy(padded))
     t2 = time.perf_counter()
     if not decode:
         return SegmentResult(None, fitted, region, psnr_from_mse(last_loss[0]), {"preprocess_s": t1 - t0, "fit_s": t2 - t1})

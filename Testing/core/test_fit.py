@@ -8,8 +8,9 @@ import torch
 
 from metaseg.config import ModelConfig
 from metaseg.fit import FitCancelled, FitPlan, adapt, fit
+from metaseg.meta_train import load_init
 from metaseg.model import MetaSegNet
-from metaseg.preprocess import grid_coords, normalize_intensity, pad_to_canvas
+from metaseg.preprocess import grid_coords, normalize_intensity, pad_to_canvas, sample_grid
 
 SMALL = ModelConfig(width=32, hidden_layers=2)
 
@@ -141,3 +142,47 @@ def test_fitted_inr_queries_in_bounded_chunks(sample_canvas):
     labels, inten = inr.decode(pts)
     assert torch.equal(labels, inr.labels(pts)) and torch.allclose(inten, inr.intensity(pts))
     assert inr.features(pts).shape == (4321, 32)
+
+
+def test_sample_grid_returns_the_pixels_on_the_grid(sample_canvas):
+    coords, values = sample_canvas
+    image = values.reshape(192, 192)
+    idx = torch.randint(0, coords.shape[0], (5000,), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sample_grid(image, coords[idx]), values[idx], atol=1e-5)
+    vol = torch.rand(7, 9, 11, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(sample_grid(vol, grid_coords(vol.shape)), vol.reshape(-1), atol=1e-5)
+    assert torch.equal(sample_grid(vol, torch.tensor([[1.5, 0.0, 0.0]])), torch.zeros(1))  # outside: 0
+
+
+def test_a_head_reading_intensities_gets_the_pixel_at_each_point(sample_canvas):
+    coords, values = sample_canvas
+    net = MetaSegNet(ModelConfig(width=32, hidden_layers=2, head_intensity=True))
+    assert net.head[0].in_features == 33
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    with pytest.raises(ValueError, match="reads the image's intensity"):
+        fit(net, params, coords, values, FitPlan(steps=1, batch_size=512), _log_lr(net, 1))
+    inr = fit(net, params, coords, values, FitPlan(steps=1, batch_size=512), _log_lr(net, 1), image=values.reshape(192, 192))
+    pts = coords[:3000]
+    with torch.no_grad():
+        by_hand = net.head(torch.cat([inr.features(pts), values[:3000, None]], 1)).argmax(-1).to(torch.uint8)
+    assert torch.equal(inr.labels(pts), by_hand)
+
+
+def test_init_from_a_features_only_head_starts_as_that_head(tmp_path, sample_canvas):
+    coords, _ = sample_canvas
+    torch.manual_seed(0)
+    old = MetaSegNet(SMALL)
+    log_lr = _log_lr(old, 3)
+    torch.save({"net": old.state_dict(), "log_lr": log_lr}, tmp_path / "best_stage1.pt")
+    new = MetaSegNet(ModelConfig(width=32, hidden_layers=2, head_intensity=True))
+    new_lr = torch.zeros_like(log_lr)
+    load_init(new, new_lr, tmp_path / "best_stage1.pt")
+    assert torch.equal(new_lr, log_lr)
+    with torch.no_grad():
+        f = old.features(coords[:100])
+        pixels = torch.rand(100)
+        assert torch.allclose(new.head(new.head_input(f, pixels)), old.head(f), atol=1e-6)
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        load_init(MetaSegNet(ModelConfig(width=16, hidden_layers=2)), new_lr, tmp_path / "best_stage1.pt")
+    with pytest.raises(SystemExit, match="no such file"):
+        load_init(new, new_lr, tmp_path / "missing.pt")
