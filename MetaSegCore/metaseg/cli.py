@@ -28,6 +28,8 @@ def _add_train(sub) -> None:
     p.add_argument("--width", type=int, help="SIREN width (128)")
     p.add_argument("--head-intensity", action="store_true",
                    help="the head also reads the image's intensity at each point, not only the network's features")
+    p.add_argument("--head-all-layers", action="store_true",
+                   help="the head reads every sine layer's output, not only the penultimate layer's")
     p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.pt) instead of the SIREN "
                    "initialization; with --steps 0 only stage 2 runs (e.g. a new head for the same initialization)")
     p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
@@ -79,8 +81,9 @@ def _train(a: argparse.Namespace) -> int:
     plan = {"steps": a.fit_steps, "batch_size": a.fit_batch}
     if a.width:
         s = dataclasses.replace(s, model=dataclasses.replace(s.model, width=a.width))
-    if a.head_intensity:
-        s = dataclasses.replace(s, model=dataclasses.replace(s.model, head_intensity=True))
+    if a.head_intensity or a.head_all_layers:
+        s = dataclasses.replace(s, model=dataclasses.replace(
+            s.model, head_intensity=a.head_intensity, head_all_layers=a.head_all_layers))
     s = dataclasses.replace(
         s, plan=dataclasses.replace(s.plan, **{k: v for k, v in plan.items() if v is not None}),
         learn_inner_lr=not a.fixed_inner_lr, first_order=not a.second_order, image_only=a.image_only,

@@ -11,9 +11,11 @@ class ModelConfig:
 
     Defaults are the paper's 2D 5-class configuration: SIREN 2 -> 128 with 4 hidden
     sine layers (6 linear layers in all) and a 128 -> 128 -> 5 head: about 83K parameters.
-    `head_intensity` adds the image's own intensity at the point to the head's input (ours, not
-    the paper's): the fitted network is a smoothed copy of the scan (about 23 dB in 3D), and the
-    exact pixel value restores what the fit has not yet captured (docs/results.md).
+    Two additions of ours to the head's input, both off in the paper's configuration (measured
+    in docs/results.md): `head_all_layers` gives it every sine layer's output instead of the
+    penultimate one alone (coarse to fine scales of the fitted image), and `head_intensity` the
+    image's own intensity at the point: the fitted network is a smoothed copy of the scan (about
+    23 dB in 3D) and the exact pixel value restores what the fit has not yet captured.
     """
 
     in_dim: int = 2
@@ -21,6 +23,7 @@ class ModelConfig:
     hidden_layers: int = 4
     omega0: float = 30.0
     n_classes: int = 5
+    head_all_layers: bool = False
     head_intensity: bool = False
 
     def to_dict(self) -> Dict[str, Any]:

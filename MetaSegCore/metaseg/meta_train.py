@@ -448,17 +448,17 @@ def meta_train(s: TrainSettings) -> Path:
 
 
 def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
-    """Start from another run's stage-1 result (`best_stage1.pt`). A head that read features only
-    gets a zero weight for the intensity column when this model's head also reads intensities
-    (`head_intensity`): it starts as the old head, and stage 2 teaches it to use the pixel."""
+    """Start from another run's stage-1 result (`best_stage1.pt`). A paper head (penultimate
+    features only) becomes this model's wider head (`head_all_layers`, `head_intensity`) with zero
+    weights for the new inputs: it starts as the old head, and stage 2 teaches it the rest."""
     if not path.is_file():
         raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.pt")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     state = dict(blob["net"])
     w = state.get("head.0.weight")
     want = net.head[0].weight.shape
-    if w is not None and w.shape[1] + 1 == want[1] and net.config.head_intensity:
-        state["head.0.weight"] = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=w.dtype)], 1)
+    if w is not None and w.shape[1] == net.config.width and w.shape[1] != want[1]:
+        state["head.0.weight"] = net.widen_head_weight(w)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -1,6 +1,7 @@
 """The MetaSeg network: a SIREN trunk with an intensity output and a segmentation head.
 
-The head reads the trunk's *penultimate* features, so fitting the trunk to an image's
+The head reads the trunk's features (the *penultimate* layer's in the paper; optionally every
+layer's and the pixel's own intensity, see `ModelConfig`), so fitting the trunk to an image's
 intensities moves the features the head decodes into labels ("fit pixels, get labels").
 Everything is written so that `torch.func.functional_call` can run it with a
 dictionary of parameters, which is how meta-training differentiates through the fit.
@@ -34,7 +35,12 @@ class SineLayer(nn.Module):
 
 
 class MetaSegNet(nn.Module):
-    """SIREN trunk -> (intensity, penultimate features); head(features) -> class logits."""
+    """SIREN trunk -> (intensity, features); head(features) -> class logits.
+
+    The head's features are the penultimate layer's (the paper), or with `head_all_layers`
+    every sine layer's output side by side: the early layers vary slowly in space, the last
+    ones quickly, so the head sees the image at several scales.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -48,22 +54,41 @@ class MetaSegNet(nn.Module):
         with torch.no_grad():
             self.intensity.weight.uniform_(-bound, bound)
         self.head = nn.Sequential(
-            nn.Linear(c.width + int(c.head_intensity), c.width), nn.LeakyReLU(0.01), nn.Linear(c.width, c.n_classes)
+            nn.Linear(self.head_in_features, c.width), nn.LeakyReLU(0.01), nn.Linear(c.width, c.n_classes)
         )
 
+    @property
+    def head_in_features(self) -> int:
+        c = self.config
+        return c.width * (c.hidden_layers + 1 if c.head_all_layers else 1) + int(c.head_intensity)
+
     def features(self, coords: torch.Tensor) -> torch.Tensor:
-        """Penultimate trunk features at `coords` (N, in_dim) in [-1, 1]."""
-        return self.trunk(coords)
+        """The head's trunk features at `coords` (N, in_dim) in [-1, 1]."""
+        return self.forward(coords)[1]
 
     def forward(self, coords: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return (intensity (N,), features (N, width))."""
-        feats = self.trunk(coords)
-        return self.intensity(feats).squeeze(-1), feats
+        """Return (intensity (N,), features (N, width, or width * layers with `head_all_layers`))."""
+        if not self.config.head_all_layers:
+            feats = self.trunk(coords)
+            return self.intensity(feats).squeeze(-1), feats
+        outs, x = [], coords
+        for layer in self.trunk:
+            x = layer(x)
+            outs.append(x)
+        return self.intensity(x).squeeze(-1), torch.cat(outs, -1)
 
     def head_input(self, feats: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """What the head reads at N points: the features, and with `config.head_intensity` the
         image's normalized intensity `pixels` (N,) there as one more column."""
         return torch.cat([feats, pixels[:, None].to(feats.dtype)], 1) if self.config.head_intensity else feats
+
+    def widen_head_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The first head weight (out, width) of a paper head (penultimate features only) placed
+        in this head's layout, zero for the other inputs: this head then computes the same logits."""
+        out = weight.new_zeros(weight.shape[0], self.head_in_features)
+        start = self.config.width * self.config.hidden_layers if self.config.head_all_layers else 0
+        out[:, start : start + weight.shape[1]] = weight
+        return out
 
     def inr_parameter_names(self) -> list:
         """Names of the parameters a test-time fit optimizes: trunk + intensity output."""

@@ -174,14 +174,14 @@ def test_init_from_a_features_only_head_starts_as_that_head(tmp_path, sample_can
     old = MetaSegNet(SMALL)
     log_lr = _log_lr(old, 3)
     torch.save({"net": old.state_dict(), "log_lr": log_lr}, tmp_path / "best_stage1.pt")
-    new = MetaSegNet(ModelConfig(width=32, hidden_layers=2, head_intensity=True))
+    new = MetaSegNet(ModelConfig(width=32, hidden_layers=2, head_intensity=True, head_all_layers=True))
+    assert new.head[0].in_features == 3 * 32 + 1
     new_lr = torch.zeros_like(log_lr)
     load_init(new, new_lr, tmp_path / "best_stage1.pt")
     assert torch.equal(new_lr, log_lr)
     with torch.no_grad():
-        f = old.features(coords[:100])
-        pixels = torch.rand(100)
-        assert torch.allclose(new.head(new.head_input(f, pixels)), old.head(f), atol=1e-6)
+        x, pixels = coords[:100], torch.rand(100)
+        assert torch.allclose(new.head(new.head_input(new.features(x), pixels)), old.head(old.features(x)), atol=1e-6)
     with pytest.raises(SystemExit, match="does not fit this model"):
         load_init(MetaSegNet(ModelConfig(width=16, hidden_layers=2)), new_lr, tmp_path / "best_stage1.pt")
     with pytest.raises(SystemExit, match="no such file"):
