@@ -1,0 +1,62 @@
+import os, sys, time, numpy as np, torch
+from pathlib import Path
+from metaseg.weights import load_weights
+from metaseg.data import load_volume, load_splits
+from metaseg.segment import segment_array
+from metaseg.preprocess import grid_coords, normalize_intensity
+from metaseg.metrics import foreground_dice
+torch.set_num_threads(2)
+w = load_weights(Path(os.environ["WEIGHTS"])); net = w.build()
+sp = load_splits(); print(sp)
+def sample(subj, n, fits=1):
+    v = load_volume(Path("../shared/data/brains")/subj)
+    img = normalize_intensity(v.image)
+    out = []
+    for k in range(fits):
+        res = segment_array(net, w.log_lr, w.plan, v.image, w.canvas, decode=False, seed=k)
+        flat = np.flatnonzero(img.reshape(-1) > 0)
+        g = np.random.default_rng(k)
+        sel = flat if n is None else g.choice(flat, n, replace=False)
+        coords = grid_coords(w.canvas, torch.from_numpy(sel))
+        # 6-neighbour intensities
+        zyx = np.stack(np.unravel_index(sel, img.shape), 1)
+        nb = []
+        for d in range(3):
+            for s in (-1, 1):
+                q = zyx.copy(); q[:, d] = np.clip(q[:, d] + s, 0, img.shape[d]-1)
+                nb.append(img[q[:,0], q[:,1], q[:,2]])
+        with torch.no_grad():
+            F = res.fitted.features(coords)
+        I = torch.from_numpy(img.reshape(-1)[sel]).float()[:, None]
+        NB = torch.from_numpy(np.stack(nb, 1)).float()
+        y = torch.from_numpy(v.labels.reshape(-1)[sel].astype(np.int64))
+        out.append((F, I, NB, y, coords))
+        print(subj, k, res.psnr, flush=True)
+    return [torch.cat(t) for t in zip(*out)]
+t = time.time()
+train = [sample(s, 60000, fits=2) for s in sp["train"] if True]
+tr = [torch.cat(t) for t in zip(*train)]
+val = {s: sample(s, 300000) for s in sp["validation"]}
+print("sampled", time.time() - t, flush=True)
+def run(name, fx):
+    torch.manual_seed(0)
+    X = fx(*tr[:3], tr[4]); y = tr[3]
+    head = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 128), torch.nn.LeakyReLU(0.01), torch.nn.Linear(128, 5))
+    opt = torch.optim.Adam(head.parameters(), 1e-3)
+    for i in range(4000):
+        idx = torch.randint(0, X.shape[0], (8192,))
+        loss = torch.nn.functional.cross_entropy(head(X[idx]), y[idx])
+        opt.zero_grad(); loss.backward(); opt.step()
+    r = {}
+    with torch.no_grad():
+        for s, (F, I, NB, yv, c) in val.items():
+            r[s] = round(foreground_dice(head(fx(F, I, NB, c)).argmax(1).numpy(), yv.numpy()), 4)
+    print(name, r, flush=True)
+with torch.no_grad():
+    for s, (F, I, NB, yv, c) in val.items():
+        print("shipped head", s, foreground_dice(net.head(F).argmax(1).numpy(), yv.numpy()))
+run("F", lambda F, I, NB, c: F)
+run("F+I", lambda F, I, NB, c: torch.cat([F, I], 1))
+run("F+I+NB", lambda F, I, NB, c: torch.cat([F, I, NB], 1))
+run("c+I+NB (no INR)", lambda F, I, NB, c: torch.cat([c, I, NB], 1))
+run("I+NB (no INR, no coords)", lambda F, I, NB, c: torch.cat([I, NB], 1))
