@@ -206,10 +206,16 @@ def _inplane_spacing(img) -> tuple:
     return tuple(sp for sp, n in zip(img.GetSpacing(), img.GetSize()) if n != 1)[:2]
 
 
+# Below: the 2D fit did not reproduce the slice. Set on the training subjects with the shipped 2D
+# weights (20-step fit): slice 109 17.9-18.5 dB, the same slices with inverted contrast 16.2-16.9 dB,
+# noise 10.2 dB (benchmarks/exploration/psnr_gate_2d.py; validation and test slices: 18.2-18.7 dB).
+MIN_PSNR_2D = 16.0
+
+
 def plausibility_warnings(labels: np.ndarray, psnr: float) -> List[str]:
     """Signs that the input was not what the model expects; reported, never silently ignored."""
     warn = []
-    if psnr < 25:
+    if psnr < MIN_PSNR_2D:
         warn.append(f"the fit reproduced the image poorly (PSNR {psnr:.1f} dB): is this a skull-stripped T1 brain slice?")
     fg = labels > 0
     if fg.mean() < 0.05:

@@ -58,7 +58,7 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
     labels = vtk_to_numpy(labels_node.GetImageData().GetPointData().GetScalars()).reshape(
         labels_node.GetImageData().GetDimensions()[::-1])
 
-    centre = ijk_to_ras @ np.r_[(np.array(labels.shape[::-1]) - 1) / 2.0, 1.0]
+    centre = ijk_to_ras @ np.r_[(np.array(labels.shape[::-1]) - 1) // 2, 1.0]  # a voxel centre
     rot = np.array([[1, 0, 0], [0, np.cos(0.4), -np.sin(0.4)], [0, np.sin(0.4), np.cos(0.4)]])
     for name, r in (("Red", np.eye(3)), ("Yellow", rot)):
         s2r = np.eye(4)
@@ -75,15 +75,19 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
         dims = node.GetImageData().GetDimensions()
         assert dims[2] == 1 and abs((dims[0] - 1) * 0.25 - 120.0) <= 0.25 and abs((dims[1] - 1) * 0.25 - 100.0) <= 0.25
         plane = vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[1], dims[0])
-        # every 8th pixel: the run's label at the nearest voxel agrees with the cross-section (up to boundaries)
-        jj, ii = np.mgrid[0:dims[1]:8, 0:dims[0]:8]
+        # the pixels that lie within 0.1 voxel of a voxel centre: the run's label there agrees with the
+        # cross-section (up to boundaries). Farther from the centres the labels may rightly differ: the
+        # head reads the intensity interpolated at the point, not the nearest voxel's.
+        jj, ii = np.mgrid[0:dims[1], 0:dims[0]]
         ras = (m @ np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)]))
-        ijk = np.rint(np.linalg.solve(ijk_to_ras, ras)[:3]).astype(int)
+        ijk_float = np.linalg.solve(ijk_to_ras, ras)[:3]
+        ijk = np.rint(ijk_float).astype(int)
         inside = np.all((ijk >= 0) & (ijk < np.array(labels.shape[::-1])[:, None]), axis=0)
+        inside &= np.abs(ijk_float - ijk).max(0) < 0.1
         want = labels[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
         got = plane[jj.ravel()[inside], ii.ravel()[inside]]
         tissue = (want > 0) | (got > 0)
-        assert tissue.sum() > 100 and np.mean(want[tissue] == got[tissue]) > 0.9
+        assert tissue.sum() > 100 and np.mean(want[tissue] == got[tissue]) > 0.95
         tables = [n for n in scene_state(scene)[0] if n[1] == "vtkMRMLColorTableNode" and n[2].startswith("MetaSeg tissues")]
         assert len(tables) == 1  # the tissue colour table is made once and reused
         # only the new node (its display node and the colour table) was added; nothing else changed
