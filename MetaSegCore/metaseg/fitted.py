@@ -2,7 +2,7 @@
 
 After a fit, `FittedVolume` holds the fitted network, the affine map from physical points (LPS mm)
 to model coordinates, and the brain mask the fit saw (the model knows tissue only there: it was
-fitted on nonzero voxels). Any set of points can then be decoded without refitting: the scan's
+fitted on nonzero voxels); for a head that reads intensities, also the fitted image's brain voxels. Any set of points can then be decoded without refitting: the scan's
 own voxels, a plane of any orientation, a super-resolved grid. Saved files load without executing
 code and are checked against their sha256, like weights.
 """
