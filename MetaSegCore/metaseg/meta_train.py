@@ -456,8 +456,7 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     state = dict(blob["net"])
     w = state.get("head.0.weight")
-    want = net.head[0].weight.shape
-    if w is not None and w.shape[1] == net.config.width and w.shape[1] != want[1]:
+    if w is not None and w.shape[1] == net.config.width != net.head_in_features:
         state["head.0.weight"] = net.widen_head_weight(w)
     try:
         net.load_state_dict(state)
