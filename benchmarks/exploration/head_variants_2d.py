@@ -1,3 +1,4 @@
+"""Heads trained on the 2D features cached by head_features_2d.py; sets a, b, c (README)."""
 import sys, numpy as np, torch
 sys.path.insert(0, "MetaSegCore")
 from metaseg.metrics import foreground_dice, dice_per_class
