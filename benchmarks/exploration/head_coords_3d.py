@@ -6,16 +6,15 @@ sys.path.insert(0, "MetaSegCore")
 from metaseg.data import load_volume, load_splits
 from metaseg.preprocess import grid_coords, normalize_intensity
 from metaseg.metrics import foreground_dice, dice_per_class
+from common import mlp_head, pick_voxels
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 canvas = (224, 192, 160)
 sp = load_splits()
-D = torch.load("runs/exp/feats3d.pt")
+D = torch.load("runs/exp/feats3d.pt", weights_only=True)
 def coords(subj, n, fits=1):
     v = load_volume(Path("../shared/data/brains") / subj)
     img = normalize_intensity(v.image)
-    flat = np.flatnonzero(img.reshape(-1) > 0)
-    return torch.cat([grid_coords(canvas, torch.from_numpy(np.random.default_rng(k).choice(flat, n, replace=False)))
-                      for k in range(fits)])
+    return torch.cat([grid_coords(canvas, torch.from_numpy(pick_voxels(img, n, k))) for k in range(fits)])
 trC = torch.cat([coords(s, 60000, 2) for s in sp["train"]])
 valC = {s: coords(s, 300000) for s in sp["validation"]}
 tr = D["tr"]; val = D["val"]
@@ -23,7 +22,7 @@ assert trC.shape[0] == tr[0].shape[0]
 def run(name, fx, steps=4000, hidden=128):
     torch.manual_seed(0)
     X = fx(tr[0], tr[1], trC); y = tr[2]
-    head = torch.nn.Sequential(torch.nn.Linear(X.shape[1], hidden), torch.nn.LeakyReLU(0.01), torch.nn.Linear(hidden, 5))
+    head = mlp_head(X.shape[1], hidden)
     opt = torch.optim.Adam(head.parameters(), 1e-3)
     for i in range(steps):
         idx = torch.randint(0, X.shape[0], (8192,))

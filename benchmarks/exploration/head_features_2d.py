@@ -38,7 +38,7 @@ def collect(tasks, gen, npts=None, flip=False):
     return torch.cat(F), torch.cat(I), torch.cat(C), torch.cat(L)
 cache = Path("runs/exp/head2d_cache.pt")
 if cache.exists():
-    D = torch.load(cache)
+    D = torch.load(cache, weights_only=True)
 else:
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()

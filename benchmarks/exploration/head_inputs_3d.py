@@ -1,23 +1,15 @@
 import os, sys, time, numpy as np, torch
 from pathlib import Path
 from metaseg.weights import load_weights
-from metaseg.data import load_volume, load_splits
-from metaseg.segment import segment_array
-from metaseg.preprocess import grid_coords, normalize_intensity
+from metaseg.data import load_splits
 from metaseg.metrics import foreground_dice
+from common import fitted_samples, mlp_head
 torch.set_num_threads(2)
 w = load_weights(Path(os.environ["WEIGHTS"])); net = w.build()
 sp = load_splits(); print(sp)
 def sample(subj, n, fits=1):
-    v = load_volume(Path("../shared/data/brains")/subj)
-    img = normalize_intensity(v.image)
     out = []
-    for k in range(fits):
-        res = segment_array(net, w.log_lr, w.plan, v.image, w.canvas, decode=False, seed=k)
-        flat = np.flatnonzero(img.reshape(-1) > 0)
-        g = np.random.default_rng(k)
-        sel = flat if n is None else g.choice(flat, n, replace=False)
-        coords = grid_coords(w.canvas, torch.from_numpy(sel))
+    for k, (res, img, labels, sel, coords) in enumerate(fitted_samples(net, w, subj, n, fits)):
         # 6-neighbour intensities
         zyx = np.stack(np.unravel_index(sel, img.shape), 1)
         nb = []
@@ -29,7 +21,7 @@ def sample(subj, n, fits=1):
             F = res.fitted.features(coords)
         I = torch.from_numpy(img.reshape(-1)[sel]).float()[:, None]
         NB = torch.from_numpy(np.stack(nb, 1)).float()
-        y = torch.from_numpy(v.labels.reshape(-1)[sel].astype(np.int64))
+        y = torch.from_numpy(labels.reshape(-1)[sel].astype(np.int64))
         out.append((F, I, NB, y, coords))
         print(subj, k, res.psnr, flush=True)
     return [torch.cat(t) for t in zip(*out)]
@@ -41,7 +33,7 @@ print("sampled", time.time() - t, flush=True)
 def run(name, fx):
     torch.manual_seed(0)
     X = fx(*tr[:3], tr[4]); y = tr[3]
-    head = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 128), torch.nn.LeakyReLU(0.01), torch.nn.Linear(128, 5))
+    head = mlp_head(X.shape[1])
     opt = torch.optim.Adam(head.parameters(), 1e-3)
     for i in range(4000):
         idx = torch.randint(0, X.shape[0], (8192,))

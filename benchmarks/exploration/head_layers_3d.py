@@ -2,10 +2,9 @@ import os, sys, time, numpy as np, torch
 from pathlib import Path
 from torch.func import functional_call
 from metaseg.weights import load_weights
-from metaseg.data import load_volume, load_splits
-from metaseg.segment import segment_array
-from metaseg.preprocess import grid_coords, normalize_intensity
+from metaseg.data import load_splits
 from metaseg.metrics import foreground_dice
+from common import fitted_samples, mlp_head
 torch.set_num_threads(2)
 w = load_weights(Path(os.environ["WEIGHTS"])); net = w.build()
 sp = load_splits()
@@ -20,17 +19,11 @@ def allfeats(params, coords):
             out.append(torch.cat(fs, 1))
     return torch.cat(out)
 def sample(subj, n, fits=1):
-    v = load_volume(Path("../shared/data/brains")/subj)
-    img = normalize_intensity(v.image)
     out = []
-    for k in range(fits):
-        res = segment_array(net, w.log_lr, w.plan, v.image, w.canvas, decode=False, seed=k)
-        flat = np.flatnonzero(img.reshape(-1) > 0)
-        sel = np.random.default_rng(k).choice(flat, n, replace=False)
-        coords = grid_coords(w.canvas, torch.from_numpy(sel))
+    for k, (res, img, labels, sel, coords) in enumerate(fitted_samples(net, w, subj, n, fits)):
         FA = allfeats(res.fitted.params, coords)
         I = torch.from_numpy(img.reshape(-1)[sel]).float()[:, None]
-        y = torch.from_numpy(v.labels.reshape(-1)[sel].astype(np.int64))
+        y = torch.from_numpy(labels.reshape(-1)[sel].astype(np.int64))
         out.append((FA, I, y))
         print(subj, k, res.psnr, flush=True)
     return [torch.cat(t) for t in zip(*out)]
@@ -43,10 +36,7 @@ W = 128
 def run(name, fx, hidden=128, layers=1, steps=4000):
     torch.manual_seed(0)
     X = fx(*tr[:2]); y = tr[2]
-    mods = [torch.nn.Linear(X.shape[1], hidden), torch.nn.LeakyReLU(0.01)]
-    for _ in range(layers - 1):
-        mods += [torch.nn.Linear(hidden, hidden), torch.nn.LeakyReLU(0.01)]
-    head = torch.nn.Sequential(*mods, torch.nn.Linear(hidden, 5))
+    head = mlp_head(X.shape[1], hidden, layers)
     opt = torch.optim.Adam(head.parameters(), 1e-3)
     for i in range(steps):
         idx = torch.randint(0, X.shape[0], (8192,))

@@ -5,6 +5,7 @@ from metaseg.data import load_volume
 from metaseg.segment import segment_array
 from metaseg.preprocess import grid_coords, normalize_intensity
 from metaseg.metrics import foreground_dice
+from common import mlp_head
 torch.set_num_threads(2)
 w = load_weights(Path(os.environ["WEIGHTS"])); net = w.build()
 subj = sys.argv[1] if len(sys.argv) > 1 else "ws01"
@@ -25,7 +26,7 @@ with torch.no_grad():
 print("shipped head dice (400k pts)", foreground_dice(yhat.numpy(), y.numpy()))
 tr, te = slice(0, 300000), slice(300000, None)
 def trainhead(X, y, steps=3000, hidden=128):
-    head = torch.nn.Sequential(torch.nn.Linear(X.shape[1], hidden), torch.nn.LeakyReLU(0.01), torch.nn.Linear(hidden, 5))
+    head = mlp_head(X.shape[1], hidden)
     opt = torch.optim.Adam(head.parameters(), 1e-3)
     for i in range(steps):
         idx = torch.randint(0, X[tr].shape[0], (8192,))

@@ -2,8 +2,9 @@
 import sys, numpy as np, torch
 sys.path.insert(0, "MetaSegCore")
 from metaseg.metrics import foreground_dice, dice_per_class
+from common import mlp_head
 torch.set_num_threads(2)
-D = torch.load("runs/exp/head2d_cache.pt")
+D = torch.load("runs/exp/head2d_cache.pt", weights_only=True)
 names = D["train_names"]
 slice_of = torch.tensor([int(n.split("@")[1]) for n in names]).repeat_interleave(8192)
 def sel(keys, slices, cap=1800000):
@@ -20,10 +21,7 @@ def run(name, keys, slices, fx, steps=4000, hidden=128, seed=0, layers=1):
     torch.manual_seed(seed)
     F, I, C, L = sel(keys, slices)
     X = fx(F, I, C)
-    mods = [torch.nn.Linear(X.shape[1], hidden), torch.nn.LeakyReLU(0.01)]
-    for _ in range(layers - 1):
-        mods += [torch.nn.Linear(hidden, hidden), torch.nn.LeakyReLU(0.01)]
-    head = torch.nn.Sequential(*mods, torch.nn.Linear(hidden, 5))
+    head = mlp_head(X.shape[1], hidden, layers)
     opt = torch.optim.Adam(head.parameters(), 1e-3)
     for i in range(steps):
         idx = torch.randint(0, X.shape[0], (8192,))
@@ -43,8 +41,7 @@ def run(name, keys, slices, fx, steps=4000, hidden=128, seed=0, layers=1):
         ds.append(foreground_dice(pred.numpy(), lab.reshape(-1).numpy()))
         d = dice_per_class(pred.numpy(), lab.reshape(-1).numpy()); pc.append([d[c] for c in range(1, 5)])
     print(f"{name:28s} n={X.shape[0]:7d} fg {np.mean(ds):.4f} per-img {[round(x,3) for x in ds]} classes {np.round(np.nanmean(pc,0),3).tolist()}", flush=True)
-# masks of val brain pixels, recomputed from the val intensities' count: need the images
-sys.path.insert(0, "MetaSegCore")
+# masks of the validation slices' brain pixels, from the images
 from pathlib import Path
 from metaseg.meta_train import settings_for, prepare_tasks
 from metaseg.data import load_splits

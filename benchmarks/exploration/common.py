@@ -1,0 +1,33 @@
+"""Pieces shared by the exploration scripts: the heads they train and the voxels they sample."""
+import numpy as np
+import torch
+
+
+def mlp_head(n_in: int, hidden: int = 128, layers: int = 1, n_classes: int = 5) -> torch.nn.Sequential:
+    """The stage-2 head's shape (Linear-LeakyReLU, `layers` times, then Linear to the classes)."""
+    mods = [torch.nn.Linear(n_in, hidden), torch.nn.LeakyReLU(0.01)]
+    for _ in range(layers - 1):
+        mods += [torch.nn.Linear(hidden, hidden), torch.nn.LeakyReLU(0.01)]
+    return torch.nn.Sequential(*mods, torch.nn.Linear(hidden, n_classes))
+
+
+def pick_voxels(img: np.ndarray, n, seed: int) -> np.ndarray:
+    """Flat indices of `n` distinct brain (nonzero) voxels drawn with `seed`; all of them if n is None."""
+    flat = np.flatnonzero(img.reshape(-1) > 0)
+    return flat if n is None else np.random.default_rng(seed).choice(flat, n, replace=False)
+
+
+def fitted_samples(net, w, subj: str, n, fits: int = 1):
+    """For each of `fits` seeds k: fit `subj`'s aligned volume with weights `w` (seed k) and pick
+    `n` brain voxels (seed k). Yields (fit result, normalized image, labels, flat indices, coords)."""
+    from pathlib import Path
+    from metaseg.data import load_volume
+    from metaseg.preprocess import grid_coords, normalize_intensity
+    from metaseg.segment import segment_array
+
+    v = load_volume(Path("../shared/data/brains") / subj)
+    img = normalize_intensity(v.image)
+    for k in range(fits):
+        res = segment_array(net, w.log_lr, w.plan, v.image, w.canvas, decode=False, seed=k)
+        sel = pick_voxels(img, n, k)
+        yield res, img, v.labels, sel, grid_coords(w.canvas, torch.from_numpy(sel))
