@@ -1,0 +1,81 @@
+"""What these 7 training subjects support at all: a plain supervised 2D U-Net (no INR, labels
+learnt from the same training slices) scored like the MetaSeg heads, on the brain pixels of the
+validation slices 105/109/113 of ws01 and ecog. Not MetaSeg; a reference for the Dice target.
+Usage: unet_ceiling_2d.py [threads] [iterations]."""
+import sys
+import time
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn as nn
+sys.path.insert(0, "MetaSegCore")
+from metaseg.meta_train import settings_for, prepare_tasks
+from metaseg.data import load_splits
+from metaseg.metrics import dice_per_class, foreground_dice
+
+torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
+torch.manual_seed(0)
+s = settings_for(2)
+root, sp = Path("../shared/data/brains"), load_splits()
+train = prepare_tasks(root, sp["train"], s, tuple(range(95, 124, 2)))
+val = prepare_tasks(root, sp["validation"], s, s.val_slices)
+X = torch.stack([t.image for t in train])[:, None]
+Y = torch.stack([t.labels for t in train]).long()
+
+
+def block(i, o):
+    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                         nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class UNet(nn.Module):
+    def __init__(self, c=16, levels=4):
+        super().__init__()
+        ch = [c * 2 ** k for k in range(levels)]
+        self.down = nn.ModuleList([block(1 if k == 0 else ch[k - 1], ch[k]) for k in range(levels)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[k], ch[k - 1], 2, stride=2) for k in range(levels - 1, 0, -1)])
+        self.dec = nn.ModuleList([block(2 * ch[k - 1], ch[k - 1]) for k in range(levels - 1, 0, -1)])
+        self.out = nn.Conv2d(c, 5, 1)
+
+    def forward(self, x):
+        skips = []
+        for k, d in enumerate(self.down):
+            x = d(x if k == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        for u, d, sk in zip(self.up, self.dec, reversed(skips[:-1])):
+            x = d(torch.cat([u(x), sk], 1))
+        return self.out(x)
+
+
+CROP = 112
+net = UNet()
+opt = torch.optim.Adam(net.parameters(), 1e-3)
+sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
+t0 = time.time()
+
+
+def evaluate():
+    net.eval()
+    ds, pc = [], []
+    with torch.no_grad():
+        for t in val:
+            p = net(t.image[None, None]).argmax(1)[0].reshape(-1).numpy()
+            lab = t.labels.reshape(-1).numpy()
+            p[(t.image.reshape(-1) <= 0).numpy()] = 0  # brain pixels only, as the MetaSeg heads
+            ds.append(foreground_dice(p, lab))
+            d = dice_per_class(p, lab); pc.append([d[c] for c in range(1, 5)])
+    net.train()
+    return np.mean(ds), [round(x, 3) for x in ds], np.round(np.nanmean(pc, 0), 3).tolist()
+
+
+for i in range(1, iters + 1):
+    idx = torch.randint(0, X.shape[0], (8,))
+    r, c = (int(v) for v in torch.randint(0, X.shape[-1] - CROP + 1, (2,)))  # one random 112x112 crop per batch: CPU time
+    x, y = X[idx, :, r:r + CROP, c:c + CROP], Y[idx, r:r + CROP, c:c + CROP]
+    flip = torch.rand(8) < 0.5  # left-right mirror half of each batch
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x); y = torch.where(flip[:, None, None], y.flip(-1), y)
+    loss = nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+    if i % 500 == 0 or i == iters:
+        print(f"iter {i} loss {loss.item():.4f} {time.time() - t0:.0f}s val fg-Dice {evaluate()}", flush=True)
