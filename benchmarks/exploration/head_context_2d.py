@@ -2,7 +2,8 @@
 the shipped head (features + the pixel's intensity) and against heads with no network features.
 Features: the shipped init fitted 20 steps (the shipped plan) to slices 95, 97, ..., 123 of every
 training subject (8192 random canvas pixels each) and to every brain pixel of the validation
-slices 105/109/113. Usage: head_context_2d.py [threads]."""
+slices 105/109/113. Usage: head_context_2d.py [threads] [a] [b]; the fitted features are cached in
+runs/exp/context2d_feats.pt (~1 GB)."""
 import sys
 from pathlib import Path
 import numpy as np
@@ -23,16 +24,17 @@ net = w.build()
 s = settings_for(2)
 grid = grid_coords(s.canvas)
 root, sp = Path("../shared/data/brains"), load_splits()
-K = 7  # widest patch; narrower ones are its centre
 
 
-def patches(img: torch.Tensor) -> torch.Tensor:
-    """(H*W, K*K) intensities of the K x K neighbourhood of every pixel (zeros outside the canvas)."""
-    return nnf.unfold(img[None, None], K, padding=K // 2)[0].T
+def patches(img: torch.Tensor, k: int, dilation: int = 1) -> torch.Tensor:
+    """(H*W, k*k) intensities of the k x k neighbourhood (every `dilation`-th pixel) of every pixel,
+    zeros outside the canvas."""
+    return nnf.unfold(img[None, None], k, dilation=dilation, padding=dilation * (k // 2))[0].T
 
 
 def collect(tasks, gen, npts=None):
-    F, P, L = [], [], []
+    """Features (half) at the chosen pixels, their flat indices, labels."""
+    F, I, L = [], [], []
     init = {k: p.detach() for k, p in net.named_parameters()}
     for t in tasks:
         fast = init
@@ -42,27 +44,34 @@ def collect(tasks, gen, npts=None):
             _, f = torch.func.functional_call(net, fast, (grid,))
         v = t.image.reshape(-1)
         idx = torch.randint(0, v.numel(), (npts,), generator=gen) if npts else torch.nonzero(v > 0).squeeze(1)
-        F.append(f[idx].half()); P.append(patches(t.image)[idx]); L.append(t.labels.reshape(-1).long()[idx])
-    return torch.cat(F), torch.cat(P), torch.cat(L)
+        F.append(f[idx].half()); I.append(idx); L.append(t.labels.reshape(-1).long()[idx])
+    return torch.cat(F), I, torch.cat(L)
+
+
+def context(tasks, I, scales):
+    """Patch intensities at the chosen pixels for each (k, dilation) in `scales`."""
+    return torch.cat([torch.cat([patches(t.image, k, d)[i] for k, d in scales], 1) for t, i in zip(tasks, I)]).half()
 
 
 gen = torch.Generator().manual_seed(0)
 train = prepare_tasks(root, sp["train"], s, tuple(range(95, 124, 2)))
 val = prepare_tasks(root, sp["validation"], s, s.val_slices)
-tF, tP, tL = collect(train, gen, 8192)
-vF, vP, vL = collect(val, gen)
+cache = Path("runs/exp/context2d_feats.pt")
+if cache.exists():
+    tF, tI, tL, vF, vI, vL = torch.load(cache, weights_only=True)
+else:
+    tF, tI, tL = collect(train, gen, 8192)
+    vF, vI, vL = collect(val, gen)
+    torch.save((tF, tI, tL, vF, vI, vL), cache)
 val_n = np.cumsum([0] + [int((t.image > 0).sum()) for t in val])
 print("features done", flush=True)
 
 
-def centre(P, k):
-    """The k x k centre of the K x K patches."""
-    idx = torch.arange(K * K).reshape(K, K)[K // 2 - k // 2: K // 2 + k // 2 + 1, K // 2 - k // 2: K // 2 + k // 2 + 1]
-    return P[:, idx.reshape(-1)]
-
-
-def run(name, fx, steps=4000, seed=0):
+def run(name, scales, network=True, steps=4000, seed=0):
+    """A stage-2-like head on [network features,] the intensity patches of `scales`."""
     torch.manual_seed(seed)
+    fx = lambda F, P: torch.cat([F, P], 1) if network else P
+    tP, vP = context(train, tI, scales), context(val, vI, scales)
     X = fx(tF, tP)
     head = mlp_head(X.shape[1])
     opt = torch.optim.Adam(head.parameters(), 1e-3)
@@ -73,7 +82,7 @@ def run(name, fx, steps=4000, seed=0):
         opt.zero_grad(); loss.backward(); opt.step()
     with torch.no_grad():
         p = head(fx(vF, vP).float()).argmax(1)
-        m = tP[:, K * K // 2] > 0
+        m = context(train, tI, [(1, 1)])[:, 0] > 0
         tr = foreground_dice(head(X[m][:200000].float()).argmax(1).numpy(), tL[m][:200000].numpy())
     ds, pc = [], []
     for k, t in enumerate(val):
@@ -86,9 +95,16 @@ def run(name, fx, steps=4000, seed=0):
           f"classes {np.round(np.nanmean(pc, 0), 3).tolist()}", flush=True)
 
 
-run("F+I (shipped design)", lambda F, P: torch.cat([F, centre(P, 1).half()], 1))
-run("F+3x3", lambda F, P: torch.cat([F, centre(P, 3).half()], 1))
-run("F+5x5", lambda F, P: torch.cat([F, centre(P, 5).half()], 1))
-run("F+7x7", lambda F, P: torch.cat([F, P.half()], 1))
-run("I only (no network)", lambda F, P: centre(P, 1).half())
-run("7x7 only (no network)", lambda F, P: P.half())
+which = sys.argv[2:] or ["a"]
+if "a" in which:
+    run("F+I (shipped design)", [(1, 1)])
+    run("F+3x3", [(3, 1)])
+    run("F+5x5", [(5, 1)])
+    run("F+7x7", [(7, 1)])
+    run("I only (no network)", [(1, 1)], network=False)
+    run("7x7 only (no network)", [(7, 1)], network=False)
+if "b" in which:  # wider context: the same patch at several pixel spacings
+    run("F+5x5 at 1,3 px", [(5, 1), (5, 3)])
+    run("F+5x5 at 1,3,9 px", [(5, 1), (5, 3), (5, 9)])
+    run("F+3x3 at 1,2,4,8 px", [(3, 1), (3, 2), (3, 4), (3, 8)])
+    run("5x5 at 1,3,9 px (no network)", [(5, 1), (5, 3), (5, 9)], network=False)

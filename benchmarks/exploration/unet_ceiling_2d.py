@@ -11,7 +11,7 @@ import torch.nn as nn
 sys.path.insert(0, "MetaSegCore")
 from metaseg.meta_train import settings_for, prepare_tasks
 from metaseg.data import load_splits
-from metaseg.metrics import dice_per_class, foreground_dice
+from metaseg.metrics import dice_per_class, foreground_dice, generalized_dice
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
@@ -57,16 +57,16 @@ t0 = time.time()
 
 def evaluate():
     net.eval()
-    ds, pc = [], []
+    ds, gd, pc = [], [], []
     with torch.no_grad():
         for t in val:
             p = net(t.image[None, None]).argmax(1)[0].reshape(-1).numpy()
             lab = t.labels.reshape(-1).numpy()
             p[(t.image.reshape(-1) <= 0).numpy()] = 0  # brain pixels only, as the MetaSeg heads
-            ds.append(foreground_dice(p, lab))
+            ds.append(foreground_dice(p, lab)); gd.append(generalized_dice(p, lab))
             d = dice_per_class(p, lab); pc.append([d[c] for c in range(1, 5)])
     net.train()
-    return np.mean(ds), [round(x, 3) for x in ds], np.round(np.nanmean(pc, 0), 3).tolist()
+    return f"fg {np.mean(ds):.4f} GDS {np.mean(gd):.4f} per-img {[round(x, 3) for x in ds]} classes {np.round(np.nanmean(pc, 0), 3).tolist()}"
 
 
 for i in range(1, iters + 1):
