@@ -1,7 +1,9 @@
 """What these 7 training subjects support at all: a plain supervised 2D U-Net (no INR, labels
 learnt from the same training slices) scored like the MetaSeg heads, on the brain pixels of the
 validation slices 105/109/113 of ws01 and ecog. Not MetaSeg; a reference for the Dice target.
-Usage: unet_ceiling_2d.py [threads] [iterations]."""
+Mode `volumes`: trained on every coronal slice of the training volumes (each volume normalized
+once, as the 3D model does) and scored on the whole validation volumes, slice by slice: a
+reference for the 3D target. Usage: unet_ceiling_2d.py [threads] [iterations] [slices|volumes]."""
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,8 @@ import torch
 import torch.nn as nn
 sys.path.insert(0, "MetaSegCore")
 from metaseg.meta_train import settings_for, prepare_tasks
-from metaseg.data import load_splits
+from metaseg.data import load_splits, load_volume
+from metaseg.preprocess import normalize_intensity, pad_to_canvas
 from metaseg.metrics import dice_per_class, foreground_dice, generalized_dice
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
@@ -18,10 +21,30 @@ iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
 torch.manual_seed(0)
 s = settings_for(2)
 root, sp = Path("../shared/data/brains"), load_splits()
-train = prepare_tasks(root, sp["train"], s, tuple(range(95, 124, 2)))
-val = prepare_tasks(root, sp["validation"], s, s.val_slices)
-X = torch.stack([t.image for t in train])[:, None]
-Y = torch.stack([t.labels for t in train]).long()
+volumes = len(sys.argv) > 3 and sys.argv[3] == "volumes"
+
+
+def volume_slices(subj):
+    """(images, labels) of every coronal slice of `subj`'s aligned volume, on the 2D canvas."""
+    v = load_volume(root / subj)
+    img = normalize_intensity(v.image)
+    pad = lambda a: torch.from_numpy(np.stack([pad_to_canvas(x, s.canvas)[0] for x in a]))
+    return pad(img), pad(v.labels)
+
+
+if volumes:
+    parts = [volume_slices(subj) for subj in sp["train"]]
+    X = torch.cat([p[0] for p in parts])[:, None]
+    Y = torch.cat([p[1] for p in parts]).long()
+    keep = (X > 0).flatten(1).any(1)  # slices with brain
+    X, Y = X[keep], Y[keep]
+    val = [volume_slices(subj) for subj in sp["validation"]]
+else:
+    train = prepare_tasks(root, sp["train"], s, tuple(range(95, 124, 2)))
+    X = torch.stack([t.image for t in train])[:, None]
+    Y = torch.stack([t.labels for t in train]).long()
+    val = [(t.image[None], t.labels[None]) for t in prepare_tasks(root, sp["validation"], s, s.val_slices)]
+print(f"{X.shape[0]} training slices", flush=True)
 
 
 def block(i, o):
@@ -59,10 +82,10 @@ def evaluate():
     net.eval()
     ds, gd, pc = [], [], []
     with torch.no_grad():
-        for t in val:
-            p = net(t.image[None, None]).argmax(1)[0].reshape(-1).numpy()
-            lab = t.labels.reshape(-1).numpy()
-            p[(t.image.reshape(-1) <= 0).numpy()] = 0  # brain pixels only, as the MetaSeg heads
+        for img, lab in val:  # a slice, or a volume's slices
+            p = torch.cat([net(img[k:k + 16, None]).argmax(1) for k in range(0, img.shape[0], 16)]).reshape(-1).numpy()
+            lab = lab.reshape(-1).numpy()
+            p[(img.reshape(-1) <= 0).numpy()] = 0  # brain pixels only, as the MetaSeg heads
             ds.append(foreground_dice(p, lab)); gd.append(generalized_dice(p, lab))
             d = dice_per_class(p, lab); pc.append([d[c] for c in range(1, 5)])
     net.train()
@@ -77,5 +100,5 @@ for i in range(1, iters + 1):
     x = torch.where(flip[:, None, None, None], x.flip(-1), x); y = torch.where(flip[:, None, None], y.flip(-1), y)
     loss = nn.functional.cross_entropy(net(x), y)
     opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-    if i % 500 == 0 or i == iters:
-        print(f"iter {i} loss {loss.item():.4f} {time.time() - t0:.0f}s val fg-Dice {evaluate()}", flush=True)
+    if i % (1000 if volumes else 500) == 0 or i == iters:
+        print(f"iter {i} loss {loss.item():.4f} {time.time() - t0:.0f}s validation {evaluate()}", flush=True)
