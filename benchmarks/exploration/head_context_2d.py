@@ -13,10 +13,9 @@ sys.path.insert(0, "MetaSegCore")
 from metaseg.weights import load_weights
 from metaseg.meta_train import settings_for, prepare_tasks
 from metaseg.data import load_splits
-from metaseg.fit import adapt
 from metaseg.preprocess import grid_coords
 from metaseg.metrics import dice_per_class, foreground_dice
-from common import mlp_head
+from common import fit_features_2d, train_head_2d
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 w = load_weights(Path("Resources/Weights/metaseg2d.pt"))
@@ -35,13 +34,8 @@ def patches(img: torch.Tensor, k: int, dilation: int = 1) -> torch.Tensor:
 def collect(tasks, gen, npts=None):
     """Features (half) at the chosen pixels, their flat indices, labels."""
     F, I, L = [], [], []
-    init = {k: p.detach() for k, p in net.named_parameters()}
     for t in tasks:
-        fast = init
-        for _, _, fast in adapt(net, init, grid, t.image.reshape(-1), w.plan, w.log_lr, generator=gen):
-            pass
-        with torch.no_grad():
-            _, f = torch.func.functional_call(net, fast, (grid,))
+        f = fit_features_2d(net, w, grid, t.image, gen)
         v = t.image.reshape(-1)
         idx = torch.randint(0, v.numel(), (npts,), generator=gen) if npts else torch.nonzero(v > 0).squeeze(1)
         F.append(f[idx].half()); I.append(idx); L.append(t.labels.reshape(-1).long()[idx])
@@ -64,25 +58,19 @@ else:
     vF, vI, vL = collect(val, gen)
     torch.save((tF, tI, tL, vF, vI, vL), cache)
 val_n = np.cumsum([0] + [int((t.image > 0).sum()) for t in val])
+train_brain = context(train, tI, [(1, 1)])[:, 0] > 0  # training pixels inside the brain
 print("features done", flush=True)
 
 
 def run(name, scales, network=True, steps=4000, seed=0):
     """A stage-2-like head on [network features,] the intensity patches of `scales`."""
-    torch.manual_seed(seed)
     fx = lambda F, P: torch.cat([F, P], 1) if network else P
     tP, vP = context(train, tI, scales), context(val, vI, scales)
     X = fx(tF, tP)
-    head = mlp_head(X.shape[1])
-    opt = torch.optim.Adam(head.parameters(), 1e-3)
-    for _ in range(steps):
-        idx = torch.randint(0, X.shape[0], (8192,))
-        logp = torch.log_softmax(head(X[idx].float()), -1).gather(1, tL[idx][:, None]).squeeze(1)
-        loss = torch.mean(-(1 - logp.exp()) * logp)  # focal gamma 1, as stage 2
-        opt.zero_grad(); loss.backward(); opt.step()
+    head = train_head_2d(X, tL, steps, seed=seed)
     with torch.no_grad():
         p = head(fx(vF, vP).float()).argmax(1)
-        m = context(train, tI, [(1, 1)])[:, 0] > 0
+        m = train_brain
         tr = foreground_dice(head(X[m][:200000].float()).argmax(1).numpy(), tL[m][:200000].numpy())
     ds, pc = [], []
     for k, t in enumerate(val):

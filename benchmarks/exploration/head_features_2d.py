@@ -1,37 +1,27 @@
 """2D head experiments on cached features of the shipped init (20-step fits).
 Train features: fits of training slices (optionally LR-flipped / denser slices); val: full brains of val slices."""
-import sys, time, math, json
+import sys, time
 from pathlib import Path
-import numpy as np, torch
+import torch
 sys.path.insert(0, "MetaSegCore")
 from metaseg.weights import load_weights
-from metaseg.meta_train import settings_for, prepare_tasks, focal_loss
+from metaseg.meta_train import settings_for, prepare_tasks
 from metaseg.data import load_splits
-from metaseg.fit import adapt
 from metaseg.preprocess import grid_coords
-from metaseg.metrics import dice_per_class, foreground_dice
+from common import fit_features_2d
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 w = load_weights(Path("Resources/Weights/metaseg2d.pt"))
-net = w.build(); plan = w.plan
-log_lr = w.log_lr
+net = w.build()
 s = settings_for(2)
 root = Path("../shared/data/brains"); sp = load_splits()
 grid = grid_coords(s.canvas)
-def feats_of(img, gen):
-    init = {k: p.detach() for k, p in net.named_parameters()}
-    fast = init
-    for _, _, fast in adapt(net, init, grid, img.reshape(-1), plan, log_lr, generator=gen):
-        pass
-    with torch.no_grad():
-        _, f = torch.func.functional_call(net, fast, (grid,))
-    return f
 def collect(tasks, gen, npts=None, flip=False):
     F, I, C, L = [], [], [], []
     for t in tasks:
         img, lab = t.image, t.labels
         if flip:
             img, lab = img.flip(1), lab.flip(1)
-        f = feats_of(img, gen)
+        f = fit_features_2d(net, w, grid, img, gen)
         v = img.reshape(-1); l = lab.reshape(-1).long()
         idx = torch.randint(0, v.numel(), (npts,), generator=gen) if npts else torch.nonzero(v > 0).squeeze(1)
         F.append(f[idx].half()); I.append(v[idx]); C.append(grid[idx]); L.append(l[idx])

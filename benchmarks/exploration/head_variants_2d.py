@@ -2,7 +2,7 @@
 import sys, numpy as np, torch
 sys.path.insert(0, "MetaSegCore")
 from metaseg.metrics import foreground_dice, dice_per_class
-from common import mlp_head
+from common import train_head_2d
 torch.set_num_threads(2)
 D = torch.load("runs/exp/head2d_cache.pt", weights_only=True)
 names = D["train_names"]
@@ -18,16 +18,9 @@ def sel(keys, slices, cap=1800000):
 vF, vI, vC, vL = D["val"]
 bounds = np.cumsum([0] + D["val_n"])
 def run(name, keys, slices, fx, steps=4000, hidden=128, seed=0, layers=1):
-    torch.manual_seed(seed)
     F, I, C, L = sel(keys, slices)
     X = fx(F, I, C)
-    head = mlp_head(X.shape[1], hidden, layers)
-    opt = torch.optim.Adam(head.parameters(), 1e-3)
-    for i in range(steps):
-        idx = torch.randint(0, X.shape[0], (8192,))
-        logp = torch.log_softmax(head(X[idx].float()), -1).gather(1, L[idx][:, None]).squeeze(1)
-        loss = torch.mean(-(1 - logp.exp()) * logp)  # focal gamma 1 as stage 2
-        opt.zero_grad(); loss.backward(); opt.step()
+    head = train_head_2d(X, L, steps, hidden, layers, seed)
     with torch.no_grad():
         p = head(fx(vF, vI, vC).float()).argmax(1)
         m = (I > 0)
