@@ -98,8 +98,8 @@ def _add_segment(sub) -> None:
         "segment",
         help="segment an image: fit the INR to its pixels, decode the labels",
         description="Segment INPUT into 0 background, 1 cortical GM, 2 subcortical GM, 3 WM, 4 CSF. "
-        "The labelmap has exactly INPUT's geometry. INPUT: a skull-stripped T1 volume in any scanner "
-        "geometry (registered to the model's template automatically; files on the training grid are used "
+        "The labelmap has exactly INPUT's geometry. INPUT: a T1 volume in any scanner geometry, whole head "
+        "or skull-stripped (the brain is extracted when a skull is present; registered to the model's template automatically; files on the training grid are used "
         "as they are), or one aligned coronal slice like neurite-oasis (e.g. a 160x192x1 NIfTI). "
         "No file is written unless the whole run succeeds, and existing files are only replaced with --force.",
         epilog="exit codes: 0 done, 2 bad input/weights/arguments, 3 cancelled, 1 unexpected error",
@@ -115,6 +115,12 @@ def _add_segment(sub) -> None:
     p.add_argument("--seg-nrrd", help="also write a Slicer .seg.nrrd segmentation (names, colours, terminology)")
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--mask", help="3D: brain mask in the scan's geometry (nonzero = brain); voxels outside are ignored")
+    p.add_argument("--brain-extraction", choices=("auto", "on", "off"), default="auto",
+                   help="3D: find the brain in a head with skull (deepbet, `pip install \"metaseg[brain]\"`): auto decides "
+                   "from the image whether the skull is present and reports why (default: %(default)s)")
+    p.add_argument("--brain-mask", help="3D: also write the brain mask used (1 = brain) on the scan's grid")
+    p.add_argument("--bias-correction", choices=("off", "n4"), default="off",
+                   help="3D: divide the brain by SimpleITK's N4 bias field before fitting (default: %(default)s)")
     p.add_argument("--uncertainty", help="3D: also write the per-voxel entropy of the class probabilities (0 certain .. 1)")
     p.add_argument("--save-inr", help="3D: save the fitted INR (.pt) for `metaseg reslice`: new planes without refitting")
     p.add_argument("--live-dir", help="write the labels as they form into this folder (live preview, with --live-every)")

@@ -21,13 +21,14 @@ from .data import load_splits
 from .device import pick_device
 from .fit import FitCancelled
 from .atomic import write_all
+from .brain import prepare_brain
 from .io import InputError, check_output_path, sitk_array, image_array_2d, image_dims, labels_like, read_image, write_image
 from .metrics import dice_per_class, foreground_dice, generalized_dice
 from .outputs import class_sizes, environment, orthogonal_slices, overlay_rgb, write_preview, write_report, write_seg_nrrd
 from .progress import Reporter
 from .resources import default_weights
 from .segment import segment_array
-from .volume import segment_volume
+from .volume import is_model_grid, segment_volume
 from .weights import WeightsError, load_weights
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
@@ -71,8 +72,8 @@ def segment_file(a: argparse.Namespace) -> int:
 def _output_paths(a: argparse.Namespace) -> Dict[str, Path]:
     """The run's output files, checked before any work: known extensions, none existing unless --force."""
     outs = {"labels": a.output, "report": a.report, "preview": a.preview, "seg_nrrd": a.seg_nrrd,
-            "uncertainty": a.uncertainty, "inr": a.save_inr}
-    images = ("labels", "seg_nrrd", "uncertainty")
+            "uncertainty": a.uncertainty, "inr": a.save_inr, "brain_mask": getattr(a, "brain_mask", None)}
+    images = ("labels", "seg_nrrd", "uncertainty", "brain_mask")
     outs = {k: check_output_path(Path(v), a.force) if k in images else Path(v) for k, v in outs.items() if v}
     for k in ("report", "preview", "inr"):
         if k in outs and outs[k].exists() and not a.force:
@@ -91,7 +92,8 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     img = read_image(Path(a.input))
     dims = image_dims(img)
     if dims == 2:
-        for option, given in (("--save-inr", "inr" in outs), ("--uncertainty", "uncertainty" in outs), ("--mask", a.mask)):
+        for option, given in (("--save-inr", "inr" in outs), ("--uncertainty", "uncertainty" in outs), ("--mask", a.mask),
+                              ("--brain-mask", "brain_mask" in outs)):
             if given:
                 raise InputError(f"{option} needs a 3D volume; the input is a 2D slice")
     w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
@@ -132,15 +134,16 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
 def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: Dict[str, Path], model, t_start: float) -> int:
     """The 3D path: scan -> (registration) -> fit -> labels on the scan's grid -> all outputs at once."""
     w, wpath, net, plan, dev = model
-    mask = read_image(Path(a.mask)) if a.mask else None
+    stage = lambda name, msg: rep.emit("stage", stage=name, message=msg, device=str(dev), torch=torch.__version__)  # noqa: E731
     t_load = time.perf_counter()
+    mask, brain = _brain_mask(a, img, w.canvas, dev, stage, cancel)
     live = _live_writer(a, rep, w.card["labels"], lambda labels_img: labels_img)
 
     res = segment_volume(
         net, w.log_lr, plan, img, w.canvas, seed=a.seed, mask=mask, uncertainty="uncertainty" in outs,
         info={"labels": w.card["labels"], "weights_sha256": w.sha256, "source": str(a.input)},
-        stage=lambda name, msg: rep.emit("stage", stage=name, message=msg, device=str(dev), torch=torch.__version__),
-        progress=rep.fit_progress, cancel=cancel, live=live, live_every=a.live_every)
+        stage=stage, progress=rep.fit_progress, cancel=cancel, live=live, live_every=a.live_every,
+        bias_correction=getattr(a, "bias_correction", "off") == "n4")
     for msg in res.warnings:
         rep.emit("warning", message=msg)
     labels = sitk_array(res.labels)
@@ -149,8 +152,9 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         "outputs": {k: str(v) for k, v in outs.items()},
         "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
         "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2)},
-        "registration": res.registration,
-        "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
+        "registration": res.registration, "brain_extraction": brain,
+        "timings_s": {"load": round(t_load - t_start, 3), **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
+                      **{k: round(v, 3) for k, v in res.timings.items()}},
         "classes": class_sizes(labels, img.GetSpacing(), w.card["labels"]),
         "warnings": res.warnings, "versions": environment(),
     }
@@ -165,7 +169,24 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         writers.append((outs["preview"], lambda tmp: write_preview(panels, tmp)))
     if "inr" in outs:
         writers += res.fitted.writers(outs["inr"])
+    if "brain_mask" in outs:
+        used = labels_like((sitk_array(mask) > 0) if mask is not None else (sitk_array(img) > 0), img)
+        writers.append((outs["brain_mask"], lambda tmp: write_image(used, tmp)))
     return _publish(writers, report, outs, rep, cancel, t_start)
+
+
+def _brain_mask(a, img, canvas, dev, stage, cancel: threading.Event):
+    """The brain mask for the fit (the user's --mask, deepbet's, or None) and the report's brain_extraction entry."""
+    mode = getattr(a, "brain_extraction", "off")
+    if a.mask:
+        if mode == "on":
+            raise InputError("--mask gives the brain already: leave out --brain-extraction on")
+        return read_image(Path(a.mask)), {"mode": mode, "extracted": False, "reason": "the brain mask given by --mask is used"}
+    if mode == "auto" and is_model_grid(img, canvas):
+        return None, {"mode": mode, "extracted": False, "reason": "skull-stripped: the scan is on the model's training grid"}
+    bm, brain = prepare_brain(img, mode, dev, say=stage, cancel=cancel)
+    stage("brain", ("brain extracted: " if bm is not None else "no brain extraction: ") + brain["reason"])
+    return (bm.mask if bm is not None else None), brain
 
 
 def _live_writer(a, rep: Reporter, segments, to_image):
