@@ -76,6 +76,7 @@ REQUIREMENTS = {"torch": "torch>=2.0", "slicerio": "slicerio>=1.0", "SimpleITK":
 REPORT_ATTRIBUTE = "MetaSeg.Report"
 FITTED_ATTRIBUTE = "MetaSeg.FittedNetwork"  # file of the fitted 3D network, for cross-sections
 UNCERTAINTY_ATTRIBUTE = "MetaSeg.Uncertainty"  # ID of the uncertainty volume of a 3D result
+BRAIN_MASK_SEGMENT = "MetaSeg brain mask"  # segment ID and name of the kept brain mask (hidden)
 LIVE_EVERY = {2: 10, 3: 50}  # live-preview interval (steps) per input dimension: overhead <= 10 % (docs/results.md)
 _RUNNING_JOBS = set()  # jobs polled by a timer stay alive even if the caller drops its reference
 DEVICES = ("auto", "cpu", "gpu")
@@ -131,6 +132,8 @@ if HAVE_GUI:
         livePreview: bool = False
         uncertainty: bool = False
         surfaces: bool = False
+        brainExtraction: str = "auto"  # auto, on, off (3D)
+        keepBrainMask: bool = False
 
 
 #
@@ -259,8 +262,8 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.segment(
                 pn.inputVolume, device=pn.device, steps=pn.steps or None, seed=pn.seed, wait=False,
                 outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
-                uncertainty=pn.uncertainty, surfaces=pn.surfaces,
-                onProgress=self.onJobProgress, onFinished=self.onJobFinished)
+                uncertainty=pn.uncertainty, surfaces=pn.surfaces, brainExtraction=pn.brainExtraction,
+                keepBrainMask=pn.keepBrainMask, onProgress=self.onJobProgress, onFinished=self.onJobFinished)
             # events arrive from the job's timer, after this method returns
             self.ui.reportText.plainText = ""
             self.ui.progressBar.value = 0
@@ -503,6 +506,9 @@ class MetaSegJob:
             if self.process.fitted_path is not None and self.process.fitted_path.is_file():
                 logic._keepFitted(target, self.process.fitted_path)
             labelmap = logic._exportLabelmap(target, volume) if self.keepLabelmap else None
+            brainMask = self.process.brain_mask_path
+            if brainMask is not None and brainMask.is_file():
+                logic._addBrainMaskSegment(target, brainMask)
             uncertainty = self.process.uncertainty_path
             if uncertainty is not None and uncertainty.is_file():
                 self.uncertaintyNode = logic._loadUncertainty(uncertainty, volume)
@@ -615,6 +621,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, device: str = "cpu", steps: Optional[int] = None, seed: int = 0, wait: bool = True,
                 outputSegmentation=None, weights: Optional[str] = None, keepLabelmap: bool = False,
                 uncertainty: bool = False, surfaces: bool = False,
+                brainExtraction: str = "auto", keepBrainMask: bool = False,
                 livePreview: bool = False, liveEvery: Optional[int] = None,
                 onProgress: Optional[Callable[[Event], None]] = None,
                 onFinished: Optional[Callable[[MetaSegJob], None]] = None,
@@ -632,6 +639,9 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         :param uncertainty: 3D inputs: also create a volume of the per-voxel entropy of the class
           probabilities (its node ID is in the segmentation's "MetaSeg.Uncertainty" attribute).
         :param surfaces: create the segments' closed surfaces (shown in 3D views).
+        :param brainExtraction: 3D: "auto" (extract the brain when the scan still has its skull; the
+          report's brain_extraction says what was decided and why), "on" or "off".
+        :param keepBrainMask: 3D: add the brain mask used as a hidden segment (BRAIN_MASK_SEGMENT).
         :param livePreview: show the labels as they form (every `liveEvery` steps) in a hidden node.
           Default interval: LIVE_EVERY for the input's dimension, measured to slow the fit by <= 10 %.
         :param onProgress: called with each protocol Event (stage, progress, labels, warning).
@@ -642,6 +652,8 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError(f"unknown device {device!r}: use auto, cpu, gpu, cuda, cuda:N or mps")
         if steps is not None and int(steps) < 1:
             raise MetaSegError(f"steps must be at least 1 (got {steps})")
+        if brainExtraction not in ("auto", "on", "off"):
+            raise MetaSegError(f"brainExtraction must be auto, on or off (got {brainExtraction!r})")
         dims = self.inputDimension(volumeNode)
         if weights is None:
             weights = self.weightsPath(dims)
@@ -662,7 +674,8 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                                      device=str(device).lower(), seed=seed, steps=steps,
                                      live_every=(liveEvery or LIVE_EVERY[dims]) if livePreview else 0,
                                      save_inr=dims == 3, uncertainty=uncertainty and dims == 3,
-                                     python_path=[str(corePath)])
+                                     brain_extraction=brainExtraction if dims == 3 else "auto",
+                                     brain_mask=keepBrainMask and dims == 3, python_path=[str(corePath)])
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
         try:
@@ -893,6 +906,25 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         node.CreateDefaultDisplayNodes()
         self._placeBesideVolume(node, volumeNode)
         return node
+
+    def _addBrainMaskSegment(self, segmentationNode, path: Path) -> None:
+        """The run's brain mask as one more segment of the result, hidden (the tissues stay what is shown)."""
+        private = slicer.vtkMRMLScene()
+        mask = private.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        storage = private.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        if not storage.ReadData(mask):
+            raise MetaSegError(f"could not read the brain mask {path}")
+        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(mask)
+        segment = slicer.vtkSegment()
+        segment.SetName(BRAIN_MASK_SEGMENT)
+        segment.SetColor(0.9, 0.9, 0.5)
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
+        segmentation = segmentationNode.GetSegmentation()
+        segmentation.RemoveSegment(BRAIN_MASK_SEGMENT)  # an existing output keeps one brain mask, not two
+        segmentation.AddSegment(segment, BRAIN_MASK_SEGMENT)
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.GetDisplayNode().SetSegmentVisibility(BRAIN_MASK_SEGMENT, False)
 
     def _exportLabelmap(self, segmentationNode, volumeNode):
         """A labelmap volume of the segments on the input's exact grid (values 1..N in segment order)."""

@@ -291,7 +291,7 @@ class SegmentProcess(JsonLinesProcess):
 
     def __init__(self, python: Optional[str] = None, weights: Optional[str] = None, device: str = "auto",
                  seed: int = 0, steps: Optional[int] = None, live_every: int = 0, save_inr: bool = False,
-                 uncertainty: bool = False,
+                 uncertainty: bool = False, brain_extraction: str = "auto", brain_mask: bool = False,
                  env: Optional[Dict[str, str]] = None, python_path: Optional[Sequence[str]] = None,
                  temp_root: Optional[str] = None):
         if steps is not None and int(steps) < 1:
@@ -306,6 +306,8 @@ class SegmentProcess(JsonLinesProcess):
         self.live_dir = self.workdir / "live"
         self.fitted_path = self.workdir / "fitted.pt" if save_inr else None  # 3D: for cross-sections later
         self.uncertainty_path = self.workdir / "uncertainty.nrrd" if uncertainty else None  # 3D: entropy map
+        self.brain_extraction = brain_extraction  # 3D: auto, on, off (the core decides auto from the image)
+        self.brain_mask_path = self.workdir / "brain_mask.nrrd" if brain_mask else None  # 3D: the brain used
         self.python = python or python_executable()
         self.weights, self.device, self.seed, self.steps, self.live_every = weights, device, int(seed), steps, int(live_every)
         env = dict(os.environ if env is None else env)
@@ -331,6 +333,10 @@ class SegmentProcess(JsonLinesProcess):
             cmd += ["--save-inr", str(self.fitted_path)]
         if self.uncertainty_path is not None:
             cmd += ["--uncertainty", str(self.uncertainty_path)]
+        if self.brain_extraction != "auto":
+            cmd += ["--brain-extraction", self.brain_extraction]
+        if self.brain_mask_path is not None:
+            cmd += ["--brain-mask", str(self.brain_mask_path)]
         return cmd
 
     def start(self) -> "SegmentProcess":
