@@ -22,7 +22,7 @@ from .device import pick_device
 from .fit import FitCancelled
 from .atomic import write_all
 from .brain import prepare_brain
-from .io import InputError, check_output_path, sitk_array, image_array_2d, image_dims, labels_like, read_image, write_image
+from .io import InputError, check_output_path, sitk_array, image_array_2d, image_array_3d, image_dims, labels_like, read_image, write_image
 from .metrics import dice_per_class, foreground_dice, generalized_dice
 from .outputs import class_sizes, environment, orthogonal_slices, overlay_rgb, write_preview, write_report, write_seg_nrrd
 from .progress import Reporter
@@ -182,6 +182,8 @@ def _brain_mask(a, img, canvas, dev, stage, cancel: threading.Event):
         if mode == "on":
             raise InputError("--mask gives the brain already: leave out --brain-extraction on")
         return read_image(Path(a.mask)), {"mode": mode, "extracted": False, "reason": "the brain mask given by --mask is used"}
+    if mode != "off":
+        image_array_3d(img)  # refuse NaN, vector or constant scans before deepbet sees them
     if mode == "auto" and is_model_grid(img, canvas):
         return None, {"mode": mode, "extracted": False, "reason": "skull-stripped: the scan is on the model's training grid"}
     bm, brain = prepare_brain(img, mode, dev, say=stage, cancel=cancel)
