@@ -58,6 +58,9 @@ SECOND_COMPONENT_ML = 50.0
 # foreground's second-largest piece is at most 6 mL in our 19 scans, 2313 mL with two heads side by side.
 SECOND_OBJECT_ML = 300.0
 THRESHOLD = 0.5  # deepbet's own default on its probability
+# CT in Hounsfield units: air is -1000. MRI magnitudes are never that negative.
+CT_AIR_HU = -500.0
+CT_AIR_FRACTION = 0.2
 
 
 @dataclass
@@ -118,9 +121,9 @@ def decide_skull(scan: sitk.Image, extractor: Optional[Callable[[sitk.Image], Br
     if say is not None:
         say("extract", f"extracting brain (deepbet): the scan's foreground, {fg:.0f} mL, is larger than one brain")
     bm = (extractor or extract_brain)(scan)
-    inside = _foreground_array(scan) & (sitk.GetArrayViewFromImage(bm.mask) > 0)
-    fg_full = int(_foreground_array(scan).sum())
-    outside = 1.0 - float(inside.sum()) / max(fg_full, 1)
+    fg_full = _foreground(sitk.GetArrayViewFromImage(scan))
+    inside = int((fg_full & (sitk.GetArrayViewFromImage(bm.mask) > 0)).sum())
+    outside = 1.0 - inside / max(int(fg_full.sum()), 1)
     if outside > OUTSIDE_SKULL:
         why = (f"skull present: its foreground is {fg:.0f} mL, more than one brain, and {100 * outside:.0f}% of it "
                f"lies outside the brain deepbet found")
@@ -128,10 +131,6 @@ def decide_skull(scan: sitk.Image, extractor: Optional[Callable[[sitk.Image], Br
     why = (f"skull-stripped: its foreground is {fg:.0f} mL but only {100 * outside:.0f}% of it lies outside the "
            "brain deepbet found")
     return SkullDecision(False, why, fg, outside), None
-
-
-def _foreground_array(scan: sitk.Image) -> np.ndarray:
-    return _foreground(sitk.GetArrayViewFromImage(scan))
 
 
 def _foreground(a: np.ndarray) -> np.ndarray:
@@ -220,6 +219,15 @@ def _components_ml(mask: np.ndarray, vox_ml: float) -> list:
     return sorted((float(s) * vox_ml for s in sizes if s > 0), reverse=True)
 
 
+def _refuse_ct(scan: sitk.Image) -> None:
+    """A CT in Hounsfield units (a large share of voxels at air, about -1000) is not a T1 MRI: refuse it."""
+    a = sitk.GetArrayViewFromImage(scan)[::2, ::2, ::2]
+    air = float((a <= CT_AIR_HU).mean())
+    if air > CT_AIR_FRACTION:
+        raise InputError(f"{100 * air:.0f}% of the voxels are at or below {CT_AIR_HU:g} (air in Hounsfield units): this "
+                         "looks like a CT, not a T1 MRI; MetaSeg segments T1-weighted MRI")
+
+
 def prepare_brain(scan: sitk.Image, mode: str, device: Optional[torch.device] = None, *,
                   say: Optional[Callable[[str, str], None]] = None, cancel: Optional[threading.Event] = None,
                   ) -> Tuple[Optional[BrainMask], Dict[str, Any]]:
@@ -227,6 +235,8 @@ def prepare_brain(scan: sitk.Image, mode: str, device: Optional[torch.device] = 
     if mode not in MODES:
         raise InputError(f"brain extraction must be one of {', '.join(MODES)} (got {mode!r})")
     say = say or (lambda stage, msg: None)
+    if mode != "off":
+        _refuse_ct(scan)
     if mode == "off":
         return None, {"mode": mode, "extracted": False, "reason": "off: the scan is used as it is"}
     extractor = lambda img: extract_brain(img, device)  # noqa: E731

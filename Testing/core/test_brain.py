@@ -155,3 +155,18 @@ def test_cli_refuses_a_head_whose_extraction_yields_almost_no_brain(tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and "almost no brain" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vertex.nii.gz"]
+
+
+def test_a_ct_head_in_hounsfield_units_is_refused(tmp_path, capsys):
+    """A CT-like copy of the sample head: air -1000 HU, soft tissue 40-90 HU."""
+    head = sitk.ReadImage(str(SAMPLE_HEAD), sitk.sitkFloat32)
+    a = arr(head)
+    ct = np.where(a > 12, 40 + 0.2 * a, -1000).astype(np.float32)
+    img = sitk.GetImageFromArray(ct)
+    img.CopyInformation(head)
+    scan = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(img, str(scan))
+    rc = main(["segment", str(scan), "-o", str(tmp_path / "l.nii.gz"), "--weights", str(WEIGHTS_3D),
+               "--device", "cpu", "--progress", "none"])
+    assert rc == 2 and "looks like a CT" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
