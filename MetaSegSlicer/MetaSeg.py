@@ -589,7 +589,12 @@ class MetaSegJob:
         try:
             wasModifying = target.StartModify()
             try:
+                # DeepCopy would also take the file's conversion parameters (the reference geometry among
+                # them): the target keeps its own, which are the input's for a new node.
+                keep = slicer.vtkSegmentation()
+                keep.CopyConversionParameters(target.GetSegmentation())
                 target.GetSegmentation().DeepCopy(source.GetSegmentation())
+                target.GetSegmentation().CopyConversionParameters(keep)
                 target.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
                 if created:
                     target.SetHideFromEditors(False)
@@ -985,8 +990,8 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         node.SetHideFromEditors(hidden)
         node.CreateDefaultDisplayNodes()
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())  # first: the geometry is taken relative to it
         node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         return node
 
     @staticmethod
