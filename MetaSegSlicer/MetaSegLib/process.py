@@ -399,10 +399,13 @@ class ResliceProcess(WorkdirProcess):
         self.output_path = workdir / f"plane-{self.what}.nrrd"
 
     def command(self) -> List[str]:
+        def num(x: float) -> str:  # fixed-point: argparse takes "-1e-05" for an option, "-0.0000100000" not
+            return f"{x:.10f}"
+
         cmd = [self.python, "-m", "metaseg", "reslice", self.fitted, "-o", str(self.output_path),
                "--what", self.what, "--device", self.device,
-               "--extent", repr(self.extent_mm), "--spacing", repr(self.spacing_mm), "--origin"]
-        cmd += [repr(x) for x in self.centre] + ["--u"] + [repr(x) for x in self.u] + ["--v"] + [repr(x) for x in self.v]
+               "--extent", num(self.extent_mm), "--spacing", num(self.spacing_mm), "--origin"]
+        cmd += [num(x) for x in self.centre] + ["--u"] + [num(x) for x in self.u] + ["--v"] + [num(x) for x in self.v]
         return cmd
 
     def error_message(self) -> Optional[str]:
