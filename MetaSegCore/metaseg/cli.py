@@ -21,6 +21,7 @@ def _add_train(sub) -> None:
     p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2: coronal slices; 3: aligned volumes (default: 2)")
     p.add_argument("--data", help="folder of subject folders, or a .npz pack from metaseg.data.pack_volumes "
                    "(default: ../shared/data/brains)")
+    p.add_argument("--splits", help="JSON with 'train' and 'validation' subject lists (default: metaseg/splits.json)")
     p.add_argument("--out", help="run folder: checkpoint, log, weights (default: runs/metaseg2d or runs/metaseg3d)")
     p.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--steps", type=int, help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) "
@@ -60,7 +61,7 @@ def _add_train(sub) -> None:
 
 # `metaseg train` option -> TrainSettings field
 _TRAIN_FIELDS = {
-    "data": "data_root", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
+    "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
     "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
     "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",

@@ -81,6 +81,7 @@ class TrainSettings:
     head_fits_per_image: int = 1
     head_points: int = 8192
     seed: int = 0
+    splits: str = ""  # a splits JSON like metaseg/splits.json (train/validation lists); "" = the package's
     init: str = ""  # a best_stage1.pt to start from instead of the SIREN init (with outer_steps 0: stage 2 only)
     device: str = "auto"
     command: str = ""
@@ -326,7 +327,7 @@ def meta_train(s: TrainSettings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "train.log")
     root = Path(s.data_root)
-    splits = load_splits()
+    splits = load_splits(Path(s.splits)) if s.splits else load_splits()
     train = prepare_tasks(root, splits["train"], s, s.train_slices)
     val = prepare_tasks(root, splits["validation"], s, s.val_slices)
     dev = _dist_setup(pick_device(s.device))
