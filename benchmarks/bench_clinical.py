@@ -1,7 +1,9 @@
 """Clinical scans (issue 13): whole heads, thick slices and bias fields, on the 2-core CPU.
 
-Run by hand once (not a test; ~12 fits of ~1 min each plus 9 brain extractions of ~10 s):
-  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_clinical.py > docs/bench_clinical.md
+Run by hand once (not a test; 11 fits of ~1 min each plus 9 brain extractions of ~10 s):
+  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_clinical.py extraction head
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_clinical.py thick --threads 1 --json docs/bench_clinical_thick.json
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_clinical.py bias --threads 1 --json docs/bench_clinical_bias.json
 It prints markdown tables and writes every row to --json (default docs/bench_clinical.json):
   extraction  deepbet on each subject's native_head: mask Dice against FreeSurfer's brain mask
               (native_t1 > 0), volume, seconds, and the auto decision on native_head and native_t1
@@ -109,27 +111,28 @@ def exp_head(runner) -> list:
     return rows
 
 
-def exp_thick(runner) -> list:
+def exp_thick(runner, slabs=(3, 5)) -> list:
+    """1 mm rows: ecog's is in exp_head, ws01's in docs/results.md (bench_3d.py native), same code path."""
     rows = []
-    for s in ("ws01", "ecog"):
-        img = read_image(DATA / s / "native_t1.nii.gz")
-        ref = sitk.ReadImage(str(DATA / s / "native_seg4.nii.gz"))
-        if s == "ws01":  # ecog's 1 mm row is in exp_head
-            rows.append({"subject": s, "slices_mm": 1, **runner.segment(img, ref)})
-        for mm in (3, 5):
+    for mm in slabs:
+        for s in ("ws01", "ecog"):
+            img = read_image(DATA / s / "native_t1.nii.gz")
+            ref = sitk.ReadImage(str(DATA / s / "native_seg4.nii.gz"))
             thick, lab = thick_copy(img, ref, mm)
             rows.append({"subject": s, "slices_mm": mm, "size": list(thick.GetSize()), **runner.segment(thick, lab)})
     return rows
 
 
 def exp_bias(runner) -> list:
+    """N4 off/on on the biased copy, then on the scan itself (N4 off there: exp_head's ecog row)."""
     s = "ecog"
     img = read_image(DATA / s / "native_t1.nii.gz")
     ref = sitk.ReadImage(str(DATA / s / "native_seg4.nii.gz"))
-    rows = [{"subject": s, "input": "native_t1", "n4": True, **runner.segment(img, ref, n4=True)}]
     biased = biased_copy(img)
+    rows = []
     for n4 in (False, True):
         rows.append({"subject": s, "input": "native_t1 x synthetic field", "n4": n4, **runner.segment(biased, ref, n4=n4)})
+    rows.append({"subject": s, "input": "native_t1", "n4": True, **runner.segment(img, ref, n4=True)})
     return rows
 
 
@@ -144,12 +147,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("experiments", nargs="*", default=["extraction", "head", "thick", "bias"])
     p.add_argument("--json", default="docs/bench_clinical.json")
+    p.add_argument("--slabs", type=int, nargs="+", default=[3, 5], help="thick: slab thicknesses in mm")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     runner = Runner()
     record = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "results": {}}
     for name in a.experiments:
-        rows = globals()[f"exp_{name}"](runner)
+        rows = exp_thick(runner, a.slabs) if name == "thick" else globals()[f"exp_{name}"](runner)
         record["results"][name] = rows
         print(f"\n## {name}\n\n{table(rows)}\n", flush=True)
         for r in rows:
