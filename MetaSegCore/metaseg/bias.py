@@ -1,8 +1,10 @@
 """Intensity inhomogeneity (bias field) correction with SimpleITK's N4, inside a brain mask.
 
 N4 (Tustison et al. 2010) estimates a smooth multiplicative field from a shrunken copy (fast) and
-divides the full-resolution scan by it. Whether it helps MetaSeg is measured in docs/results.md
-(benchmarks/bench_clinical.py); it runs only when asked for (`--bias-correction n4`).
+divides the full-resolution scan by it. Measured (docs/results.md, benchmarks/bench_clinical.py): on a
+copy of ecog with a strong smooth field fg-Dice 0.636 -> 0.817, on the scan itself 0.852 -> 0.857.
+The CLI runs it by default on scans whose brain it extracted (raw-looking whole heads); skull-stripped
+scans usually come from pipelines that corrected the bias already, and stay exactly as before.
 """
 from __future__ import annotations
 

@@ -200,8 +200,9 @@ def _add_segment(sub) -> None:
                    help="3D: find the brain in a head with skull (deepbet, `pip install \"metaseg[brain]\"`): auto decides "
                    "from the image whether the skull is present and reports why (default: %(default)s)")
     p.add_argument("--brain-mask", help="3D: also write the brain mask used (1 = brain) on the scan's grid")
-    p.add_argument("--bias-correction", choices=("off", "n4"), default="off",
-                   help="3D: divide the brain by SimpleITK's N4 bias field before fitting (default: %(default)s)")
+    p.add_argument("--bias-correction", choices=("auto", "n4", "off"), default="auto",
+                   help="3D: divide the brain by SimpleITK's N4 bias field before fitting; auto: only when the brain "
+                   "was extracted from a whole head (default: %(default)s)")
     p.add_argument("--uncertainty", help="3D: also write the per-voxel entropy of the class probabilities (0 certain .. 1)")
     p.add_argument("--save-inr", help="3D: save the fitted INR (.pt) for `metaseg reslice`: new planes without refitting")
     p.add_argument("--live-dir", help="write the labels as they form into this folder (live preview, with --live-every)")

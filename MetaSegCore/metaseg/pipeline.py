@@ -137,13 +137,17 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
     stage = lambda name, msg: rep.emit("stage", stage=name, message=msg, device=str(dev), torch=torch.__version__)  # noqa: E731
     t_load = time.perf_counter()
     mask, brain = _brain_mask(a, img, w.canvas, dev, stage, cancel)
+    # auto: N4 for a scan whose brain was extracted (raw-looking, like a scanner's); a skull-stripped scan has
+    # usually been bias-corrected by the pipeline that stripped it and stays exactly as before
+    bias = getattr(a, "bias_correction", "off")
+    n4 = bias == "n4" or (bias == "auto" and bool(brain.get("extracted")))
     live = _live_writer(a, rep, w.card["labels"], lambda labels_img: labels_img)
 
     res = segment_volume(
         net, w.log_lr, plan, img, w.canvas, seed=a.seed, mask=mask, uncertainty="uncertainty" in outs,
         info={"labels": w.card["labels"], "weights_sha256": w.sha256, "source": str(a.input)},
         stage=stage, progress=rep.fit_progress, cancel=cancel, live=live, live_every=a.live_every,
-        bias_correction=getattr(a, "bias_correction", "off") == "n4")
+        bias_correction=n4)
     for msg in res.warnings:
         rep.emit("warning", message=msg)
     labels = sitk_array(res.labels)
@@ -152,7 +156,7 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         "outputs": {k: str(v) for k, v in outs.items()},
         "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
         "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2)},
-        "registration": res.registration, "brain_extraction": brain,
+        "registration": res.registration, "brain_extraction": brain, "bias_correction": "n4" if n4 else "off",
         "timings_s": {"load": round(t_load - t_start, 3), **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                       **{k: round(v, 3) for k, v in res.timings.items()}},
         "classes": class_sizes(labels, img.GetSpacing(), w.card["labels"]),

@@ -106,7 +106,7 @@ def test_cli_whole_head_writes_the_brain_mask_on_the_scans_grid(tmp_path):
     be = report["brain_extraction"]
     assert be["mode"] == "auto" and be["extracted"] and "skull present" in be["reason"]
     assert be["mask_volume_ml"] == pytest.approx(inside.sum() * np.prod(head.GetSpacing()) / 1000, rel=1e-3)
-    assert report["timings_s"]["brain_extraction"] > 0
+    assert report["timings_s"]["brain_extraction"] > 0 and report["bias_correction"] == "n4"  # auto: N4 for a head
 
 
 def two_heads(tmp_path: Path) -> Path:
