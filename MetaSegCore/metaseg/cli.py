@@ -1,4 +1,4 @@
-"""The `metaseg` command line: train, segment, evaluate."""
+"""The `metaseg` command line: train, segment, batch, evaluate."""
 from __future__ import annotations
 
 import argparse
@@ -130,6 +130,48 @@ def _segment(a: argparse.Namespace) -> int:
     return segment_file(a)
 
 
+def _add_batch(sub) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="segment a cohort: one output folder per scan and a volumes table; resumable, sharded",
+        description="Segment every scan of INPUTS (image files, folders, BIDS datasets, glob patterns, CSV/TSV "
+        "manifests with a path column and optional id and mask columns) into OUT/<id>/ with the options of "
+        "`segment`, loading the model once. OUT/volumes.tsv gets one row per scan (tissue volumes, QC, errors). "
+        "Rerunning skips finished scans; Ctrl-C or SIGTERM leaves a valid table. --shard I/N takes every N-th scan "
+        "(run N of them anywhere, then --merge).",
+        epilog="exit codes: 0 every scan done, 2 bad arguments or some scans failed (see the table), 3 cancelled, "
+        "1 unexpected error",
+    )
+    p.add_argument("inputs", nargs="*", help="scans: image files, folders, BIDS datasets, glob patterns or .csv/.tsv manifests")
+    p.add_argument("-o", "--output", required=True, help="output folder: <id>/labels.nii.gz, <id>/report.json, volumes.tsv")
+    p.add_argument("--path-column", default="path", help="manifest column of the scans' paths (default: %(default)s)")
+    p.add_argument("--id-column", default="id", help="manifest column of the scans' ids (default: %(default)s; "
+                   "without it: BIDS sub-/ses- entities, else the file name)")
+    p.add_argument("--weights", help="weights file (default: the shipped model for each input's dimension)")
+    p.add_argument("--steps", type=int, help="test-time fit steps (default: the weights' card)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit's coordinate sampling (default: %(default)s)")
+    p.add_argument("--preview", action="store_true", help="also write <id>/preview.png")
+    p.add_argument("--seg-nrrd", action="store_true", help="also write <id>/labels.seg.nrrd (Slicer segmentation)")
+    p.add_argument("--uncertainty", action="store_true", help="3D: also write <id>/uncertainty.nii.gz")
+    p.add_argument("--save-inr", action="store_true", help="3D: also write <id>/fitted.pt for `metaseg reslice`")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps or gpu (default: %(default)s)")
+    p.add_argument("--devices", help="one worker process per device, e.g. cuda:0,cuda:1")
+    p.add_argument("--jobs", type=int, help="worker processes (default: one per --devices entry, else 1)")
+    p.add_argument("--shard", help="I/N: segment scans I, I+N, I+2N, ... only (1 <= I <= N); auto or auto/N: I (and N) "
+                   "from SLURM_ARRAY_TASK_ID, SGE_TASK_ID or JOB_COMPLETION_INDEX. Table: volumes.shard-I-of-N.tsv")
+    p.add_argument("--merge", action="store_true", help="join the shard tables in --output into volumes.tsv")
+    p.add_argument("--force", action="store_true", help="redo and replace every scan, finished or not")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="bar on stderr, json lines on stdout (for programs), or none (default: %(default)s)")
+    p.set_defaults(func=_batch)
+
+
+def _batch(a: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    return run_batch(a)
+
+
 def _add_reslice(sub) -> None:
     p = sub.add_parser(
         "reslice",
@@ -256,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"metaseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_segment(sub)
+    _add_batch(sub)
     _add_reslice(sub)
     _add_evaluate(sub)
     _add_train(sub)

@@ -49,12 +49,28 @@ def load_model(weights_path, dims: int, steps, device: str):
     return w, path, w.build(dev), plan, dev
 
 
+class Models:
+    """The checked weights, network and fit plan per input dimension, loaded on first use and then
+    kept: a batch of scans loads them once instead of once per scan."""
+
+    def __init__(self, weights_path, steps, device: str):
+        self.weights_path, self.steps, self.device = weights_path, steps, device
+        self._loaded: Dict[int, tuple] = {}
+
+    def get(self, dims: int) -> tuple:
+        """(weights, path, network, plan, device) for `dims`-D inputs, as `load_model` returns them."""
+        if dims not in self._loaded:
+            self._loaded[dims] = load_model(self.weights_path, dims, self.steps, self.device)
+        return self._loaded[dims]
+
+
 def segment_file(a: argparse.Namespace) -> int:
     rep = Reporter(a.progress)
     cancel = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     try:
-        return _segment_file(a, rep, cancel)
+        segment_scan(a, rep, cancel, Models(a.weights, a.steps, a.device))
+        return EXIT_OK
     except FitCancelled as e:
         rep.emit("error", message=f"{e}; nothing was written", exit_code=EXIT_CANCELLED)
         return EXIT_CANCELLED
@@ -84,7 +100,9 @@ def _output_paths(a: argparse.Namespace) -> Dict[str, Path]:
     return outs
 
 
-def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event) -> int:
+def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, models: Models) -> Dict[str, Any]:
+    """One scan, as `metaseg segment` options `a` describe it: read, segment, write every output at
+    once; returns the report. Errors are raised (InputError and kin for what the user can fix)."""
     t_start = time.perf_counter()
     outs = _output_paths(a)
     rep.emit("stage", stage="read", message=f"reading {a.input}")
@@ -94,7 +112,7 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
         for option, given in (("--save-inr", "inr" in outs), ("--uncertainty", "uncertainty" in outs), ("--mask", a.mask)):
             if given:
                 raise InputError(f"{option} needs a 3D volume; the input is a 2D slice")
-    w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
+    w, wpath, net, plan, dev = models.get(dims)
     if dims == 3:
         return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start)
     array = image_array_2d(img)
@@ -129,7 +147,8 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     return _publish(writers, report, outs, rep, cancel, t_start)
 
 
-def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: Dict[str, Path], model, t_start: float) -> int:
+def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: Dict[str, Path], model,
+                         t_start: float) -> Dict[str, Any]:
     """The 3D path: scan -> (registration) -> fit -> labels on the scan's grid -> all outputs at once."""
     w, wpath, net, plan, dev = model
     mask = read_image(Path(a.mask)) if a.mask else None
@@ -184,8 +203,8 @@ def _live_writer(a, rep: Reporter, segments, to_image):
 
 
 def _publish(writers, report: Dict[str, Any], outs: Dict[str, Path], rep: Reporter, cancel: threading.Event,
-             t_start: float) -> int:
-    """Write every output of the run at once (report last, with the total time) and say so."""
+             t_start: float) -> Dict[str, Any]:
+    """Write every output of the run at once (report last, with the total time), say so, return the report."""
     if cancel.is_set():
         raise FitCancelled("cancelled before writing")
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
@@ -198,7 +217,7 @@ def _publish(writers, report: Dict[str, Any], outs: Dict[str, Path], rep: Report
                           for c in report["classes"][1:])
         print(f"wrote {outs['labels']}  (fit PSNR {report['fit']['psnr_db']:.1f} dB, {report['timings_s']['total']:.2f} s "
               f"on {report['device']}; {sizes})", file=sys.stderr)
-    return EXIT_OK
+    return report
 
 
 def _inplane_spacing(img) -> tuple:

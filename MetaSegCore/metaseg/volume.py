@@ -14,6 +14,7 @@ brains (NCC, 4 subjects; docs/results.md), against 0.78-0.82 between real brains
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -99,7 +100,13 @@ def load_template(path: Optional[Path] = None) -> sitk.Image:
         else:
             raise FileNotFoundError(f"the registration template {TEMPLATE_NAME} is not installed (searched "
                                     f"{', '.join(str(d) for d in weights_dirs())})")
-    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+    return sitk.Image(_read_template(str(Path(path).resolve())))  # a copy-on-write copy: callers may change it
+
+
+@functools.lru_cache(maxsize=2)
+def _read_template(path: str) -> sitk.Image:
+    """Read once per process: a batch registers every scan to the same template."""
+    return sitk.ReadImage(path, sitk.sitkFloat32)
 
 
 def voxel_points(img: sitk.Image, flat_index: np.ndarray) -> np.ndarray:
