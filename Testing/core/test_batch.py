@@ -217,3 +217,31 @@ def test_shard_from_arguments_and_job_arrays():
     scans = list(range(7))
     parts = [shard_of(scans, (i, 3)) for i in (1, 2, 3)]
     assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_a_3d_scan_gets_volumes_in_ml_and_its_registration_quality(tmp_path):
+    """The one 3D scan of this file (the bundled native T1, 2 fit steps: the table, not the accuracy)
+    beside a 2D slice: mL columns for the volume, mm2 for the slice, the registration's NCC."""
+    from testdata import SAMPLE_T1
+
+    out = tmp_path / "out"
+    assert main(["batch", str(SAMPLE_T1), str(SAMPLE / "ecog_slice_t1.nii.gz"), "-o", str(out), "--steps", "2",
+                 "--device", "cpu", "--progress", "none"]) == 0
+    vol, sl = read_table(out / "volumes.tsv")
+    assert (vol["id"], sl["id"]) == ("ecog_t1", "ecog_slice_t1")
+    assert float(vol["registration_ncc"]) > 0.85 and float(vol["registration_ncc_interior"]) > 0.78
+    parts = [float(vol[f"{c}_ml"]) for c in ("cortical_gray_matter", "subcortical_gray_matter", "white_matter",
+                                             "cerebrospinal_fluid")]
+    assert float(vol["brain_ml"]) == pytest.approx(sum(parts), abs=0.01) and 800 < float(vol["brain_ml"]) < 1800
+    assert vol["brain_mm2"] == "" and sl["brain_ml"] == "" and float(sl["brain_mm2"]) > 0
+    assert sl["registration_ncc"] == ""  # 2D slices are not registered
+
+
+def test_each_caller_gets_its_own_copy_of_the_cached_template():
+    """The template is read once per process (a batch registers every scan to it); changing a copy changes no other."""
+    from metaseg.volume import load_template
+
+    a, b = load_template(), load_template()
+    a.SetOrigin((1.0, 2.0, 3.0))
+    a[0, 0, 0] = 123.0
+    assert b.GetOrigin() != (1.0, 2.0, 3.0) and b[0, 0, 0] != 123.0
