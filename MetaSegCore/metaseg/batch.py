@@ -70,6 +70,8 @@ def run_batch(a: argparse.Namespace) -> int:
         shard = parse_shard(a.shard)
         scans = shard_of(find_scans(a.inputs, a.path_column, a.id_column), shard)
         out = Path(a.output)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"output {out} is a file; batch outputs go into a folder")
         wanted = ["labels", "report"] + [k for k, opt in OPTIONAL_OUTPUTS.items() if getattr(a, opt[2:].replace("-", "_"))]
         devices = worker_devices(a.device, a.devices, a.jobs)
         rows: Dict[int, Row] = {}
@@ -227,7 +229,7 @@ def _run_here(jobs: List[Job], devices: List[str], a, progress: BatchProgress,
     """Every job in this process, one after the other; True if cancelled."""
     cancel = threading.Event()
     models = Models(a.weights, a.steps, devices[0])
-    with _cancel_on_signals(cancel.set, progress):
+    with _CancelOnSignals(cancel.set, progress):
         for job in jobs:
             if cancel.is_set():
                 break
@@ -247,7 +249,7 @@ def _run_in_pool(jobs: List[Job], devices: List[str], a, progress: BatchProgress
         slots.put(d)
     threads = max(1, (os.cpu_count() or 1) // len(devices))
     by_index = {job.scan.index: job for job in jobs}
-    with _cancel_on_signals(cancel.set, progress), ProcessPoolExecutor(
+    with _CancelOnSignals(cancel.set, progress), ProcessPoolExecutor(
             len(devices), mp_context=ctx, initializer=_worker_init,
             initargs=(slots, cancel, events, threads, a.weights, a.steps)) as pool:
         running = {job.scan.index: pool.submit(_worker_run, job) for job in jobs}
@@ -275,7 +277,7 @@ def _run_in_pool(jobs: List[Job], devices: List[str], a, progress: BatchProgress
     return cancel.is_set()
 
 
-class _cancel_on_signals:
+class _CancelOnSignals:
     """Within the block, the first Ctrl-C or SIGTERM calls `cancel`; a second Ctrl-C raises KeyboardInterrupt."""
 
     def __init__(self, cancel: Callable[[], None], progress: BatchProgress):

@@ -41,7 +41,7 @@ class BatchProgress:
         self.finished_here = 0
         self.t0 = time.perf_counter()
         self.active: Dict[str, str] = {}  # running scan id -> its state ("register", "fit 12/20", ...)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entered when a signal handler says something mid-update
         self._drawn = 0
         self._status_line = rep.mode == "bar" and hasattr(rep.stream, "isatty") and rep.stream.isatty()
 

@@ -245,3 +245,30 @@ def test_each_caller_gets_its_own_copy_of_the_cached_template():
     a.SetOrigin((1.0, 2.0, 3.0))
     a[0, 0, 0] = 123.0
     assert b.GetOrigin() != (1.0, 2.0, 3.0) and b[0, 0, 0] != 123.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{cohort}", "-o", "{file}"], "is a file"),
+    (["{cohort}", "-o", "{out}", "--shard", "3/2"], "1 <= I <= N"),
+    (["{cohort}", "-o", "{out}", "--jobs", "0"], "--jobs must be at least 1"),
+    (["{out}/absent", "-o", "{out}"], "input not found"),
+    (["{cohort}", "-o", "{out}", "--merge"], "takes no inputs"),
+])
+def test_bad_batch_arguments_are_refused_before_any_work(args, message, tmp_path, capsys):
+    (tmp_path / "cohort").mkdir()
+    shutil.copy(SAMPLE / "ecog_slice_t1.nii.gz", tmp_path / "cohort" / "a.nii.gz")
+    (tmp_path / "f.txt").write_text("x")
+    fill = {"cohort": tmp_path / "cohort", "file": tmp_path / "f.txt", "out": tmp_path / "out"}
+    assert main(["batch", *[x.format(**fill) for x in args], "--progress", "none"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_absent_accelerator_is_refused_once(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["batch", str(SAMPLE / "ecog_slice_t1.nii.gz"), "-o", str(tmp_path / "o"), "--devices", "cuda:0,cuda:1",
+                 "--progress", "none"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "o").exists()
