@@ -9,6 +9,7 @@ each line is an object with an "event" key:
   {"event": "warning", "message": "..."}
   {"event": "done", "outputs": {...}, "report": {...}}
   {"event": "error", "message": "...", "exit_code": 2}
+`metaseg batch` sends each scan's events with a "scan" key, and its own (batch_progress.py).
 """
 from __future__ import annotations
 
