@@ -26,6 +26,9 @@ def check_nifti_complete(path: Path) -> None:
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".nii.gz"):
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return  # not gzip at all: the image reader says it cannot read it
         try:
             with gzip.open(path, "rb") as f:
                 need = _needed_bytes(f.read(540))

@@ -143,6 +143,9 @@ def segment_volume(
             raise InputError(f"the mask does not have the scan's geometry ({why}); resample it onto the scan first")
         arr = np.where(sitk.GetArrayViewFromImage(mask) > 0, arr, 0).astype(np.float32)
     if not (arr > 0).any():
+        if mask is not None:
+            raise InputError("no voxel of the scan above 0 lies inside the mask: the mask is empty or misses the "
+                             "brain; give a mask whose nonzero voxels cover the brain (or leave --mask out)")
         raise InputError("the scan has no voxel above 0: expected a skull-stripped T1 (background 0), or pass --mask")
     work = sitk.GetImageFromArray(arr)
     work.CopyInformation(scan)
