@@ -27,9 +27,9 @@ TRAINING_FRACTIONS = {
 LOW, HIGH = 0.5, {1: 1.5, 2: 1.5, 3: 1.5, 4: 4.0}
 
 # The 2D model takes coronal slice 109 of an aligned volume. NCC of a slice with that slice of the 3D
-# registration template (2 mm, inside the template's brain): training subjects' slice 109 0.85-0.93,
-# slices 9 mm before/after 0.75-0.86; wrong planes of the same subjects: sagittal 0.15-0.46, axial
-# 0.21-0.63, upside down 0.41-0.53; coronal slices of the unaligned native scans 0.41-0.76.
+# registration template (2 mm, inside the template's brain), training subjects: slice 109 0.85-0.93, slices
+# 9 mm before/after 0.75-0.86; wrong planes of the same subjects: sagittal 0.34-0.49, axial 0.40-0.53,
+# upside down 0.41-0.53; coronal slices of the unaligned native scans 0.41-0.76.
 MIN_SLICE_NCC = 0.65  # below: refused (unless the user insists)
 WARN_SLICE_NCC = 0.78  # below: segmented with a warning
 TEMPLATE_SLICE = 109  # of the 1 mm aligned grid
@@ -80,7 +80,7 @@ def slice_check(image: np.ndarray, template: sitk.Image) -> Tuple[float, Optiona
     if ncc < MIN_SLICE_NCC:
         return ncc, (f"the slice does not look like an aligned coronal brain slice (correlation {ncc:.2f} with the "
                      f"model's coronal slice; aligned slices score {WARN_SLICE_NCC:.2f} or more, sagittal and axial "
-                     "slices 0.15-0.63): the 2D model takes coronal slice 109 of a T1 aligned like neurite-oasis "
+                     "slices 0.34-0.53): the 2D model takes coronal slice 109 of a T1 aligned like neurite-oasis "
                      "(160x192, 1 mm). Extract that slice, use the 3D model on the whole scan, or pass "
                      "--accept-poor-match to segment it anyway"), None
     if ncc < WARN_SLICE_NCC:

@@ -7,16 +7,12 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from metaseg.cli import main
-from metaseg.config import ModelConfig
-from metaseg.fit import FitPlan
 from metaseg.io import same_geometry
 from metaseg.metrics import foreground_dice
 from metaseg.pipeline import MIN_PSNR_2D
-from metaseg.model import MetaSegNet
-from metaseg.weights import LABELS, Weights, save_weights
+from metaseg.weights import LABELS
 
 # The shipped weights score 0.813 on this unseen subject (docs/results.md); this floor catches regressions.
 SAMPLE_DICE_FLOOR = 0.75

@@ -2,7 +2,6 @@
 was written; all but the registration cases stop before any fit (small inputs, tiny weights)."""
 import io
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,8 @@ from metaseg.model import MetaSegNet
 from metaseg.outputs import preview_panels
 from metaseg.plausibility import TRAINING_FRACTIONS, tissue_warnings
 from metaseg.progress import Reporter
-from metaseg.weights import load_weights, save_checked, sha256_of
-from testdata import SAMPLE, SAMPLE_T1, SHARED_DATA, WEIGHTS_3D
+from metaseg.weights import save_checked
+from testdata import SAMPLE, SAMPLE_T1, WEIGHTS_3D
 
 SLICE = SAMPLE / "ecog_slice_t1.nii.gz"
 
