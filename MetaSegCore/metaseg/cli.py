@@ -1,4 +1,4 @@
-"""The `metaseg` command line: train, segment, evaluate."""
+"""The `metaseg` command line: segment, reslice, evaluate, prepare, train, info."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,7 @@ def _add_train(sub) -> None:
     p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2: coronal slices; 3: aligned volumes (default: 2)")
     p.add_argument("--data", help="folder of subject folders, or a .npz pack from metaseg.data.pack_volumes "
                    "(default: ../shared/data/brains)")
+    p.add_argument("--splits", help="JSON with 'train' and 'validation' subject lists (default: metaseg/splits.json)")
     p.add_argument("--out", help="run folder: checkpoint, log, weights (default: runs/metaseg2d or runs/metaseg3d)")
     p.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--steps", type=int, help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) "
@@ -60,7 +61,7 @@ def _add_train(sub) -> None:
 
 # `metaseg train` option -> TrainSettings field
 _TRAIN_FIELDS = {
-    "data": "data_root", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
+    "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
     "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
     "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",
@@ -73,9 +74,8 @@ def _train(a: argparse.Namespace) -> int:
 
     import torch
 
-    from .meta_train import meta_train, settings_for
-
     from .io import InputError
+    from .meta_train import meta_train, settings_for
 
     try:
         _check_train_data(a.data)
@@ -110,6 +110,86 @@ def _check_train_data(data: Optional[str]) -> None:
     if not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
         raise InputError(f"--data {path}: not found, or neither a folder of subject folders nor a .npz pack; "
                          "nothing was started")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="make a training pack from labelled scans in any geometry (for `metaseg train --data`)",
+        description="Register each subject's scan to the model's template exactly as `segment` does, resample "
+        "its image (linear) and labels (nearest neighbour) onto the model grid with that one transform, and write "
+        "one .npz pack for `metaseg train --data`. Labels must use the model's classes: 0 background, 1 cortical "
+        "GM, 2 subcortical GM, 3 WM, 4 CSF. Prints a QC table (registration NCC, class volumes before and after "
+        "resampling). A subject that fails (unreadable, no labels, wrong grid, registration below the gate) is "
+        "refused with the reason, and then no pack is written unless --skip-refused.",
+        epilog="exit codes: 0 done, 2 bad input or a refused subject (no pack written), 1 unexpected error",
+    )
+    p.add_argument("subjects", nargs="+", help="one folder per subject (its name is the subject's id)")
+    p.add_argument("-o", "--output", required=True, help="pack to write (.npz)")
+    p.add_argument("--image-glob", default="native_t1.nii*", help="the image file in each folder (default: %(default)s)")
+    p.add_argument("--labels-glob", default="native_seg4.nii*", help="the label file in each folder (default: %(default)s)")
+    p.add_argument("--qc", help="also write the QC table here (.tsv)")
+    p.add_argument("--skip-refused", action="store_true", help="write the pack without the refused subjects")
+    p.add_argument("--force", action="store_true", help="replace an existing pack or QC table")
+    p.set_defaults(func=_prepare)
+
+
+def _prepare(a: argparse.Namespace) -> int:
+    import csv
+    import io as _io
+
+    from .atomic import write_all
+    from .data import write_pack
+    from .io import InputError
+    from .meta_train import settings_for
+    from .prepare import QC_COLUMNS, find_subjects, prepare_subjects, qc_row
+
+    out, qc = Path(a.output), Path(a.qc) if a.qc else None
+    try:
+        if not out.name.endswith(".npz"):
+            raise InputError(f"output {out}: a pack is a .npz file")
+        if qc is not None and not qc.name.endswith(".tsv"):
+            raise InputError(f"--qc {qc}: the QC table is a .tsv file")
+        for path in (out, qc):
+            if path is not None and path.exists() and not a.force:
+                raise InputError(f"{path} exists; pass --force to replace it")
+        subjects = find_subjects([Path(d) for d in a.subjects], a.image_glob, a.labels_glob)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    canvas = settings_for(3).canvas
+    header = f"{'subject':<14} {'status':<8} {'NCC':>5} {'inner':>5}  mL before -> after (cortex, subcortical, WM, CSF)"
+    print(header, file=sys.stderr)
+
+    def show(p) -> None:
+        r = qc_row(p)
+        vols = "  ".join(f"{r[c + '_ml_before']}->{r[c + '_ml_after']}" for c in ("cgm", "sgm", "wm", "csf"))
+        print(f"{p.id:<14} {r['status']:<8} {r['ncc']!s:>5} {r['ncc_interior']!s:>5}  "
+              f"{p.error if p.error else vols}", file=sys.stderr)
+
+    done = prepare_subjects(subjects, canvas, on_done=show)
+    refused = [p for p in done if p.error]
+    kept = [p for p in done if not p.error]
+    if refused and not a.skip_refused:
+        print(f"error: {len(refused)} subject(s) refused ({', '.join(p.id for p in refused)}); no pack written. "
+              "Fix or remove them, or pass --skip-refused", file=sys.stderr)
+        return 2
+    if not kept:
+        print("error: no subject could be prepared; no pack written", file=sys.stderr)
+        return 2
+    meta = {"canvas": list(canvas), "command": "metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+            "subjects": {p.id: p.qc for p in kept}, "refused": {p.id: p.error for p in refused}}
+    writers = []
+    if qc is not None:
+        buf = _io.StringIO()
+        w = csv.DictWriter(buf, QC_COLUMNS, delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(qc_row(p) for p in done)
+        writers.append((qc, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8")))
+    write_pack({p.id: p.volume for p in kept}, out, meta)
+    write_all(writers)
+    print(f"wrote {out}: {len(kept)} subject(s){f', {len(refused)} refused' if refused else ''}", file=sys.stderr)
+    return 0
 
 
 def _add_segment(sub) -> None:
@@ -300,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_reslice(sub)
     _add_evaluate(sub)
+    _add_prepare(sub)
     _add_train(sub)
     _add_info(sub)
     return p

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from .atomic import write_all
 
 SPLITS_FILE = Path(__file__).with_name("splits.json")
 PAPER_SLICE = 109  # coronal index of the paper's 2D task in the 160x192x224 aligned grid
@@ -32,6 +34,23 @@ def _array(path: Path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"missing data file {path}")
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+# Folders of ../shared/data and their label protocol: results are reported per group.
+LABEL_GROUPS = {"brains": "freesurfer", "oasis-nmm": "manual"}
+
+
+def subject_dir(data: Path, name: str) -> Path:
+    """The folder of subject `name`: `data/name`, or `data/<group folder>/name` for the data root."""
+    for d in [Path(data) / name] + [Path(data) / g / name for g in LABEL_GROUPS]:
+        if d.is_dir():
+            return d
+    raise FileNotFoundError(f"subject {name} not found in {data} (nor in its {', '.join(LABEL_GROUPS)} folders)")
+
+
+def label_group(folder: Path) -> str:
+    """'freesurfer' or 'manual': the label protocol of a subject folder of ../shared/data."""
+    return LABEL_GROUPS.get(Path(folder).parent.name, "unknown")
 
 
 def load_slice(subject_dir: Path) -> LabeledImage:
@@ -68,17 +87,38 @@ def coronal_slices(subject_dir: Path, indices: Sequence[int]) -> List[LabeledIma
 
 
 def pack_volumes(root: Path, subjects: Sequence[str], out: Path) -> Path:
-    """Write the aligned volumes of `subjects` into one compressed .npz (intensities as uint16).
+    """Write the aligned volumes of `subjects` into one pack (see `write_pack`).
 
     For training on a machine without SimpleITK or without the data folder: pass the pack
-    as `--data-root`. uint16 steps are 1/65535 of the maximum, far below the MRI noise.
+    as `--data`. Labelled scans in other geometries become packs through `metaseg prepare`.
+    """
+    return write_pack({s: load_volume(Path(root) / s) for s in subjects}, out)
+
+
+def write_pack(volumes: Dict[str, LabeledImage], out: Path, meta: Optional[dict] = None) -> Path:
+    """Write volumes on the model grid into one compressed .npz, atomically (intensities as uint16).
+
+    Keys `<name>/image`, `<name>/scale`, `<name>/labels`, and `_meta` (JSON text, no pickle) when
+    given. uint16 steps are 1/65535 of the maximum, far below the MRI noise.
     """
     arrays = {}
-    for s in subjects:
-        v = load_volume(Path(root) / s)
+    for name, v in volumes.items():
         scale = float(v.image.max()) / 65535.0 or 1.0
-        arrays[f"{s}/image"] = np.round(v.image / scale).astype(np.uint16)
-        arrays[f"{s}/scale"] = np.float64(scale)
-        arrays[f"{s}/labels"] = v.labels
-    np.savez_compressed(out, **arrays)
+        arrays[f"{name}/image"] = np.round(v.image / scale).astype(np.uint16)
+        arrays[f"{name}/scale"] = np.float64(scale)
+        arrays[f"{name}/labels"] = v.labels.astype(np.uint8)
+    if meta is not None:
+        arrays["_meta"] = np.array(json.dumps(meta, sort_keys=True))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez_compressed(f, **arrays)
+
+    write_all([(Path(out), write)])
     return Path(out)
+
+
+def pack_subjects(pack: Path) -> List[str]:
+    """The subject names stored in a pack."""
+    with np.load(pack) as z:
+        return sorted({k.split("/")[0] for k in z.files if k.endswith("/image")})

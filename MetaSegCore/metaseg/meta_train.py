@@ -44,7 +44,7 @@ from .model import MetaSegNet
 from .preprocess import augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
 from .segment import segment_array
 from .atomic import write_all
-from .weights import LABELS, Weights, save_weights
+from .weights import FORMAT as WEIGHTS_FORMAT, LABELS, Weights, WeightsError, load_weights, save_weights
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TrainSettings:
     head_fits_per_image: int = 1
     head_points: int = 8192
     seed: int = 0
+    splits: str = ""  # a splits JSON like metaseg/splits.json (train/validation lists); "" = the package's
     init: str = ""  # a best_stage1.pt to start from instead of the SIREN init (with outer_steps 0: stage 2 only)
     device: str = "auto"
     command: str = ""
@@ -326,7 +327,7 @@ def meta_train(s: TrainSettings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "train.log")
     root = Path(s.data_root)
-    splits = load_splits()
+    splits = load_splits(Path(s.splits)) if s.splits else load_splits()
     train = prepare_tasks(root, splits["train"], s, s.train_slices)
     val = prepare_tasks(root, splits["validation"], s, s.val_slices)
     dev = _dist_setup(pick_device(s.device))
@@ -448,12 +449,21 @@ def meta_train(s: TrainSettings) -> Path:
 
 
 def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
-    """Start from another run's stage-1 result (`best_stage1.pt`). A paper head (penultimate
-    features only) becomes this model's wider head (`head_all_layers`, `head_intensity`) with zero
-    weights for the new inputs: it starts as the old head, and stage 2 teaches it the rest."""
+    """Start from another run's stage-1 result (`best_stage1.pt`) or from a weights file (e.g. the
+    shipped `metaseg3d.pt`, checked by its sha256: fine-tuning on new data). A paper head
+    (penultimate features only) becomes this model's wider head (`head_all_layers`,
+    `head_intensity`) with zero weights for the new inputs: it starts as the old head, and stage 2
+    teaches it the rest. A weights file holds the test-time learning rates only, so the inner
+    loop's per-step rates keep their initial value (`--inner-lr`) and are meta-learned again."""
     if not path.is_file():
-        raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.pt")
+        raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.pt or a weights file")
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and blob.get("format") == WEIGHTS_FORMAT:
+        try:
+            w = load_weights(path)
+        except WeightsError as e:
+            raise SystemExit(f"--init: {e}") from None
+        blob = {"net": w.state, "log_lr": None}
     state = dict(blob["net"])
     w = state.get("head.0.weight")
     if w is not None and w.shape[1] == net.config.width != net.head_in_features:
@@ -461,7 +471,9 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(f"--init {path} does not fit this model ({e}); use the same --width and --dims") from None
+        raise SystemExit(f"--init {path} does not fit this model ({e}); use the same --width, --dims and head options") from None
+    if blob["log_lr"] is None:
+        return
     if blob["log_lr"].shape != log_lr.shape:
         raise SystemExit(f"--init {path} has learning rates for {blob['log_lr'].shape[0]} inner steps, this run "
                          f"{log_lr.shape[0]}: use the same --fit-steps")

@@ -16,13 +16,16 @@ import SimpleITK as sitk
 from .glyphs import draw_text
 
 
-# Standard codes for Slicer's terminology (DICOM CID 7153 "CNS Segmentation Type"):
-# (category scheme, code, meaning), (type scheme, code, meaning) per label value.
+# Codes of Slicer's terminology "Segmentation category and type - DICOM master list"
+# (SegmentationCategoryTypeModifier-DICOM-Master.json, identical in Slicer 5.6-5.10; a copy is in
+# Testing/slicer/data and a test checks every code against it): (category), (type) per label value
+# as (scheme, code, meaning). The list has no subcortical grey matter: it is filed as grey matter
+# (its segment name says which); cortex includes cerebellar cortex, white matter the brainstem.
 TERMINOLOGY = {
-    1: (("SCT", "91723000", "Anatomical Structure"), ("SCT", "40146001", "Cerebral cortex")),
-    2: (("SCT", "91723000", "Anatomical Structure"), ("FMA", "223151", "Subcortical gray matter")),
-    3: (("SCT", "91723000", "Anatomical Structure"), ("SCT", "389080008", "White matter")),
-    4: (("SCT", "91720002", "Body Substance"), ("SCT", "65216001", "Cerebrospinal fluid")),
+    1: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "40146001", "Cerebral cortex")),
+    2: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "389081007", "Gray Matter")),
+    3: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "389080008", "White Matter")),
+    4: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "65216001", "Cerebrospinal Fluid")),
 }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .preprocess import normalize_intensity
-from .registration import RegistrationQuality, register_affine, registration_ok
+from .registration import register_affine, registration_ok
 
 NAMES = {1: "cortical grey matter", 2: "subcortical grey matter", 3: "white matter", 4: "CSF"}
 
@@ -96,12 +96,12 @@ MAX_BRAIN_LITRES = 2.5
 # A scan whose interior correlates negatively with the template has its tissue contrast inverted
 # (training subjects with inverted intensities: -0.36; T1s 0.86 or more).
 INVERTED_NCC_INTERIOR = -0.1
-# Gate a flipped copy must pass to blame the header's orientation (volume.py's warning gate).
+# Gate a flipped copy must pass to blame the header's orientation: stricter than volume.py's warning gate
+# (0.80 / 0.66), so that only a clear match is reported as a wrong header.
 FLIP_OK = (0.85, 0.78)
 
 
-def registration_problem(scan: sitk.Image, template: sitk.Image, quality: RegistrationQuality,
-                         try_flips: bool = True) -> str:
+def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: float, try_flips: bool = True) -> str:
     """The likely cause of a failed registration, as advice: a whole head, inverted (T2-like) contrast,
     a voxel axis flipped in the header (found by registering flipped copies, ~10 s each: only
     when `try_flips`, i.e. before refusing), or else a generic question."""
@@ -111,7 +111,7 @@ def registration_problem(scan: sitk.Image, template: sitk.Image, quality: Regist
         return (f"it has {litres:.1f} L of nonzero voxels, more than a brain (skull-stripped scans: about 1.1-1.9 L): "
                 "a whole head with skull, neck or background noise? Give a skull-stripped T1, or pass --mask with "
                 "a brain mask")
-    if quality.ncc_interior < INVERTED_NCC_INTERIOR:
+    if ncc_interior < INVERTED_NCC_INTERIOR:
         return ("its tissue contrast looks inverted (dark white matter, bright CSF): a T2-weighted or FLAIR scan? "
                 "The model needs a T1-weighted scan")
     if try_flips:

@@ -1,0 +1,115 @@
+"""Accuracy per label-protocol group: per-class Dice and volume error of 3D native scans or 2D slices.
+
+Run by hand (not a test), e.g. on the 2-core CPU:
+  .venv/bin/python benchmarks/eval_groups.py 3d --split validation --weights Resources/Weights/metaseg3d.pt
+  .venv/bin/python benchmarks/eval_groups.py 2d --split test --pack pack/all.npz
+3D: each subject's `native_t1.nii.gz` (scanner geometry, registered automatically) through
+`segment_volume`, scored against `native_seg4.nii.gz` on the scan's own voxels.
+2D: slice 109 of the aligned volume: `slice_norm` for the FreeSurfer subjects (the paper's task file),
+the subject's coronal slice 109 in a `metaseg prepare` pack for the OASIS subjects (they have no
+aligned files). Subjects come from `metaseg/splits.json`; both label groups are reported separately
+(FreeSurfer: brains/, manual Neuromorphometrics: oasis-nmm/). Appends a JSON record to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from metaseg.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
+from metaseg.io import read_image
+from metaseg.metrics import dice_per_class, foreground_dice
+from metaseg.segment import segment_array
+from metaseg.volume import segment_volume
+from metaseg.weights import load_weights
+
+CLASSES = {1: "cortex", 2: "subcortical", 3: "wm", 4: "csf"}
+
+
+def scores(pred: np.ndarray, ref: np.ndarray, voxel_ml: float) -> dict:
+    """fg-Dice, Dice and absolute volume error (%) per class."""
+    d = dice_per_class(pred, ref)
+    out = {"fg_dice": round(foreground_dice(pred, ref), 4)}
+    for c, name in CLASSES.items():
+        vp, vr = float((pred == c).sum()) * voxel_ml, float((ref == c).sum()) * voxel_ml
+        out[f"dice_{name}"] = round(d[c], 4)
+        out[f"volerr_{name}_pct"] = round(100.0 * abs(vp - vr) / vr, 1) if vr else None
+    return out
+
+
+def eval_3d(w, net, subject: str, data: Path, seed: int) -> dict:
+    d = subject_dir(data, subject)
+    img = read_image(d / "native_t1.nii.gz")
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "native_seg4.nii.gz")))
+    t0 = time.perf_counter()
+    res = segment_volume(net, w.log_lr, w.plan, img, w.canvas, seed=seed)
+    dt = time.perf_counter() - t0
+    row = scores(sitk.GetArrayFromImage(res.labels), ref, float(np.prod(img.GetSpacing())) / 1000.0)
+    return {**row, "ncc": round(res.registration["ncc"], 3), "ncc_interior": round(res.registration["ncc_interior"], 3),
+            "psnr": round(res.psnr, 2), "seconds": round(dt, 1), "warnings": res.warnings}
+
+
+def eval_2d(w, net, subject: str, data: Path, pack: Path, seed: int) -> dict:
+    d = subject_dir(data, subject)
+    sl = load_slice(d) if (d / "slice_norm.nii.gz").is_file() else coronal_slices(pack / subject, [PAPER_SLICE])[0]
+    t0 = time.perf_counter()
+    res = segment_array(net, w.log_lr, w.plan, sl.image, w.canvas, seed=seed)
+    dt = time.perf_counter() - t0
+    return {**scores(res.labels, sl.labels, 0.001), "psnr": round(res.psnr, 2), "seconds": round(dt, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dims", choices=("2d", "3d"))
+    ap.add_argument("--weights", help="default: Resources/Weights/metaseg{2d,3d}.pt")
+    ap.add_argument("--split", default="validation")
+    ap.add_argument("--subjects", nargs="+", help="instead of --split")
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--pack", default="pack/all.npz", help="2D: `metaseg prepare` pack with the OASIS subjects")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="docs/eval_groups.json")
+    ap.add_argument("--label", default="", help="a name for this record (e.g. 'old weights')")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    w = load_weights(Path(a.weights or f"Resources/Weights/metaseg{a.dims}.pt"))
+    net = w.build()
+    subjects = a.subjects or load_splits()[a.split]
+    rows = []
+    for s in subjects:
+        r = eval_3d(w, net, s, Path(a.data), a.seed) if a.dims == "3d" else eval_2d(w, net, s, Path(a.data), Path(a.pack), a.seed)
+        r = {"subject": s, "group": label_group(subject_dir(Path(a.data), s)), **r}
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr)
+    keys = ["fg_dice"] + [f"dice_{n}" for n in CLASSES.values()] + [f"volerr_{n}_pct" for n in CLASSES.values()]
+    groups = {}
+    for g in sorted({r["group"] for r in rows}):
+        sel = [r for r in rows if r["group"] == g]
+        groups[g] = {k: round(float(np.mean([r[k] for r in sel if r[k] is not None])), 4) for k in keys}
+        groups[g]["min_fg_dice"] = min(r["fg_dice"] for r in sel)
+        groups[g]["n"] = len(sel)
+    print(f"# {a.dims} {a.split if not a.subjects else 'subjects'} — {w.sha256[:12]} {a.label}")
+    cols = ["subject", "group"] + keys + (["ncc_interior", "seconds"] if a.dims == "3d" else ["seconds"])
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    for g, v in groups.items():
+        print(f"| **mean {g}** (n={v['n']}) | | " + " | ".join(str(v[k]) for k in keys) + " |  |" + (" |" if a.dims == "3d" else ""))
+    rec = {"dims": a.dims, "split": a.split, "subjects": subjects, "weights": a.weights, "sha256": w.sha256, "label": a.label,
+           "rows": rows, "groups": groups, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "command": "benchmarks/eval_groups.py " + " ".join(sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    with open(a.json, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
