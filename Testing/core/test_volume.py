@@ -166,7 +166,7 @@ def test_aligned_files_are_used_as_they_are():
 @pytest.mark.parametrize("kind", ["sample", "inverted (T2-like)", "noise"])
 def test_registration_gate_tells_wrong_input(kind):
     """The bundled T1 passes the registration gate; a T2-like contrast or noise does not (and is then
-    segmented only with a warning, see volume.segment_volume)."""
+    refused before the fit, see volume.segment_volume and test_hostile_inputs.py)."""
     from metaseg.registration import registration_ok
     from metaseg.volume import TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR
 
