@@ -15,9 +15,10 @@ PyPI package `slicer-core`; see Testing/slicer/.
 """
 
 import atexit
-import importlib.util
+import importlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -27,8 +28,9 @@ import slicer
 import vtk
 import vtk.util.numpy_support
 
-from MetaSegLib import paths, planes
-from MetaSegLib.process import ProcessError, SegmentProcess, python_executable
+from MetaSegLib import dependencies, frames, paths, planes, rundirs, views
+from MetaSegLib.preview import LabelReader, PreviewSegments
+from MetaSegLib.process import ProcessError, ResliceProcess, SegmentProcess, python_executable
 from MetaSegLib.protocol import Event, format_progress, format_seconds
 from MetaSegLib.report import device_text, format_report
 
@@ -72,13 +74,42 @@ except ImportError:
 
 IN_SLICER_APP = HAVE_GUI and hasattr(slicer, "app")
 MODULE_DIR = Path(__file__).resolve().parent
-REQUIREMENTS = {"torch": "torch>=2.0", "slicerio": "slicerio>=1.0", "SimpleITK": "SimpleITK>=2.2", "numpy": "numpy>=1.21"}
 REPORT_ATTRIBUTE = "MetaSeg.Report"
 FITTED_ATTRIBUTE = "MetaSeg.FittedNetwork"  # file of the fitted 3D network, for cross-sections
+FITTED_INFO_ATTRIBUTE = "MetaSeg.FittedInfo"  # JSON: the input's voxel spacing and size, the tissue labels
 UNCERTAINTY_ATTRIBUTE = "MetaSeg.Uncertainty"  # ID of the uncertainty volume of a 3D result
 LIVE_EVERY = {2: 10, 3: 50}  # live-preview interval (steps) per input dimension: overhead <= 10 % (docs/results.md)
-_RUNNING_JOBS = set()  # jobs polled by a timer stay alive even if the caller drops its reference
 DEVICES = ("auto", "cpu", "gpu")
+
+
+# Session state that survives "Reload" (which re-runs this file in the same module namespace).
+_RUNNING_JOBS = globals().get("_RUNNING_JOBS", set())  # running jobs, alive even if the caller drops them
+_SWEPT_ROOTS = globals().get("_SWEPT_ROOTS", set())  # run roots swept for stale folders in this session
+_KEPT_DIRS = globals().get("_KEPT_DIRS", set())  # this session's folders of fitted networks, removed at exit
+
+
+def defaultRunRoot() -> Path:
+    """Where runs keep their temporary files: Slicer's temporary folder, else the system's."""
+    if IN_SLICER_APP:
+        return Path(slicer.util.tempDirectory("MetaSeg", includeDateTime=False))
+    return rundirs.default_root()
+
+
+def _cleanupAtExit() -> None:
+    """Application exit: stop running jobs and remove every temporary file of this session."""
+    for job in list(_RUNNING_JOBS):
+        try:
+            job.onProgress = job.onFinished = None
+            job.process.cleanup()  # stops the process, removes its run folder
+        except Exception:  # noqa: BLE001 (exit must go on)
+            logging.exception("MetaSeg: cleanup at exit")
+    for folder in list(_KEPT_DIRS):
+        rundirs.remove(folder)
+
+
+if not globals().get("_AT_EXIT_REGISTERED"):  # once per session, not again on reload
+    atexit.register(lambda: _cleanupAtExit())  # looks the function up at exit: the reloaded one
+    _AT_EXIT_REGISTERED = True
 
 
 class MetaSegError(RuntimeError):
@@ -144,6 +175,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._installing = False  # a dependency install pumps events: no second Segment meanwhile
         self._lastSegmentation = None  # the last result: cross-sections render it
 
     def setup(self) -> None:
@@ -158,8 +190,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for text, device in ((_("auto (GPU if available)"), "auto"), (_("CPU"), "cpu"), (_("GPU"), "gpu")):
             self.ui.deviceComboBox.addItem(text, device)
         self.ui.progressBar.hide()
-        for view in ("Red", "Yellow", "Green"):
-            self.ui.sliceViewComboBox.addItem(view)
+        self.updateSliceViews()
         for text, what in ((_("labels"), "labels"), (_("intensity"), "intensity")):
             self.ui.crossSectionWhatComboBox.addItem(text, what)
 
@@ -168,12 +199,44 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.crossSectionButton.connect("clicked(bool)", self.onCrossSectionButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        slicer.app.layoutManager().connect("layoutChanged(int)", self.updateSliceViews)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        """Module reload or application exit: the widget goes away, so the job must stop calling it."""
+        self._stopJob()
+        try:
+            slicer.app.layoutManager().disconnect("layoutChanged(int)", self.updateSliceViews)
+        except (AttributeError, ValueError):
+            pass
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Reload MetaSegLib too (Slicer reloads only MetaSeg.py), then the module itself."""
+        self._stopJob()
+        import MetaSegLib
+
+        for name in sorted(n for n in sys.modules if n.startswith("MetaSegLib.")):
+            importlib.reload(sys.modules[name])
+        importlib.reload(MetaSegLib)
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    def _stopJob(self) -> None:
+        """Cancel the running job and detach it from this widget; it still finishes and cleans up on its own."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.onProgress = job.onFinished = None
+            job.cancel()
+
+    def updateSliceViews(self, *args) -> None:
+        """The slice views of the current layout (any names, not only Red/Yellow/Green)."""
+        combo = self.ui.sliceViewComboBox
+        current = combo.currentText
+        combo.clear()
+        for name in views.slice_view_names(slicer.app.layoutManager()):
+            combo.addItem(name)
+        if current and combo.findText(current) >= 0:
+            combo.setCurrentIndex(combo.findText(current))
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -226,12 +289,16 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         text, ok = self.logic.modelDescription(volume)
         self.ui.modelLabel.text = text
         for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.advancedCollapsibleButton):
-            w.enabled = not running
+            w.enabled = not running and not self._installing
         last = self._lastSegmentation
         if last is not None and last.GetScene() is None:  # removed from the scene meanwhile
             last = self._lastSegmentation = None
-        self.ui.crossSectionButton.enabled = not running and self.logic.hasFittedNetwork(last)
-        if running:
+        self.ui.crossSectionButton.enabled = not running and not self._installing and self.logic.hasFittedNetwork(last)
+        if self._installing:
+            self.ui.segmentButton.text = _("Segment")
+            self.ui.segmentButton.enabled = False
+            self.ui.segmentButton.toolTip = _("Installing the Python packages MetaSeg needs…")
+        elif running:
             self.ui.segmentButton.text = _("Cancel")
             self.ui.segmentButton.toolTip = _("Stop the segmentation; the scene is left as it was")
             self.ui.segmentButton.enabled = True
@@ -246,16 +313,18 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling…")
             self._job.cancel()
             return
+        if self._installing or self._job is not None:  # a click delivered while an install pumps events
+            return
         pn = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("MetaSeg could not start."), waitCursor=True):
-            if not self.logic.installDependencies(askConfirmation=True):
-                self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
+        # Dialogs (install confirmations, replace?) without the wait cursor; the button is disabled meanwhile.
+        if not self._ensureDependencies():
+            return
+        output = pn.outputSegmentation
+        if output is not None:
+            question = _("Replace all segments of '{name}' with the MetaSeg result?").format(name=output.GetName())
+            if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("MetaSeg")):
                 return
-            output = pn.outputSegmentation
-            if output is not None:
-                question = _("Replace all segments of '{name}' with the MetaSeg result?").format(name=output.GetName())
-                if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("MetaSeg")):
-                    return
+        with slicer.util.tryWithErrorDisplay(_("MetaSeg could not start."), waitCursor=True):
             self._job = self.logic.segment(
                 pn.inputVolume, device=pn.device, steps=pn.steps or None, seed=pn.seed, wait=False,
                 outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
@@ -269,15 +338,34 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Starting the MetaSeg process…")
         self.updateGUI()
 
+    def _ensureDependencies(self) -> bool:
+        """Install what is missing after confirmation; False (with the reason shown) if not ready."""
+        self._installing = True
+        self.updateGUI()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("MetaSeg could not install its Python packages.")):
+                if self.logic.installDependencies(askConfirmation=True):
+                    return True
+            self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
+            return False
+        finally:
+            self._installing = False
+            self.updateGUI()
+
     def onCrossSectionButton(self) -> None:
         view = self.ui.sliceViewComboBox.currentText
         what = self.ui.crossSectionWhatComboBox.currentData
-        with slicer.util.tryWithErrorDisplay(_("MetaSeg could not render the cross-section."), waitCursor=True):
-            sliceNode = slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
-            node = self.logic.crossSection(self._lastSegmentation, sliceNode, self.ui.superResolutionSpinBox.value, what)
-            dims = node.GetImageData().GetDimensions()
-            self.ui.statusLabel.text = _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit.").format(
-                name=node.GetName(), w=dims[0], h=dims[1], s=node.GetSpacing()[0])
+        self.ui.crossSectionButton.enabled = False  # the render pumps events while its process runs
+        try:
+            with slicer.util.tryWithErrorDisplay(_("MetaSeg could not render the cross-section."), waitCursor=True):
+                sliceNode = views.slice_node(slicer.app.layoutManager(), view)
+                node = self.logic.crossSection(
+                    self._lastSegmentation, sliceNode, self.ui.superResolutionSpinBox.value, what)
+                dims = node.GetImageData().GetDimensions()
+                self.ui.statusLabel.text = _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit.").format(
+                    name=node.GetName(), w=dims[0], h=dims[1], s=node.GetSpacing()[0])
+        finally:
+            self.updateGUI()
 
     def onJobProgress(self, event: Event) -> None:
         if event.kind == "stage":
@@ -349,10 +437,12 @@ class MetaSegJob:
         self.labelmapNode = None
         self.elapsed = 0.0
         self._t0 = time.monotonic()
-        self._previewNode = None  # hidden node showing live labels; removed unless it becomes the result
-        self._previewColors: Dict[str, tuple] = {}
+        self._previewNode = None  # hidden node showing the live labels; removed at the end
+        self._preview: Optional[PreviewSegments] = None
+        self._reader = LabelReader() if livePreview else None  # decodes snapshot files off the main thread
         self._polling = False
         self._timer = None
+        _RUNNING_JOBS.add(self)  # kept alive until it ends; cancelled and cleaned up at exit
 
     @property
     def running(self) -> bool:
@@ -365,7 +455,6 @@ class MetaSegJob:
         self._timer.setInterval(self.POLL_MS)
         self._timer.connect("timeout()", self.poll)
         self._timer.start()
-        _RUNNING_JOBS.add(self)
 
     # ------------------------------------------------------------------ poll
     def poll(self) -> bool:
@@ -377,6 +466,9 @@ class MetaSegJob:
             for event in self.process.poll():
                 if self.state == "running":
                     self._handle(event)
+            live = self._reader.take() if self._reader is not None else None
+            if live is not None and self.state == "running":
+                self._showLiveLabels(live)
             if self.process.finished:
                 self._finish()
         except Exception as e:  # a failure in our own MRML work must end the job, not leave it hanging
@@ -394,17 +486,18 @@ class MetaSegJob:
             self.warnings.append(event["message"])
         elif event.kind == "done":
             self.report = event["report"]
-        elif event.kind == "labels" and self.livePreview:
-            self._showLiveLabels(event["path"])
+        elif event.kind == "labels" and self._reader is not None:
+            self._reader.submit(event["step"], event["path"], event.get("segments") or [])
         if self.onProgress is not None and event.kind != "done":
             self.onProgress(event)
 
-    def _showLiveLabels(self, path: str) -> None:
+    def _showLiveLabels(self, live) -> None:
+        """Main thread: copy a decoded snapshot into the hidden preview node (made at the first one)."""
         if self._previewNode is None:
-            # A new output is built in place: the preview node becomes the result. An existing
-            # output segmentation is only touched at the end, so a separate node previews.
+            # Its own node: an existing output segmentation is only touched at the end.
             self._previewNode = self.logic._createSegmentationNode(self.scene, self.volumeNode, hidden=True)
-        self.logic._loadLabelmapFileIntoSegmentation(path, self._previewNode, self.volumeNode, self._previewColors)
+            self._preview = PreviewSegments(self._previewNode, live.segments)
+        self._preview.update(live)
 
     # ---------------------------------------------------------------- cancel
     def cancel(self) -> None:
@@ -461,6 +554,8 @@ class MetaSegJob:
                 self._removePreview()
         finally:
             self.elapsed = time.monotonic() - self._t0
+            if self._reader is not None:
+                self._reader.stop()
             if self._timer is not None:
                 self._timer.stop()
                 self._timer = None
@@ -472,27 +567,34 @@ class MetaSegJob:
     def _removePreview(self) -> None:
         if self._previewNode is not None:
             self.logic._removeNode(self._previewNode)
-            self._previewNode = None
+            self._previewNode, self._preview = None, None
 
     def _loadResult(self) -> None:
         logic, volume = self.logic, self.volumeNode
         report = json.loads(self.process.report_path.read_text(encoding="utf-8"))
         _scene, source = logic._readSegmentationFile(str(self.process.segmentation_path))
         if self.outputSegmentation is not None:
+            # An existing segmentation keeps its transform, reference geometry and display: only its
+            # segments change, brought from the input's frame into its own (exact for linear transforms).
             target, created = self.outputSegmentation, False
-        elif self._previewNode is not None:
-            target, created = self._previewNode, True
-            self._previewNode = None
+            toTarget = frames.between(volume, target)
+            if not np.allclose(toTarget, np.eye(4)):
+                transform = vtk.vtkTransform()
+                transform.SetMatrix(frames.to_vtk(toTarget))
+                source.GetSegmentation().ApplyLinearTransform(transform)
         else:
             target, created = logic._createSegmentationNode(self.scene, volume, hidden=True), True
+            toTarget = np.eye(4)
         labelmap = None
         try:
-            target.CreateDefaultDisplayNodes()  # only creates what is missing
             wasModifying = target.StartModify()
             try:
+                # DeepCopy would also take the file's conversion parameters (the reference geometry among
+                # them): the target keeps its own, which are the input's for a new node.
+                keep = slicer.vtkSegmentation()
+                keep.CopyConversionParameters(target.GetSegmentation())
                 target.GetSegmentation().DeepCopy(source.GetSegmentation())
-                target.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-                target.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+                target.GetSegmentation().CopyConversionParameters(keep)
                 target.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
                 if created:
                     target.SetHideFromEditors(False)
@@ -501,7 +603,7 @@ class MetaSegJob:
             if created:
                 logic._placeBesideVolume(target, volume)
             if self.process.fitted_path is not None and self.process.fitted_path.is_file():
-                logic._keepFitted(target, self.process.fitted_path)
+                logic._keepFitted(target, self.process.fitted_path, volume, np.linalg.inv(toTarget))
             labelmap = logic._exportLabelmap(target, volume) if self.keepLabelmap else None
             uncertainty = self.process.uncertainty_path
             if uncertainty is not None and uncertainty.is_file():
@@ -526,10 +628,16 @@ class MetaSegJob:
 class MetaSegLogic(ScriptedLoadableModuleLogic):
     """Segment volumes with MetaSeg; usable from the Python console without the GUI."""
 
-    def __init__(self) -> None:
+    def __init__(self, runRoot: Optional[str] = None) -> None:
+        """:param runRoot: folder for the runs' temporary files (default: Slicer's temporary folder,
+        or the system's outside Slicer). Folders left there by ended sessions are removed now."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.moduleDir = MODULE_DIR
-        self._fitted: Dict[str, Any] = {}  # fitted-INR file -> loaded FittedVolume (cross-sections)
+        self.runRoot = Path(runRoot) if runRoot else defaultRunRoot()
+        self._keptDir: Optional[Path] = None  # this session's fitted networks (cross-sections)
+        if str(self.runRoot) not in _SWEPT_ROOTS:  # once per folder and session: start-up
+            _SWEPT_ROOTS.add(str(self.runRoot))
+            rundirs.sweep_stale(self.runRoot)
 
     if HAVE_GUI:
         def getParameterNode(self):
@@ -567,49 +675,47 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     # --------------------------------------------------------- dependencies
     @staticmethod
     def missingPackages() -> List[str]:
-        """Requirements of the core that this Python cannot import (checked without importing)."""
-        return [req for name, req in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+        """Requirements of the core that are missing or installed in an unsuitable version (nothing imported)."""
+        return [p.requirement for p in dependencies.check()]
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what the core needs (Slicer application only); True when all is present.
+        """Install what the core needs (Slicer application only); True when every requirement is met.
 
         torch comes from the PyTorch extension (it picks the CUDA build that fits the driver);
-        the small pure-Python packages are pip-installed after a confirmation.
+        the small pure-Python packages are pip-installed after a confirmation. A package present
+        in an unsuitable version (e.g. a torch 1.x from another extension) is not replaced
+        behind the user's back: the error says what to do.
         """
-        missing = self.missingPackages()
-        if not missing:
+        problems = dependencies.check()
+        if not problems:
             return True
-        if not IN_SLICER_APP:
-            raise MetaSegError("missing Python packages: " + ", ".join(missing) + "; install them with pip")
-        if "torch>=2.0" in missing:
+        wrong = [p for p in problems if p.installed is not None]
+        if wrong or not IN_SLICER_APP:
+            raise MetaSegError(dependencies.describe(problems))
+        if any(p.name == "torch" for p in problems):
             try:
                 import PyTorchUtils
             except ModuleNotFoundError:
                 raise MetaSegError(_('MetaSeg needs PyTorch: install the "PyTorch" extension from the Extensions '
                                      "Manager, restart Slicer and try again.")) from None
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.0") is None:
-                    return False
-        others = [r for r in self.missingPackages() if not r.startswith("torch")]
+            requirement = next(p.requirement for p in problems if p.name == "torch")
+            if torchLogic.installTorch(askConfirmation=askConfirmation,
+                                       torchVersionRequirement=requirement[len("torch"):]) is None:
+                return False
+        others = [p.requirement for p in dependencies.check() if p.name != "torch"]
         if others:
-            try:
-                import slicer.packaging as slicerPackaging
-            except ImportError:
-                slicerPackaging = None
-            if slicerPackaging is not None and hasattr(slicerPackaging, "pip_ensure"):
-                from packaging.requirements import Requirement  # the PyPI "packaging", shipped with Slicer
-
-                slicerPackaging.pip_ensure([Requirement(r) for r in others], requester="MetaSeg",
-                                           prompt_install=askConfirmation)
-            else:
-                question = _("MetaSeg needs the Python packages {packages}. Install them now?").format(
-                    packages=", ".join(others))
-                if askConfirmation and not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MetaSeg")):
-                    return False
-                slicer.util.pip_install(" ".join(others))
+            question = _("MetaSeg needs the Python packages {packages}. Install them now?").format(
+                packages=", ".join(others))
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MetaSeg")):
+                return False
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(" ".join(f'"{r}"' for r in others))
         importlib.invalidate_caches()
-        return not self.missingPackages()
+        problems = dependencies.check()
+        if problems:
+            raise MetaSegError(dependencies.describe(problems))
+        return True
 
     # -------------------------------------------------------------- segment
     def segment(self, volumeNode, device: str = "cpu", steps: Optional[int] = None, seed: int = 0, wait: bool = True,
@@ -649,20 +755,18 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 searched = ", ".join(str(d) for d in paths.weights_dirs(self.moduleDir))
                 raise MetaSegError(f"no {dims}D MetaSeg weights ({paths.WEIGHTS_FILES.get(dims, '?')}) are installed "
                                    f"(searched {searched}); pass weights=FILE")
-        missing = [r for r in self.missingPackages() if r.split(">")[0] in ("torch", "slicerio")]
-        if missing:
-            raise MetaSegError("missing Python packages: " + ", ".join(missing) +
-                               "; call MetaSegLogic().installDependencies() or use the MetaSeg module panel")
-        corePath = paths.core_python_path(self.moduleDir)
-        if corePath is None:
-            raise MetaSegError("the MetaSeg core package (metaseg) was not found beside the module")
+        problems = dependencies.check()
+        if problems:
+            raise MetaSegError(dependencies.describe(problems) +
+                               "\n(MetaSegLogic().installDependencies() or the MetaSeg module panel install what is missing.)")
+        corePath = self._corePath()
         try:
             # The child gets this process's environment (as slicer.util.pip_install does) plus the core.
             process = SegmentProcess(python=python_executable(IN_SLICER_APP), weights=str(weights),
                                      device=str(device).lower(), seed=seed, steps=steps,
                                      live_every=(liveEvery or LIVE_EVERY[dims]) if livePreview else 0,
                                      save_inr=dims == 3, uncertainty=uncertainty and dims == 3,
-                                     python_path=[str(corePath)])
+                                     python_path=[str(corePath)], temp_root=str(self.runRoot))
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
         try:
@@ -686,8 +790,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         return bool(path) and Path(path).is_file()
 
     def crossSection(self, segmentationNode, sliceNode, superResolution: int = 4, what: str = "labels",
-                     show: bool = True):
+                     show: bool = True, device: str = "cpu", timeout: Optional[float] = 600):
         """Render a 3D result on the plane of `sliceNode` from the fitted network, without refitting.
+
+        The network runs in a child process (`python -m metaseg reslice`), as the segmentation does.
+        The view's plane is taken from world into the result's own frame, so parent transforms of
+        the segmentation are followed (linear ones; a non-linear transform is refused).
 
         :param superResolution: pixels per input voxel along each in-plane axis (4: a quarter voxel).
         :param what: "labels" (a labelmap volume) or "intensity" (the intensity the network reproduces).
@@ -700,48 +808,80 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         if not self.hasFittedNetwork(segmentationNode):
             raise MetaSegError("this segmentation has no fitted network: cross-sections need a 3D MetaSeg result "
                                "computed in this session")
-        from metaseg.fitted import FittedVolume
-        from metaseg.reslice import Plane
-
-        path = segmentationNode.GetAttribute(FITTED_ATTRIBUTE)
-        if path not in self._fitted:
-            self._fitted[path] = FittedVolume.load(Path(path))
-        fitted = self._fitted[path]
-        ref = fitted.info["reference"]
-        sliceToRAS = [[sliceNode.GetSliceToRAS().GetElement(i, j) for j in range(4)] for i in range(4)]
-        diagonal = float(np.linalg.norm((np.array(ref["size"]) - 1) * np.array(ref["spacing"])))
+        info = json.loads(segmentationNode.GetAttribute(FITTED_INFO_ATTRIBUTE) or "{}")
         try:
-            centre, u, v, extent, spacing = planes.plane_from_slice(
-                sliceToRAS, sliceNode.GetFieldOfView()[:2], min(ref["spacing"]) / int(superResolution), diagonal)
-            plane = Plane.centred(centre, u, v, extent, (spacing, spacing))
-        except ValueError as e:
+            # world -> the segmentation's frame -> the network's (the input volume's untransformed) frame
+            worldToNetwork = np.array(info.get("toNetwork", np.eye(4))) @ frames.world_to_local(segmentationNode)
+        except frames.FrameError as e:
+            raise MetaSegError(f"cannot render a cross-section: {e}") from e
+        sliceToNetwork = worldToNetwork @ frames.to_numpy(sliceNode.GetSliceToRAS())
+        spacing = np.array(info.get("spacing", [1.0, 1.0, 1.0]), float)
+        diagonal = float(np.linalg.norm((np.array(info.get("size", [256, 256, 256])) - 1) * spacing))
+        fov = sliceNode.GetFieldOfView()
+        stretch = np.linalg.norm(sliceToNetwork[:3, :2], axis=0)  # mm of the network's frame per world mm
+        side = max(fov[0] * stretch[0], fov[1] * stretch[1])  # `metaseg reslice` renders a square plane
+        try:
+            centre, u, v, extent, step = planes.plane_from_slice(
+                sliceToNetwork, (side, side), float(spacing.min()) / int(superResolution), diagonal)
+            process = ResliceProcess(segmentationNode.GetAttribute(FITTED_ATTRIBUTE), centre, u, v, extent[0], step,
+                                     what=what, device=device, python=python_executable(IN_SLICER_APP),
+                                     python_path=[str(self._corePath())], temp_root=str(self.runRoot))
+        except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
-        values = fitted.query(plane.points(), what).reshape(plane.size[1], plane.size[0])
+        try:
+            process.start()
+            self._waitForProcess(process, timeout)
+            error = process.error_message()
+            if error is not None:
+                raise MetaSegError(error)
+            node = self._loadPlane(process.output_path, segmentationNode, sliceNode, what, info,
+                                   np.linalg.inv(np.array(info.get("toNetwork", np.eye(4)))))
+        finally:
+            process.cleanup()
+        if show and IN_SLICER_APP:
+            widget = views.slice_widget(slicer.app.layoutManager(), sliceNode.GetLayoutName())
+            if widget is not None:  # a view outside the current layout: the node is made, not shown
+                composite = widget.sliceLogic().GetSliceCompositeNode()
+                if what == "labels":
+                    composite.SetLabelVolumeID(node.GetID())
+                else:
+                    composite.SetForegroundVolumeID(node.GetID())
+                    composite.SetForegroundOpacity(1.0)
+        return node
+
+    @staticmethod
+    def _waitForProcess(process, timeout: Optional[float]) -> None:
+        """Block until the process ends; in Slicer the GUI keeps processing events meanwhile."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while process.returncode is None:
+            if deadline is not None and time.monotonic() > deadline:
+                process.cancel(grace=0.5)
+                raise MetaSegError(f"the cross-section took more than {timeout} s and was cancelled")
+            if IN_SLICER_APP:
+                slicer.app.processEvents()
+            time.sleep(0.02)
+        process.wait(30.0)
+
+    def _loadPlane(self, path: Path, segmentationNode, sliceNode, what: str, info: Dict[str, Any], toSegmentation):
+        """The rendered plane file as a new volume node in the segmentation's frame, under its transform."""
+        private = slicer.vtkMRMLScene()
+        source = private.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        storage = private.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        if not storage.ReadData(source):
+            raise MetaSegError(f"could not read the cross-section {path}")
         scene = segmentationNode.GetScene()
         kind = "vtkMRMLLabelMapVolumeNode" if what == "labels" else "vtkMRMLScalarVolumeNode"
-        name = scene.GenerateUniqueName(f"{segmentationNode.GetName()} {sliceNode.GetName()} {what}")
-        node = scene.AddNewNodeByClass(kind, name)
-        image = vtk.vtkImageData()
-        image.SetDimensions(plane.size[0], plane.size[1], 1)
-        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if what == "labels" else vtk.VTK_FLOAT, 1)
-        vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = values.reshape(-1)
-        node.SetAndObserveImageData(image)
+        node = scene.AddNewNodeByClass(kind, scene.GenerateUniqueName(
+            f"{segmentationNode.GetName()} {sliceNode.GetName()} {what}"))
+        node.SetAndObserveImageData(source.GetImageData())
         matrix = vtk.vtkMatrix4x4()
-        for i, row in enumerate(planes.ijk_to_ras(plane.origin, plane.u, plane.v, plane.spacing)):
-            for j, x in enumerate(row):
-                matrix.SetElement(i, j, x)
-        node.SetIJKToRASMatrix(matrix)
+        source.GetIJKToRASMatrix(matrix)
+        node.SetIJKToRASMatrix(frames.to_vtk(toSegmentation @ frames.to_numpy(matrix)))
         node.CreateDefaultDisplayNodes()
         if what == "labels":
-            node.GetDisplayNode().SetAndObserveColorNodeID(self._tissueColors(scene, fitted.info.get("labels", [])).GetID())
+            node.GetDisplayNode().SetAndObserveColorNodeID(self._tissueColors(scene, info.get("labels", [])).GetID())
         node.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
-        if show and IN_SLICER_APP:
-            composite = slicer.app.layoutManager().sliceWidget(sliceNode.GetLayoutName()).sliceLogic().GetSliceCompositeNode()
-            if what == "labels":
-                composite.SetLabelVolumeID(node.GetID())
-            else:
-                composite.SetForegroundVolumeID(node.GetID())
-                composite.SetForegroundOpacity(1.0)
         return node
 
     @staticmethod
@@ -758,23 +898,38 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
         for lab in labels:
             if lab["value"] > 0:
-                r, g, b = (x / 255.0 for x in lab["color"])
+                r, g, b = lab["color"]
                 table.SetColor(lab["value"], lab["name"], r, g, b, 1.0)
         table.SetAttribute("MetaSeg.TissueColors", "1")
         return table
 
-    def _keepFitted(self, segmentationNode, source: Path) -> None:
-        """Copy the fitted network (and its checksum) out of the run's temporary folder, for cross-sections."""
-        import shutil
-        import tempfile
+    def _corePath(self) -> Path:
+        corePath = paths.core_python_path(self.moduleDir)
+        if corePath is None:
+            raise MetaSegError("the MetaSeg core package (metaseg) was not found beside the module "
+                               f"({', '.join(str(d) for d in paths.core_search_dirs(self.moduleDir))})")
+        return corePath
 
-        if getattr(self, "_fittedDir", None) is None:
-            self._fittedDir = Path(tempfile.mkdtemp(prefix="MetaSeg-fitted-"))
-            atexit.register(shutil.rmtree, str(self._fittedDir), True)
-        target = self._fittedDir / f"{segmentationNode.GetID()}-{int(time.time() * 1000)}.pt"
+    def _keepFitted(self, segmentationNode, source: Path, volumeNode, toNetwork: np.ndarray) -> None:
+        """Copy the fitted network out of the run's folder, for cross-sections, with what they need to know:
+        the input's voxel size, the tissue labels, and the matrix from the segmentation's frame to the network's."""
+        import shutil
+
+        if self._keptDir is None or not self._keptDir.is_dir():
+            self._keptDir = rundirs.make_run_dir(self.runRoot, prefix="kept-")
+            _KEPT_DIRS.add(self._keptDir)
+        target = self._keptDir / f"{segmentationNode.GetID()}-{int(time.time() * 1000)}.pt"
         shutil.copyfile(source, target)
         shutil.copyfile(str(source) + ".sha256", str(target) + ".sha256")
+        segmentation = segmentationNode.GetSegmentation()
+        labels = []
+        for i in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(i)
+            labels.append({"value": segment.GetLabelValue(), "name": segment.GetName(), "color": list(segment.GetColor())})
+        info = {"spacing": list(volumeNode.GetSpacing()), "size": list(volumeNode.GetImageData().GetDimensions()),
+                "toNetwork": np.asarray(toNetwork).tolist(), "labels": labels}
         segmentationNode.SetAttribute(FITTED_ATTRIBUTE, str(target))
+        segmentationNode.SetAttribute(FITTED_INFO_ATTRIBUTE, json.dumps(info))
 
     @staticmethod
     def _checkInput(volumeNode, outputSegmentation) -> None:
@@ -795,6 +950,10 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 raise MetaSegError("outputSegmentation must be a segmentation node")
             if outputSegmentation.GetScene() is not volumeNode.GetScene():
                 raise MetaSegError("outputSegmentation is not in the input volume's scene")
+            try:  # the result is brought into the output's frame: only linear transforms can be followed
+                frames.between(volumeNode, outputSegmentation)
+            except frames.FrameError as e:
+                raise MetaSegError(f"cannot place the result in '{outputSegmentation.GetName()}': {e}") from e
 
     # ----------------------------------------------------------- MRML glue
     @staticmethod
@@ -831,33 +990,9 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         node.SetHideFromEditors(hidden)
         node.CreateDefaultDisplayNodes()
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())  # first: the geometry is taken relative to it
         node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         return node
-
-    @staticmethod
-    def _loadLabelmapFileIntoSegmentation(path: str, segmentationNode, volumeNode, colors: Dict[str, tuple]) -> None:
-        """Replace the segments of `segmentationNode` with the labels of an image file (live preview)."""
-        scene = slicer.vtkMRMLScene()
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        storage.SetFileName(path)
-        if not storage.ReadData(labelmap):
-            raise MetaSegError(f"could not read the live labels {path}")
-        source = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, source):
-            raise MetaSegError(f"could not convert the live labels {path}")
-        segmentation = source.GetSegmentation()
-        for i in range(segmentation.GetNumberOfSegments()):  # same colour for a label at every step
-            segment = segmentation.GetNthSegment(i)
-            if segment.GetName() in colors:
-                segment.SetColor(*colors[segment.GetName()])
-            else:
-                colors[segment.GetName()] = segment.GetColor()
-        wasModifying = segmentationNode.StartModify()
-        segmentationNode.GetSegmentation().DeepCopy(segmentation)
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        segmentationNode.EndModify(wasModifying)
 
     @staticmethod
     def _placeBesideVolume(node, volumeNode) -> None:

@@ -36,6 +36,7 @@ from .batch_progress import BatchProgress, ScanReporter
 from .cohort import Scan, find_scans, parse_shard, shard_of
 from .cohort_table import Row, failed_row, merge_shards, ok_row, pending_row, status_counts, table_name, write_table
 from .device import pick_device
+from .atomic import OutputExistsError
 from .fit import FitCancelled
 from .io import InputError
 from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, Models, segment_scan
@@ -200,6 +201,8 @@ def segment_argv(a: argparse.Namespace, scan: Scan, folder: Path, wanted: List[s
         argv += ["--steps", str(a.steps)]
     if scan.mask is not None:
         argv += ["--mask=" + str(scan.mask)]
+    if a.accept_poor_match:
+        argv += ["--accept-poor-match"]
     return argv + (["--force"] if force else [])
 
 
@@ -218,7 +221,7 @@ def run_job(job: Job, models: Models, cancel, sink: Callable[[str, Dict[str, Any
         return Outcome("cancelled", seconds=time.perf_counter() - t0)
     except WeightsError:
         raise
-    except (InputError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, OutputExistsError, ValueError) as e:
         return Outcome("failed", error=str(e), seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - one scan's crash must not stop the cohort; its row says what happened
         return Outcome("failed", error=f"unexpected error: {type(e).__name__}: {e}", seconds=time.perf_counter() - t0)

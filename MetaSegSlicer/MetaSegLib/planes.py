@@ -30,15 +30,3 @@ def plane_from_slice(slice_to_ras: np.ndarray, field_of_view: Sequence[float], s
         spacing *= float(np.sqrt(pixels / MAX_PIXELS))
     return RAS_TO_LPS @ m[:3, 3], RAS_TO_LPS @ u, RAS_TO_LPS @ v, extent, spacing
 
-
-def ijk_to_ras(origin_lps: Sequence[float], u_lps: Sequence[float], v_lps: Sequence[float],
-               spacing: Sequence[float]) -> np.ndarray:
-    """The 4x4 IJKToRAS matrix of a one-slice volume whose pixel (i, j) lies at origin + i su u + j sv v."""
-    u, v = np.asarray(u_lps, float), np.asarray(v_lps, float)
-    n = np.cross(u, v)
-    m = np.eye(4)
-    m[:3, 0] = RAS_TO_LPS @ u * spacing[0]
-    m[:3, 1] = RAS_TO_LPS @ v * spacing[1]
-    m[:3, 2] = RAS_TO_LPS @ n * min(spacing)
-    m[:3, 3] = RAS_TO_LPS @ np.asarray(origin_lps, float)
-    return m

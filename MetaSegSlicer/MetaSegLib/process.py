@@ -9,8 +9,9 @@ scripts and tests).
   stderr on two threads (a full pipe can never block the child), and queues the events;
   `poll()` returns them without blocking, `cancel()` ends the whole process tree, `wait()`
   blocks until the end, `error_message()` explains a failure.
-- `SegmentProcess` builds the `python -m metaseg segment ...` command in a private temporary
-  folder and removes that folder in `cleanup()`.
+- `SegmentProcess` builds the `python -m metaseg segment ...` command in a private run folder
+  (`rundirs`) and removes that folder in `cleanup()`; `ResliceProcess` does the same for
+  `python -m metaseg reslice` (cross-sections of a fitted 3D network).
 
 The child runs in its own session (POSIX) or process group (Windows) so that cancelling
 kills it together with any process it started, never only the launcher.
@@ -25,12 +26,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Deque, Dict, List, Optional, Sequence
 
+from . import rundirs
 from .protocol import Event, ProtocolError, parse_line
 
 log = logging.getLogger(__name__)
@@ -282,8 +283,51 @@ def python_executable(in_slicer: bool = False) -> str:
     return sys.executable
 
 
-class SegmentProcess(JsonLinesProcess):
-    """`python -m metaseg segment` on `input_path` with every output in a private temporary folder.
+class WorkdirProcess(JsonLinesProcess):
+    """A core command run in a private run folder (`rundirs`) that `cleanup()` removes.
+
+    The child gets this process's environment plus `python_path` in front of PYTHONPATH (the
+    core's folder: Slicer's own Python does not have it).
+    """
+
+    def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 python_path: Optional[Sequence[str]] = None, temp_root: Optional[str] = None):
+        self.workdir = rundirs.make_run_dir(Path(temp_root) if temp_root else rundirs.default_root())
+        self.set_paths(self.workdir)
+        self.python = python or python_executable()
+        env = dict(os.environ if env is None else env)
+        if python_path:
+            parts = [str(p) for p in python_path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            env["PYTHONPATH"] = os.pathsep.join(parts)
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        env["PYTHONUNBUFFERED"] = "1"
+        super().__init__(self.command(), env=env, cwd=str(self.workdir))
+
+    def set_paths(self, workdir: Path) -> None:
+        """Name the files of the run inside `workdir` (subclasses)."""
+
+    def command(self) -> List[str]:
+        raise NotImplementedError
+
+    def start(self) -> "WorkdirProcess":
+        self.args = self.command()
+        super().start()
+        return self
+
+    def cleanup(self) -> None:
+        """Remove the run folder; stops the process first if it still runs."""
+        if self._proc is not None and self.returncode is None:
+            self.cancel(grace=0.5)
+            try:
+                self.wait(5.0)
+            except TimeoutError:
+                log.warning("MetaSeg: process %s did not stop; %s is left behind", self.pid, self.workdir)
+                return
+        rundirs.remove(self.workdir)
+
+
+class SegmentProcess(WorkdirProcess):
+    """`python -m metaseg segment` on `input_path` with every output in a private run folder.
 
     Create it, write the input image to `input_path`, then `start()`. After the run,
     `cleanup()` removes the folder (the caller loads the outputs first).
@@ -298,23 +342,18 @@ class SegmentProcess(JsonLinesProcess):
             raise ValueError(f"steps must be at least 1 (got {steps})")
         if live_every < 0:
             raise ValueError(f"live_every must be >= 0 (got {live_every})")
-        self.workdir = Path(tempfile.mkdtemp(prefix="MetaSeg-", dir=temp_root))
-        self.input_path = self.workdir / "input.nrrd"
-        self.labels_path = self.workdir / "labels.nrrd"
-        self.segmentation_path = self.workdir / "segmentation.seg.nrrd"
-        self.report_path = self.workdir / "report.json"
-        self.live_dir = self.workdir / "live"
-        self.fitted_path = self.workdir / "fitted.pt" if save_inr else None  # 3D: for cross-sections later
-        self.uncertainty_path = self.workdir / "uncertainty.nrrd" if uncertainty else None  # 3D: entropy map
-        self.python = python or python_executable()
+        self.save_inr, self.uncertainty = save_inr, uncertainty
         self.weights, self.device, self.seed, self.steps, self.live_every = weights, device, int(seed), steps, int(live_every)
-        env = dict(os.environ if env is None else env)
-        if python_path:
-            parts = [str(p) for p in python_path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-            env["PYTHONPATH"] = os.pathsep.join(parts)
-        env.setdefault("PYTHONIOENCODING", "utf-8")
-        env["PYTHONUNBUFFERED"] = "1"
-        super().__init__(self.command(), env=env, cwd=str(self.workdir))
+        super().__init__(python, env, python_path, temp_root)
+
+    def set_paths(self, workdir: Path) -> None:
+        self.input_path = workdir / "input.nrrd"
+        self.labels_path = workdir / "labels.nrrd"
+        self.segmentation_path = workdir / "segmentation.seg.nrrd"
+        self.report_path = workdir / "report.json"
+        self.live_dir = workdir / "live"
+        self.fitted_path = workdir / "fitted.pt" if self.save_inr else None  # 3D: for cross-sections later
+        self.uncertainty_path = workdir / "uncertainty.nrrd" if self.uncertainty else None  # 3D: entropy map
 
     def command(self) -> List[str]:
         cmd = [self.python, "-m", "metaseg", "segment", str(self.input_path),
@@ -336,25 +375,44 @@ class SegmentProcess(JsonLinesProcess):
     def start(self) -> "SegmentProcess":
         if not self.input_path.is_file():
             raise ProcessError(f"the input image was not written to {self.input_path}")
-        self.args = self.command()
-        super().start()
-        return self
+        return super().start()
 
-    def cleanup(self) -> None:
-        """Remove the temporary folder; stops the process first if it still runs."""
-        if self._proc is not None and self.returncode is None:
-            self.cancel(grace=0.5)
-            try:
-                self.wait(5.0)
-            except TimeoutError:
-                log.warning("MetaSeg: process %s did not stop; %s is left behind", self.pid, self.workdir)
-                return
-        for attempt in range(5):  # Windows keeps files of a just-ended process locked for a moment
-            try:
-                shutil.rmtree(self.workdir)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.2 * (attempt + 1))
-        log.warning("MetaSeg: could not remove the temporary folder %s", self.workdir)
+
+class ResliceProcess(WorkdirProcess):
+    """`python -m metaseg reslice`: a fitted 3D network rendered on one plane (given in LPS mm).
+
+    Torch runs in this child, never in Slicer's GUI thread, and a crash there is an error
+    message here. The command writes no progress events: success is exit code 0 and the
+    output file; a failure's message is the core's `error: ...` line.
+    """
+
+    def __init__(self, fitted: str, centre: Sequence[float], u: Sequence[float], v: Sequence[float],
+                 extent_mm: float, spacing_mm: float, what: str = "labels", device: str = "cpu",
+                 python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 python_path: Optional[Sequence[str]] = None, temp_root: Optional[str] = None):
+        self.fitted, self.what, self.device = str(fitted), what, device
+        self.centre, self.u, self.v = ([float(x) for x in p] for p in (centre, u, v))
+        self.extent_mm, self.spacing_mm = float(extent_mm), float(spacing_mm)
+        super().__init__(python, env, python_path, temp_root)
+
+    def set_paths(self, workdir: Path) -> None:
+        self.output_path = workdir / f"plane-{self.what}.nrrd"
+
+    def command(self) -> List[str]:
+        def num(x: float) -> str:  # fixed-point: argparse takes "-1e-05" for an option, "-0.0000100000" not
+            return f"{x:.10f}"
+
+        cmd = [self.python, "-m", "metaseg", "reslice", self.fitted, "-o", str(self.output_path),
+               "--what", self.what, "--device", self.device,
+               "--extent", num(self.extent_mm), "--spacing", num(self.spacing_mm), "--origin"]
+        cmd += [num(x) for x in self.centre] + ["--u"] + [num(x) for x in self.u] + ["--v"] + [num(x) for x in self.v]
+        return cmd
+
+    def error_message(self) -> Optional[str]:
+        rc = self.returncode
+        if rc == 0 and not self._cancelled:
+            return None if self.output_path.is_file() else "The MetaSeg process wrote no cross-section."
+        core = [line[len("error: "):] for line in self._stderr if line.startswith("error: ")]
+        if core and not self._cancelled:
+            return core[-1]
+        return super().error_message()

@@ -77,11 +77,11 @@ SEGMENT_CASES = {
     "tiny volume": (lambda t: vol(t, "tiny.nii.gz", brainish((40, 40, 8))), [], "too small"),
     "2D weights on a volume": (lambda t: vol(t, "v.nii.gz", brainish()), ["--weights", str(WEIGHTS_2D)], "are for 2D images but the input is 3D"),
     "mask of another grid": (lambda t: vol(t, "v.nii.gz", brainish()), ["--mask", "MASK"], "does not have the scan's geometry"),
-    "--save-inr not .pt": (lambda t: vol(t, "v.nii.gz", brainish()), ["--save-inr", "OUT/f.nii.gz"], "saved as a .pt file"),
+    "--save-inr not .pt": (lambda t: vol(t, "v.nii.gz", brainish()), ["--save-inr", "OUT/f.nii.gz"], "must be named .pt"),
     "--save-inr on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--save-inr", "OUT/f.pt"], "needs a 3D volume"),
     "--uncertainty on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--uncertainty", "OUT/u.nii.gz"], "needs a 3D volume"),
     "--mask on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--mask", "MASK"], "--mask needs a 3D volume"),
-    "unknown output extension": (lambda t: vol(t, "v.nii.gz", brainish()), ["-o", "OUT/labels.txt"], "unknown extension"),
+    "unknown output extension": (lambda t: vol(t, "v.nii.gz", brainish()), ["-o", "OUT/labels.txt"], "an image must be named .nii"),
     "two outputs, one file": (lambda t: vol(t, "v.nii.gz", brainish()), ["--uncertainty", "OUT/l.nii.gz"], "two outputs name the same file"),
 }
 

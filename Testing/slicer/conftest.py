@@ -86,3 +86,21 @@ def any_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "untrained2d.pt"
     save_weights(Weights(config, net.state_dict(), log_lr, card), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fitted_3d(tmp_path_factory) -> Path:
+    """A fitted 3D network of the bundled 256^3 scan (`metaseg segment --save-inr`, 2 fit steps: the
+    geometry is what the cross-section tests check, not the labels' accuracy)."""
+    import subprocess
+
+    from mrml_helpers import ROOT, SAMPLE_T1_3D
+
+    folder = tmp_path_factory.mktemp("fitted3d")
+    if not (ROOT / "Resources" / "Weights" / "metaseg3d.pt").is_file():
+        pytest.skip("no shipped 3D weights")
+    out = subprocess.run([sys.executable, "-m", "metaseg", "segment", str(SAMPLE_T1_3D), "-o", str(folder / "labels.nrrd"),
+                          "--steps", "2", "--save-inr", str(folder / "fitted.pt"), "--progress", "none"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return folder / "fitted.pt"

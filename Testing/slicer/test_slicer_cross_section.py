@@ -73,7 +73,8 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
         np.testing.assert_allclose(m[:3, 0] / 0.25, r[:, 0], atol=1e-6)  # on the view's plane
         np.testing.assert_allclose(m[:3, 1] / 0.25, r[:, 1], atol=1e-6)
         dims = node.GetImageData().GetDimensions()
-        assert dims[2] == 1 and abs((dims[0] - 1) * 0.25 - 120.0) <= 0.25 and abs((dims[1] - 1) * 0.25 - 100.0) <= 0.25
+        # a square plane covering the view (120 x 100 mm): what `metaseg reslice` renders
+        assert dims[2] == 1 and abs((dims[0] - 1) * 0.25 - 120.0) <= 0.25 and dims[1] == dims[0]
         plane = vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[1], dims[0])
         # the pixels that lie within 0.1 voxel of a voxel centre: the run's label there agrees with the
         # cross-section (up to boundaries). Farther from the centres the labels may rightly differ: the
@@ -111,3 +112,66 @@ def _ijk(node):
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     return m
+
+
+def rotation(axis, degrees, shift=(0.0, 0.0, 0.0)):
+    import vtk
+
+    t = vtk.vtkTransform()
+    t.Translate(*shift)
+    t.RotateWXYZ(degrees, *axis)
+    return matrix(t.GetMatrix())
+
+
+def test_cross_section_follows_the_segmentation_transform(scene, MetaSeg, fitted_3d):
+    """Issue 14, point 2: under a rotation transform the view's plane is taken into the network's
+    frame. The same plane moved with the transform gives the same labels as without it, and the
+    result lies under the transform; a non-linear transform is refused with a message."""
+    import vtk
+
+    logic = MetaSeg.MetaSegLogic()
+    volume = load_volume(scene, SAMPLE_T1_3D, "ecog")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    logic._keepFitted(seg, fitted_3d, volume, np.eye(4))  # what a finished 3D run stores
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    centre = np.array([(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)])
+    s2r = rotation((1, 0, 0), 20.0)  # an oblique plane through the scan's centre
+    s2r[:3, 3] = centre
+    plain = logic.crossSection(seg, slice_node(scene, "Red", s2r, fov=(160.0, 160.0)), superResolution=1)
+
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "rotated")
+    T = rotation((0.3, 0.2, 1.0), 35.0, shift=(12.0, -7.0, 4.0))
+    transform.SetMatrixTransformToParent(MetaSeg.frames.to_vtk(T))
+    seg.SetAndObserveTransformNodeID(transform.GetID())
+    moved = logic.crossSection(seg, slice_node(scene, "Yellow", T @ s2r, fov=(160.0, 160.0)), superResolution=1)
+
+    a, b = (vtk_array(n) for n in (plain, moved))
+    assert a.shape == b.shape and (a > 0).sum() > 1000
+    assert np.mean(a == b) > 0.999, "the transformed plane shows other labels"
+    np.testing.assert_allclose(matrix(_ijk(moved)), matrix(_ijk(plain)), atol=1e-6)  # same plane, local frame
+    assert moved.GetTransformNodeID() == transform.GetID()
+
+    # the old behaviour (world plane read as local): what the user used to get instead
+    wrong = logic.crossSection(seg, slice_node(scene, "Green", s2r, fov=(160.0, 160.0)), superResolution=1)
+    assert np.mean(vtk_array(wrong) == a) < 0.9
+
+    warp = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    tps = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p, q in (((0, 0, 0), (0, 0, 5)), ((50, 0, 0), (50, 0, 0)), ((0, 50, 0), (0, 50, 0)), ((0, 0, 50), (0, 0, 50))):
+        source.InsertNextPoint(*p)
+        target.InsertNextPoint(*q)
+    tps.SetSourceLandmarks(source)
+    tps.SetTargetLandmarks(target)
+    warp.SetAndObserveTransformToParent(tps)
+    seg.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(MetaSeg.MetaSegError, match="non-linear transform 'warp'"):
+        logic.crossSection(seg, slice_node(scene, "Red", s2r), superResolution=1)
+
+
+def vtk_array(node):
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    dims = node.GetImageData().GetDimensions()
+    return vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[1], dims[0])

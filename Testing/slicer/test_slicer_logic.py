@@ -190,7 +190,8 @@ def test_oblique_geometry_and_transform(scene, any_weights, MetaSeg):
     assert segmentation.GetTransformNodeID() == transform.GetID()
 
 
-def test_cancel_with_live_preview_leaves_scene_unchanged(scene, any_weights, MetaSeg):
+def test_cancel_with_live_preview_leaves_scene_unchanged(scene, any_weights, card_labels, MetaSeg):
+    """Live labels show in a hidden node with the final result's names and colours; cancel removes it."""
     import slicer
 
     volume = load_volume(scene, SAMPLE_T1)
@@ -211,14 +212,21 @@ def test_cancel_with_live_preview_leaves_scene_unchanged(scene, any_weights, Met
                             outputSegmentation=output, livePreview=True,
                             onProgress=on_progress, onFinished=finished.append)
         deadline = time.monotonic() + 120
-        while job.running and not labels_seen:
+        while job.running and job._previewNode is None:  # the snapshot is decoded off the main thread
             job.poll()
             assert time.monotonic() < deadline, "no live labels arrived"
             time.sleep(0.02)
+        assert labels_seen
         preview = job._previewNode
         assert preview is not None and preview.GetScene() is scene and preview is not existing
         assert preview.GetHideFromEditors(), "the preview must stay hidden until the run is done"
-        assert preview.GetSegmentation().GetNumberOfSegments() >= 1
+        shown = preview.GetSegmentation()
+        assert [shown.GetNthSegment(i).GetName() for i in range(shown.GetNumberOfSegments())] == \
+            [lab["name"] for lab in card_labels]  # the final result's names and colours
+        for i, lab in enumerate(card_labels):
+            assert np.allclose(shown.GetNthSegment(i).GetColor(), np.array(lab["color"]) / 255.0, atol=1e-6)
+        assert shown.GetNumberOfLayers() == 1  # one shared labelmap: an update is one copy
+        assert np.array(shown.GetNthSegment(0).GetRepresentation("Binary labelmap").GetDimensions()).prod() > 1
         assert existing.GetSegmentation().GetNumberOfSegments() == 1  # not touched during the run
         job.cancel()
         with pytest.raises(MetaSeg.MetaSegCancelled):

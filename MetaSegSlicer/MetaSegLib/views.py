@@ -1,0 +1,33 @@
+"""The slice views a cross-section can be rendered in: those of the current layout, by name.
+
+Slicer's layouts name their slice views freely ("Red", "Yellow+", "Slice4", ...), and
+`layoutManager().sliceWidget(name)` returns None for a view that the current layout does not
+show. These take the layout manager as an argument (Qt-free, so they are tested with a stand-in).
+"""
+from __future__ import annotations
+
+from typing import List
+
+
+def slice_view_names(layout_manager) -> List[str]:
+    """Names of the slice views in the current layout, in Slicer's order (none without a layout)."""
+    if layout_manager is None:
+        return []
+    return [str(name) for name in layout_manager.sliceViewNames()]
+
+
+def slice_widget(layout_manager, name: str):
+    """The slice widget called `name`, or None when the current layout does not show it."""
+    if layout_manager is None or not name:
+        return None
+    return layout_manager.sliceWidget(name)
+
+
+def slice_node(layout_manager, name: str):
+    """The slice node of the view called `name`; ValueError saying what to do when it is not shown."""
+    widget = slice_widget(layout_manager, name)
+    if widget is None:
+        shown = slice_view_names(layout_manager)
+        choose = ("choose one of " + ", ".join(shown)) if shown else "switch to a layout with a slice view"
+        raise ValueError(f"the slice view '{name or '(none)'}' is not in the current layout: {choose}")
+    return widget.mrmlSliceNode()
