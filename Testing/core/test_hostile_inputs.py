@@ -15,13 +15,12 @@ from metaseg.atomic import OutputExistsError, write_all
 from metaseg.cli import main
 from metaseg.config import ModelConfig
 from metaseg.fit import FitProgress, FittedINR
-from metaseg.fitted import FittedVolume
 from metaseg.model import MetaSegNet
 from metaseg.outputs import preview_panels
 from metaseg.plausibility import TRAINING_FRACTIONS, tissue_warnings
 from metaseg.progress import Reporter
 from metaseg.weights import save_checked
-from testdata import SAMPLE, SAMPLE_T1, WEIGHTS_3D
+from testdata import SAMPLE, SAMPLE_T1, WEIGHTS_3D, small_fitted_file
 
 SLICE = SAMPLE / "ecog_slice_t1.nii.gz"
 
@@ -38,15 +37,7 @@ def run(args, capsys):
 # ---- 1. a plane that misses the tissue gives background, not a crash ----
 
 def fitted_file(folder: Path) -> Path:
-    torch.manual_seed(0)
-    net = MetaSegNet(ModelConfig(in_dim=3, width=8, hidden_layers=1))
-    ref = {"size": [40, 40, 40], "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
-           "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
-    m = np.diag([2 / 39, 2 / 39, 2 / 39, 1.0])
-    m[:3, 3] = -1.0
-    path = folder / "fitted.pt"
-    FittedVolume(FittedINR(net, dict(net.named_parameters())), m, np.ones((40, 40, 40), bool), {"reference": ref}).save(path)
-    return path
+    return small_fitted_file(folder / "fitted.pt", mask=True)
 
 
 def test_plane_outside_the_tissue_is_background(tmp_path, capsys):
