@@ -3,6 +3,14 @@ from pathlib import Path
 
 import pytest
 
+import math
+
+import torch
+
+from metaseg.config import ModelConfig
+from metaseg.fit import FitPlan
+from metaseg.model import MetaSegNet
+from metaseg.weights import LABELS, Weights, save_weights
 from testdata import SAMPLE, SHARED_DATA, WEIGHTS_2D
 
 
@@ -29,3 +37,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data/brains not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """Untrained weights of the real format: fast, for the tests about files and errors."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=16, hidden_layers=1)
+    net = MetaSegNet(cfg)
+    card = {"labels": LABELS, "fit": FitPlan(steps=2, batch_size=512).to_dict(), "input": {"dims": 2, "canvas": [192, 192]}}
+    path = tmp_path_factory.mktemp("w") / "tiny.pt"
+    save_weights(Weights(cfg, net.state_dict(), torch.full((2, len(net.inr_parameter_names())), math.log(1e-3)), card), path)
+    return path

@@ -8,3 +8,25 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "brains"  # ../shared/data/brain
 WEIGHTS_3D = ROOT / "Resources" / "Weights" / "metaseg3d.pt"
 SAMPLE_T1 = SAMPLE / "ecog_t1.nii.gz"  # ecog's skull-stripped T1 in its scanner geometry (uint8, 256^3)
 SAMPLE_SEG = SAMPLE / "ecog_seg4.nii.gz"  # its reference labels on the same grid
+
+
+def small_fitted_file(path: Path, mask: bool) -> Path:
+    """A fitted-INR file of a tiny random network on a 40^3 1 mm grid (with an all-tissue mask or
+    none): real file format and geometry for reslice cases, no fit needed."""
+    import numpy as np
+    import torch
+
+    from metaseg.config import ModelConfig
+    from metaseg.fit import FittedINR
+    from metaseg.fitted import FittedVolume
+    from metaseg.model import MetaSegNet
+
+    torch.manual_seed(0)
+    net = MetaSegNet(ModelConfig(in_dim=3, width=8, hidden_layers=1))
+    ref = {"size": [40, 40, 40], "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+           "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
+    m = np.diag([2 / 39, 2 / 39, 2 / 39, 1.0])
+    m[:3, 3] = -1.0
+    FittedVolume(FittedINR(net, dict(net.named_parameters())), m, np.ones((40, 40, 40), bool) if mask else None,
+                 {"reference": ref}).save(path)
+    return path

@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
 
-def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]]) -> None:
+class OutputExistsError(FileExistsError):
+    """An output file appeared while the run was working (another run?) and may not be replaced."""
+
+
+def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]], overwrite: bool = True) -> None:
     """Write every (path, writer) to a temporary file beside it, then rename them all into place.
 
     If any writer fails, every temporary file is removed and no output appears: a run
     publishes all of its files or none (a crash between the renames is the only window).
+    With `overwrite` False an output that exists at publish time, e.g. one another run wrote
+    meanwhile, is kept: the files are published with an exclusive link, those this call already
+    published are removed again, and OutputExistsError says which file was in the way.
     """
     temps: List[Tuple[str, Path]] = []
+    published: List[Path] = []
     try:
         for path, writer in outputs:
             path = Path(path)
@@ -26,14 +34,40 @@ def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]]) -> None:
             temps.append((tmp, path))
             writer(tmp)
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
-        for tmp, path in temps:
-            os.replace(tmp, path)
+        try:
+            for tmp, path in temps:
+                if overwrite:
+                    os.replace(tmp, path)
+                else:
+                    _publish_new(tmp, path)
+                published.append(path)
+        except FileExistsError as e:
+            for path in published:  # all created by this call: with overwrite False nothing was replaced
+                os.remove(path)
+            raise OutputExistsError(f"output {e.filename} appeared while this run was working (another run writing "
+                                    "the same file?); it was kept and nothing was written: choose another name, or "
+                                    "pass --force to replace it") from e
     finally:
         for tmp, _ in temps:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
 
+def _publish_new(tmp: str, path: Path) -> None:
+    """Move `tmp` to `path` only if `path` does not exist (FileExistsError otherwise), atomically where
+    the file system has hard links; elsewhere the name is claimed exclusively first."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError as e:
+        raise FileExistsError(e.errno, e.strerror, str(path)) from e
+    except OSError:  # no hard links here (e.g. FAT, some network shares)
+        pass
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError as e:
+        raise FileExistsError(e.errno, e.strerror, str(path)) from e
+    os.replace(tmp, path)
 
 
 def suffix(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""The `metaseg` command line: segment, reslice, evaluate, prepare, train, info."""
+"""The `metaseg` command line: segment, batch, reslice, evaluate, prepare, train, info."""
 from __future__ import annotations
 
 import argparse
@@ -74,8 +74,14 @@ def _train(a: argparse.Namespace) -> int:
 
     import torch
 
+    from .io import InputError
     from .meta_train import meta_train, settings_for
 
+    try:
+        _check_train_data(a.data)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.threads:
         torch.set_num_threads(a.threads)
     s = settings_for(a.dims, **{f: getattr(a, k) for k, f in _TRAIN_FIELDS.items() if getattr(a, k) is not None})
@@ -92,6 +98,18 @@ def _train(a: argparse.Namespace) -> int:
     )
     meta_train(s)
     return 0
+
+
+def _check_train_data(data: Optional[str]) -> None:
+    """Refuse a --data that is neither a folder nor a .npz pack, before any run folder is made."""
+    from .io import InputError
+
+    if data is None:
+        return
+    path = Path(data)
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
+        raise InputError(f"--data {path}: not found, or neither a folder of subject folders nor a .npz pack; "
+                         "nothing was started")
 
 
 def _add_prepare(sub) -> None:
@@ -209,6 +227,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--live-every", type=int, default=0, help="steps between live label snapshots (default: off)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                    help="bar on stderr, json lines on stdout (for programs), or none (default: %(default)s)")
+    p.add_argument("--accept-poor-match", action="store_true",
+                   help="segment even an input that is refused as not matching the model (3D: registration far "
+                   "below the gate; 2D: not an aligned coronal slice); the result is then likely wrong")
     p.set_defaults(func=_segment)
 
 
@@ -216,6 +237,50 @@ def _segment(a: argparse.Namespace) -> int:
     from .pipeline import segment_file
 
     return segment_file(a)
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="segment a cohort: one output folder per scan and a volumes table; resumable, sharded",
+        description="Segment every scan of INPUTS (image files, folders, BIDS datasets, glob patterns, CSV/TSV "
+        "manifests with a path column and optional id and mask columns) into OUT/<id>/ with the options of "
+        "`segment`, loading the model once. OUT/volumes.tsv gets one row per scan (tissue volumes, QC, errors). "
+        "Rerunning skips finished scans; Ctrl-C or SIGTERM leaves a valid table. --shard I/N takes every N-th scan "
+        "(run N of them anywhere, then --merge).",
+        epilog="exit codes: 0 every scan done, 2 bad arguments or some scans failed (see the table), 3 cancelled, "
+        "1 unexpected error",
+    )
+    p.add_argument("inputs", nargs="*", help="scans: image files, folders, BIDS datasets, glob patterns or .csv/.tsv manifests")
+    p.add_argument("-o", "--output", required=True, help="output folder: <id>/labels.nii.gz, <id>/report.json, volumes.tsv")
+    p.add_argument("--path-column", default="path", help="manifest column of the scans' paths (default: %(default)s)")
+    p.add_argument("--id-column", default="id", help="manifest column of the scans' ids (default: %(default)s; "
+                   "without it: BIDS sub-/ses- entities, else the file name)")
+    p.add_argument("--weights", help="weights file (default: the shipped model for each input's dimension)")
+    p.add_argument("--steps", type=int, help="test-time fit steps (default: the weights' card)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit's coordinate sampling (default: %(default)s)")
+    p.add_argument("--preview", action="store_true", help="also write <id>/preview.png")
+    p.add_argument("--seg-nrrd", action="store_true", help="also write <id>/labels.seg.nrrd (Slicer segmentation)")
+    p.add_argument("--uncertainty", action="store_true", help="3D: also write <id>/uncertainty.nii.gz")
+    p.add_argument("--save-inr", action="store_true", help="3D: also write <id>/fitted.pt for `metaseg reslice`")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps or gpu (default: %(default)s)")
+    p.add_argument("--devices", help="one worker process per device, e.g. cuda:0,cuda:1")
+    p.add_argument("--jobs", type=int, help="worker processes (default: one per --devices entry, else 1)")
+    p.add_argument("--shard", help="I/N: segment scans I, I+N, I+2N, ... only (1 <= I <= N); auto or auto/N: I (and N) "
+                   "from SLURM_ARRAY_TASK_ID, SGE_TASK_ID or JOB_COMPLETION_INDEX. Table: volumes.shard-I-of-N.tsv")
+    p.add_argument("--merge", action="store_true", help="join the shard tables in --output into volumes.tsv")
+    p.add_argument("--accept-poor-match", action="store_true",
+                   help="segment even scans refused as not matching the model (see `segment`); they get a warning")
+    p.add_argument("--force", action="store_true", help="redo and replace every scan, finished or not")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="bar on stderr, json lines on stdout (for programs), or none (default: %(default)s)")
+    p.set_defaults(func=_batch)
+
+
+def _batch(a: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    return run_batch(a)
 
 
 def _add_reslice(sub) -> None:
@@ -252,22 +317,24 @@ def _add_reslice(sub) -> None:
 def _reslice(a: argparse.Namespace) -> int:
     import numpy as np
 
+    from .atomic import OutputExistsError, write_all
     from .device import pick_device
     from .fitted import FittedVolume
-    from .io import InputError, check_output_path, write_image
+    from .io import InputError, write_image
+    from .output_paths import check_output
     from .reslice import Plane, reslice, standard_plane
     from .weights import WeightsError
-    from .atomic import write_all
 
     try:
-        out = check_output_path(Path(a.output), a.force)
+        out = check_output(Path(a.output), "image", a.force, [Path(a.inr), Path(a.inr + ".sha256")])
         if a.what == "probabilities" and out.name.lower().endswith((".nii", ".nii.gz")):
             raise InputError("NIfTI loses the plane's orientation for multi-component images: write the "
                              "probabilities as .nrrd or .mha")
+        _check_plane_numbers(a)
         vol = FittedVolume.load(Path(a.inr), pick_device(a.device))
         ref = vol.info["reference"]
-        sp = a.spacing or float(min(ref["spacing"]))
-        extent = a.extent or float(((np.array(ref["size"]) - 1) * np.array(ref["spacing"])).max())
+        sp = a.spacing if a.spacing is not None else float(min(ref["spacing"]))
+        extent = a.extent if a.extent is not None else float(((np.array(ref["size"]) - 1) * np.array(ref["spacing"])).max())
         if a.origin is None:
             if a.normal or a.u or a.v:
                 raise InputError("--normal, --u and --v need --origin (the plane's centre in LPS mm)")
@@ -281,12 +348,29 @@ def _reslice(a: argparse.Namespace) -> int:
         if plane.size[0] * plane.size[1] > 64_000_000:
             raise InputError(f"the plane would have {plane.size[0]}x{plane.size[1]} pixels; use a larger --spacing or a smaller --extent")
         img = reslice(vol, plane, a.what)
-        write_all([(out, lambda tmp: write_image(img, tmp))])
-    except (InputError, WeightsError, FileNotFoundError, ValueError) as e:
+        write_all([(out, lambda tmp: write_image(img, tmp))], overwrite=a.force)
+    except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({plane.size[0]}x{plane.size[1]} pixels of {sp:g} mm, {a.what})", file=sys.stderr)
     return 0
+
+
+def _check_plane_numbers(a: argparse.Namespace) -> None:
+    """Every number of a plane finite, spacing and extent positive: NaN or 0 must not slip into defaults."""
+    import math
+
+    from .io import InputError
+
+    for option in ("origin", "normal", "u", "v", "angles", "offset", "extent", "spacing"):
+        value = getattr(a, option)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            raise InputError(f"--{option} must be finite numbers (got {' '.join(str(v) for v in values)})")
+    for option in ("extent", "spacing"):
+        value = getattr(a, option)
+        if value is not None and value <= 0:
+            raise InputError(f"--{option} must be more than 0 mm (got {value:g})")
 
 
 def _add_evaluate(sub) -> None:
@@ -303,7 +387,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--steps", type=int, help="test-time fit steps (default: the weights' card)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps or gpu (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--json", help="also write the table as JSON here (.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=_evaluate)
 
 
@@ -344,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"metaseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_segment(sub)
+    _add_batch(sub)
     _add_reslice(sub)
     _add_evaluate(sub)
     _add_prepare(sub)

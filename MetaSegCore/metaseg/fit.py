@@ -146,11 +146,14 @@ class FittedINR:
 
     def _map(self, coords: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              head: bool = False) -> torch.Tensor:
-        """fn(intensity, features) per chunk; with `head`, fn(intensity, logits)."""
+        """fn(intensity, features) per chunk; with `head`, fn(intensity, logits).
+
+        No points still run one empty chunk, so the result has fn's dtype and trailing shape
+        (a plane that misses the tissue gives empty labels, not an empty float tensor)."""
         coords = coords.to(self.device, torch.float32)
         out = []
         with torch.inference_mode():
-            for s in range(0, coords.shape[0], self.chunk):
+            for s in range(0, max(coords.shape[0], 1), self.chunk):
                 x = coords[s : s + self.chunk]
                 inten, feats = functional_call(self.model, self.params, (x,))
                 if head:
@@ -158,7 +161,7 @@ class FittedINR:
                     feats = functional_call(self.model.head, _sub(self.params, "head."),
                                             (self.model.head_input(feats, pixels),))
                 out.append(fn(inten, feats))
-        return torch.cat(out) if out else torch.empty(0)
+        return torch.cat(out)
 
     def decode(self, coords: torch.Tensor) -> tuple:
         """(labels uint8, intensity float32) in one pass: what segmentation needs."""

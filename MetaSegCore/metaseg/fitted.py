@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .fit import FittedINR
 from .model import MetaSegNet
 from .preprocess import sample_grid
-from .weights import checked_writers, load_checked, save_checked
+from .weights import WeightsError, checked_writers, load_checked, save_checked
 
 FORMAT = "metaseg-fitted/1"
 WHAT = ("labels", "probabilities", "intensity")
@@ -99,15 +99,59 @@ class FittedVolume:
 
     @classmethod
     def load(cls, path: Path, device: torch.device = torch.device("cpu")) -> "FittedVolume":
+        """Read a saved fitted volume (hash checked, no code executed); a file that parses but does not
+        hold a consistent fitted volume raises WeightsError saying what is wrong."""
         blob, digest = load_checked(path, FORMAT, what="fitted INR")
-        net = MetaSegNet(ModelConfig.from_dict(json.loads(blob["config_json"]))).to(device).eval()
+        try:
+            return cls._from_blob(blob, digest, device)
+        except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+            why = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+            raise WeightsError(f"fitted INR {path} is damaged or incomplete ({why}); segment the scan again with "
+                               "--save-inr") from e
+
+    @classmethod
+    def _from_blob(cls, blob: Dict[str, Any], digest: str, device: torch.device) -> "FittedVolume":
+        config = ModelConfig.from_dict(json.loads(blob["config_json"]))
+        net = MetaSegNet(config).to(device).eval()
+        state = blob["state"]
+        expected = net.state_dict()
+        for name, ref in expected.items():
+            got = state.get(name) if isinstance(state, dict) else None
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
+                raise ValueError(f"tensor {name} has shape {tuple(got.shape) if isinstance(got, torch.Tensor) else 'missing'}, "
+                                 f"expected {tuple(ref.shape)}")
+        m = blob["physical_to_model"]
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (4, 4) or not torch.isfinite(m).all() \
+                or abs(float(torch.linalg.det(m.double()))) < 1e-12:
+            raise ValueError("its physical-to-model matrix is not a finite, invertible 4x4 matrix")
+        info = dict(json.loads(blob["info_json"]), sha256=digest)
+        _check_reference(info.get("reference"))
         mask = None
         if "mask_bits" in blob:
             shape = tuple(int(x) for x in blob["mask_shape"])
+            if len(shape) != 3 or min(shape) < 1 or blob["mask_bits"].numel() != -(-int(np.prod(shape)) // 8):
+                raise ValueError(f"its brain mask of shape {shape} does not match its {blob['mask_bits'].numel()} bytes")
             mask = np.unpackbits(blob["mask_bits"].numpy(), count=int(np.prod(shape))).astype(bool).reshape(shape)
         image = blob.get("image")
+        if config.head_intensity and image is None:
+            raise ValueError("its model reads the image's intensity but the file holds no image")
         if image is not None and mask is not None:
+            if image.numel() != int(mask.sum()):
+                raise ValueError(f"its image has {image.numel()} voxels for a mask of {int(mask.sum())}")
             image = torch.zeros(mask.shape).index_put_((torch.from_numpy(mask),), image)
-        inr = FittedINR(net, {k: v.to(device) for k, v in blob["state"].items()}, image=image)
-        info = dict(json.loads(blob["info_json"]), sha256=digest)
-        return cls(inr, blob["physical_to_model"].numpy(), mask, info)
+        inr = FittedINR(net, {k: v.to(device) for k, v in state.items()}, image=image)
+        return cls(inr, m.numpy(), mask, info)
+
+
+def _check_reference(ref: Any) -> None:
+    """The scan's grid (size, spacing, origin, direction) that planes are placed by: complete and finite."""
+    if not isinstance(ref, dict):
+        raise ValueError("its info has no 'reference' grid of the scan")
+    lengths = {"size": 3, "spacing": 3, "origin": 3, "direction": 9}
+    for key, n in lengths.items():
+        values = ref.get(key)
+        if not isinstance(values, list) or len(values) != n or not all(
+                isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+            raise ValueError(f"its reference grid's {key} is not {n} finite numbers")
+    if min(ref["size"]) < 1 or min(ref["spacing"]) <= 0:
+        raise ValueError("its reference grid has an empty size or a spacing <= 0")

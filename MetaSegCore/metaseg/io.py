@@ -11,6 +11,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .nifti_check import TruncatedError, check_nifti_complete
+
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -42,6 +44,10 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
             raise InputError(str(e)) from e
     if name.endswith(".dcm") or series_id is not None:
         return _read_dicom_series(path.parent, series_id, member=path)
+    try:
+        check_nifti_complete(path)  # ITK would fill a cut-off NIfTI with zeros
+    except TruncatedError as e:
+        raise InputError(str(e)) from e
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:

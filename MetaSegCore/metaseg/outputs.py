@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+
+from .glyphs import draw_text
 
 
 # Codes of Slicer's terminology "Segmentation category and type - DICOM master list"
@@ -41,19 +43,71 @@ def overlay_rgb(image: np.ndarray, labels: np.ndarray, colors: Dict[int, List[in
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def orthogonal_slices(image: np.ndarray, labels: np.ndarray) -> List[tuple]:
-    """(image, labels) slice pairs through the labelled tissue's centre along each array axis of a volume."""
-    idx = np.argwhere(labels > 0)
-    centre = idx.mean(0).round().astype(int) if len(idx) else np.array(labels.shape) // 2
-    return [(np.take(image, c, axis=ax), np.take(labels, c, axis=ax)) for ax, c in enumerate(centre)]
+def preview_panels(image: sitk.Image, labels: sitk.Image) -> List[Tuple[str, np.ndarray, np.ndarray, Tuple[str, str, str, str]]]:
+    """(name, image, labels, (left, right, top, bottom) orientation letters) per preview panel.
+
+    A volume gives axial, coronal and sagittal slices through the labelled tissue's centre, all in
+    radiological convention (the patient's right on the picture's left; superior, resp. anterior, up)
+    whatever the scan's voxel order, with voxels drawn at their physical aspect ratio. A slice is
+    shown as stored (the aligned coronal slices of the 2D task are already radiological, superior up).
+    """
+    if image.GetDimension() == 2 or 1 in image.GetSize():
+        arr, lab = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
+        shape = [s for s in arr.shape if s != 1]
+        return [("coronal slice", arr.reshape(shape), lab.reshape(shape), ("", "", "", ""))]
+    img = sitk.DICOMOrient(image, "LPS")  # voxel axes ~ (L, P, S): no interpolation, only flips and swaps
+    lab = sitk.DICOMOrient(labels, "LPS")
+    a, l = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab)  # (S, P, L)
+    sx, sy, sz = img.GetSpacing()
+    idx = np.argwhere(l > 0)
+    k, j, i = idx.mean(0).round().astype(int) if len(idx) else np.array(l.shape) // 2
+    views = [  # rows, columns of each view and their spacing (rows, cols)
+        ("axial", a[k], l[k], (sy, sx), ("R", "L", "A", "P")),
+        ("coronal", a[::-1, j], l[::-1, j], (sz, sx), ("R", "L", "S", "I")),
+        ("sagittal", a[::-1, :, i], l[::-1, :, i], (sz, sy), ("A", "P", "S", "I")),
+    ]
+    return [(name, _isotropic(im, sp), _isotropic(lb, sp), letters) for name, im, lb, sp, letters in views]
 
 
-def write_preview(panels: List[np.ndarray], path: Path, scale: int = 2) -> None:
-    """Side-by-side RGB panels (already oriented for display), enlarged `scale`x, as PNG."""
-    h = max(p.shape[0] for p in panels)
-    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 4), (0, 0))) for p in panels]
-    row = np.concatenate(padded, axis=1).repeat(scale, 0).repeat(scale, 1)
-    sitk.WriteImage(sitk.GetImageFromArray(row, isVector=True), str(path))
+def _isotropic(arr: np.ndarray, spacing: Tuple[float, float]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D array so that its pixels are square (at the finer spacing)."""
+    fine = min(spacing)
+    rows, cols = (np.minimum((np.arange(int(round(n * s / fine))) * fine / s).astype(int), n - 1)
+                  for n, s in zip(arr.shape, spacing))
+    return arr[np.ix_(rows, cols)]
+
+
+def write_preview(panels, label_info: List[Dict[str, Any]], path: Path, scale: int = 2) -> None:
+    """PNG of the panels side by side (`preview_panels`), labels overlaid, each panel named and its
+    sides marked with orientation letters, and a colour legend of the tissues underneath."""
+    colors = {lab["value"]: lab["color"] for lab in label_info}
+    tiles = [overlay_rgb(im, lb, colors).repeat(scale, 0).repeat(scale, 1) for _, im, lb, _ in panels]
+    gap = 12 * scale  # room between panels for their side letters
+    width = sum(t.shape[1] for t in tiles) + gap * (len(tiles) - 1)
+    text = 2 * scale if width >= 1000 else scale  # font scale: larger letters on the wide 3D picture
+    line = 9 * text  # text line height
+    height = max(t.shape[0] for t in tiles) + line
+    legend = [lab for lab in label_info if lab["value"] != 0]
+    slot = (max(len(lab["name"]) for lab in legend) * 6 + 14) * text
+    per_row = max(1, width // slot)
+    legend_rows = -(-len(legend) // per_row)
+    out = np.zeros((height + legend_rows * line + text, width, 3), np.uint8)
+    col = 0
+    for (name, _, _, (left, right, top, bottom)), tile in zip(panels, tiles):
+        h, w = tile.shape[:2]
+        out[line : line + h, col : col + w] = tile
+        draw_text(out, name, text, col + text, scale=text)
+        mid_r, mid_c = line + h // 2 - 3 * text, col + w // 2 - 2 * text
+        for letter, (r, c) in ((left, (mid_r, col + text)), (right, (mid_r, col + w - 6 * text)),
+                               (top, (line + text, mid_c)), (bottom, (line + h - 8 * text, mid_c))):
+            if letter:
+                draw_text(out, letter, r, c, color=(255, 255, 0), scale=text)
+        col += w + gap
+    for n, lab in enumerate(legend):
+        r, c = height + (n // per_row) * line + text, (n % per_row) * slot + text
+        out[r : r + 7 * text, c : c + 7 * text] = lab["color"]
+        draw_text(out, lab["name"], r, c + 9 * text, scale=text)
+    sitk.WriteImage(sitk.GetImageFromArray(out, isVector=True), str(path))
 
 
 def write_seg_nrrd(labels_img: sitk.Image, label_info: List[Dict[str, Any]], path: Path) -> None:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -20,18 +20,23 @@ import torch
 from .data import load_splits
 from .device import pick_device
 from .fit import FitCancelled
-from .atomic import write_all
+from .atomic import OutputExistsError, write_all
 from .brain import prepare_brain
-from .io import InputError, check_output_path, sitk_array, image_array_2d, image_array_3d, image_dims, labels_like, read_image, write_image
+from .io import InputError, sitk_array, image_array_2d, image_array_3d, image_dims, labels_like, read_image, write_image
 from .metrics import dice_per_class, foreground_dice, generalized_dice
-from .outputs import class_sizes, environment, orthogonal_slices, overlay_rgb, write_preview, write_report, write_seg_nrrd
+from .output_paths import check_output, check_output_dir
+from .outputs import class_sizes, environment, preview_panels, write_preview, write_report, write_seg_nrrd
+from .plausibility import slice_check, tissue_warnings
 from .progress import Reporter
 from .resources import default_weights
 from .segment import segment_array
-from .volume import is_model_grid, segment_volume
+from .volume import is_model_grid, load_template, segment_volume
 from .weights import WeightsError, load_weights
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
+# More test-time steps than this are refused: the cards ask for 20 (2D) and 400 (3D), and 10,000 3D steps
+# already take about 20 minutes on a 2-core CPU; a fit far past the card overfits the intensities anyway.
+MAX_STEPS = 10_000
 
 
 def load_model(weights_path, dims: int, steps, device: str):
@@ -44,48 +49,96 @@ def load_model(weights_path, dims: int, steps, device: str):
     dev = pick_device(device)
     plan = w.plan
     if steps is not None:
-        if steps < 1:
-            raise InputError(f"--steps must be at least 1 (got {steps})")
+        check_steps(steps)
         plan = type(plan)(**{**plan.to_dict(), "steps": steps})
     return w, path, w.build(dev), plan, dev
+
+
+def check_steps(steps: int) -> None:
+    if not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {steps}); the weights' card gives the "
+                         "trained number (leave --steps out to use it)")
+
+
+class Models:
+    """The checked weights, network and fit plan per input dimension, loaded on first use and then
+    kept: a batch of scans loads them once instead of once per scan."""
+
+    def __init__(self, weights_path, steps, device: str):
+        self.weights_path, self.steps, self.device = weights_path, steps, device
+        self._loaded: Dict[int, tuple] = {}
+
+    def get(self, dims: int) -> tuple:
+        """(weights, path, network, plan, device) for `dims`-D inputs, as `load_model` returns them."""
+        if dims not in self._loaded:
+            self._loaded[dims] = load_model(self.weights_path, dims, self.steps, self.device)
+        return self._loaded[dims]
 
 
 def segment_file(a: argparse.Namespace) -> int:
     rep = Reporter(a.progress)
     cancel = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    live_files: List[Path] = []  # snapshots of this run: removed again if it fails
     try:
-        return _segment_file(a, rep, cancel)
+        segment_scan(a, rep, cancel, Models(a.weights, a.steps, a.device), live_files)
+        return EXIT_OK
     except FitCancelled as e:
+        _remove(live_files)
         rep.emit("error", message=f"{e}; nothing was written", exit_code=EXIT_CANCELLED)
         return EXIT_CANCELLED
     except KeyboardInterrupt:
+        _remove(live_files)
         rep.emit("error", message="interrupted; nothing was written", exit_code=EXIT_CANCELLED)
         return EXIT_CANCELLED
-    except (InputError, WeightsError, FileNotFoundError, ValueError) as e:
+    except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:
+        _remove(live_files)
         rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
         return EXIT_USAGE
+    except BaseException:
+        _remove(live_files)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _remove(files: List[Path]) -> None:
+    for f in files:
+        if f.exists():
+            f.unlink()
+
+
 def _output_paths(a: argparse.Namespace) -> Dict[str, Path]:
-    """The run's output files, checked before any work: known extensions, none existing unless --force."""
-    outs = {"labels": a.output, "report": a.report, "preview": a.preview, "seg_nrrd": a.seg_nrrd,
-            "uncertainty": a.uncertainty, "inr": a.save_inr, "brain_mask": getattr(a, "brain_mask", None)}
-    images = ("labels", "seg_nrrd", "uncertainty", "brain_mask")
-    outs = {k: check_output_path(Path(v), a.force) if k in images else Path(v) for k, v in outs.items() if v}
-    for k in ("report", "preview", "inr"):
-        if k in outs and outs[k].exists() and not a.force:
-            raise InputError(f"output {outs[k]} exists; pass --force to overwrite it")
-    if "inr" in outs and not str(outs["inr"]).endswith(".pt"):
-        raise InputError(f"--save-inr {outs['inr']}: the fitted INR is saved as a .pt file")
-    if len({str(p.resolve()) for p in outs.values()}) != len(outs):
+    """The run's output files and options, checked before the input is read: known extensions, folders
+    that exist or can be made and are writable, no input named as an output, none existing unless --force."""
+    inputs = [Path(p) for p in (a.input, a.mask, a.weights) if p]
+    specs = {"labels": ("image", a.output, "-o"), "report": ("json", a.report, "--report"),
+             "preview": ("png", a.preview, "--preview"), "seg_nrrd": ("segmentation", a.seg_nrrd, "--seg-nrrd"),
+             "uncertainty": ("image", a.uncertainty, "--uncertainty"), "inr": ("fitted", a.save_inr, "--save-inr"),
+             "brain_mask": ("image", getattr(a, "brain_mask", None), "--brain-mask")}
+    outs = {k: check_output(Path(v), kind, a.force, inputs, option) for k, (kind, v, option) in specs.items() if v}
+    files = list(outs.values())
+    if "inr" in outs:  # its checksum sidecar is published with it
+        side = Path(str(outs["inr"]) + ".sha256")
+        if side.exists() and not a.force:
+            raise InputError(f"output {side} exists; pass --force to overwrite it")
+        files.append(side)
+    if len({str(p.resolve()) for p in files}) != len(files):
         raise InputError("two outputs name the same file")
+    if a.steps is not None:
+        check_steps(a.steps)
+    if a.live_every < 0:
+        raise InputError(f"--live-every must be 0 (off) or more (got {a.live_every})")
+    if a.live_dir and a.live_every > 0:
+        check_output_dir(Path(a.live_dir), "--live-dir")
     return outs
 
 
-def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event) -> int:
+def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, models: Models,
+                 live_files: Optional[List[Path]] = None) -> Dict[str, Any]:
+    """One scan, as `metaseg segment` options `a` describe it: read, segment, write every output at
+    once; returns the report. Errors are raised (InputError and kin for what the user can fix)."""
+    live_files = [] if live_files is None else live_files
     t_start = time.perf_counter()
     outs = _output_paths(a)
     rep.emit("stage", stage="read", message=f"reading {a.input}")
@@ -96,21 +149,25 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
                               ("--brain-mask", "brain_mask" in outs)):
             if given:
                 raise InputError(f"{option} needs a 3D volume; the input is a 2D slice")
-    w, wpath, net, plan, dev = load_model(a.weights, dims, a.steps, a.device)
+    w, wpath, net, plan, dev = models.get(dims)
     if dims == 3:
-        return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start)
+        return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start, live_files)
     array = image_array_2d(img)
+    warnings = check_slice(array, w.canvas, a.accept_poor_match)
+    for msg in warnings:
+        rep.emit("warning", message=msg)
     rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})",
              device=str(dev), torch=torch.__version__)
     t_load = time.perf_counter()
-    live = _live_writer(a, rep, w.card["labels"], lambda labels: labels_like(labels, img))
+    live = _live_writer(a, rep, w.card["labels"], lambda labels: labels_like(labels, img), live_files)
 
     res = segment_array(net, w.log_lr, plan, array, w.canvas, seed=a.seed, progress=rep.fit_progress, cancel=cancel,
                         live=live, live_every=a.live_every)
     labels_img = labels_like(res.labels, img)
-    warnings = plausibility_warnings(res.labels, res.psnr)
-    for msg in warnings:
+    found = plausibility_warnings(res.labels, res.psnr)
+    for msg in found:
         rep.emit("warning", message=msg)
+    warnings += found
 
     spacing = img.GetSpacing()[: res.labels.ndim] if img.GetDimension() == res.labels.ndim else _inplane_spacing(img)
     report: Dict[str, Any] = {
@@ -126,12 +183,26 @@ def _segment_file(a: argparse.Namespace, rep: Reporter, cancel: threading.Event)
     if "seg_nrrd" in outs:
         writers.append((outs["seg_nrrd"], lambda tmp: write_seg_nrrd(labels_img, w.card["labels"], tmp)))
     if "preview" in outs:
-        colors = {lab["value"]: lab["color"] for lab in w.card["labels"]}
-        writers.append((outs["preview"], lambda tmp: write_preview([overlay_rgb(array, res.labels, colors)], tmp)))
-    return _publish(writers, report, outs, rep, cancel, t_start)
+        writers.append((outs["preview"], lambda tmp: write_preview(preview_panels(img, labels_img), w.card["labels"], tmp)))
+    return _publish(writers, report, outs, rep, cancel, t_start, a.force)
 
 
-def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: Dict[str, Path], model, t_start: float) -> int:
+def check_slice(array: np.ndarray, canvas, accept_poor_match: bool) -> List[str]:
+    """Before the fit: does the slice fit the 2D model's canvas, and is it an aligned coronal slice?
+    Refuses (InputError) what cannot or should not be segmented; returns warnings for the rest."""
+    if any(s > c for s, c in zip(array.shape, canvas)):
+        raise InputError(f"the image is {array.shape[1]}x{array.shape[0]} pixels; the 2D model takes one coronal slice "
+                         f"of a T1 aligned like neurite-oasis (160x192 pixels of 1 mm, at most {canvas[1]}x{canvas[0]}): "
+                         "a photo or screenshot (PNG/JPG) or a slab of another size cannot be segmented. Use the 3D "
+                         "model on the whole scan")
+    _, refusal, warning = slice_check(array, load_template())
+    if refusal and not accept_poor_match:
+        raise InputError(refusal)
+    return [refusal or warning] if (refusal or warning) else []
+
+
+def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: Dict[str, Path], model, t_start: float,
+                         live_files: List[Path]) -> Dict[str, Any]:
     """The 3D path: scan -> (registration) -> fit -> labels on the scan's grid -> all outputs at once."""
     w, wpath, net, plan, dev = model
     stage = lambda name, msg: rep.emit("stage", stage=name, message=msg, device=str(dev), torch=torch.__version__)  # noqa: E731
@@ -141,13 +212,14 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
     # usually been bias-corrected by the pipeline that stripped it and stays exactly as before
     bias = getattr(a, "bias_correction", "off")
     n4 = bias == "n4" or (bias == "auto" and bool(brain.get("extracted")))
-    live = _live_writer(a, rep, w.card["labels"], lambda labels_img: labels_img)
+    live = _live_writer(a, rep, w.card["labels"], lambda labels_img: labels_img, live_files)
 
     res = segment_volume(
         net, w.log_lr, plan, img, w.canvas, seed=a.seed, mask=mask, uncertainty="uncertainty" in outs,
         info={"labels": w.card["labels"], "weights_sha256": w.sha256, "source": str(a.input)},
         stage=stage, progress=rep.fit_progress, cancel=cancel, live=live, live_every=a.live_every,
-        bias_correction=n4)
+        accept_poor_match=a.accept_poor_match,
+        decode_progress=lambda done, total, el: rep.task_progress("decode", done, total, el), bias_correction=n4)
     for msg in res.warnings:
         rep.emit("warning", message=msg)
     labels = sitk_array(res.labels)
@@ -168,15 +240,13 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
     if "uncertainty" in outs:
         writers.append((outs["uncertainty"], lambda tmp: write_image(res.entropy, tmp)))
     if "preview" in outs:
-        colors = {lab["value"]: lab["color"] for lab in w.card["labels"]}
-        panels = [overlay_rgb(i, l, colors) for i, l in orthogonal_slices(sitk_array(img), labels)]
-        writers.append((outs["preview"], lambda tmp: write_preview(panels, tmp)))
+        writers.append((outs["preview"], lambda tmp: write_preview(preview_panels(img, res.labels), w.card["labels"], tmp)))
     if "inr" in outs:
         writers += res.fitted.writers(outs["inr"])
     if "brain_mask" in outs:
         used = labels_like((sitk_array(mask) > 0) if mask is not None else (sitk_array(img) > 0), img)
         writers.append((outs["brain_mask"], lambda tmp: write_image(used, tmp)))
-    return _publish(writers, report, outs, rep, cancel, t_start)
+    return _publish(writers, report, outs, rep, cancel, t_start, a.force)
 
 
 def _brain_mask(a, img, canvas, dev, stage, cancel: threading.Event):
@@ -195,37 +265,39 @@ def _brain_mask(a, img, canvas, dev, stage, cancel: threading.Event):
     return (bm.mask if bm is not None else None), brain
 
 
-def _live_writer(a, rep: Reporter, segments, to_image):
-    """The `live` callback of --live-dir: each snapshot written as a NIfTI file and announced; None if off."""
+def _live_writer(a, rep: Reporter, segments, to_image, written: List[Path]):
+    """The `live` callback of --live-dir: each snapshot written as a NIfTI file, announced and listed in
+    `written` (so that a failed run can remove them); None if off."""
     if not (a.live_dir and a.live_every > 0):
         return None
     live_dir = Path(a.live_dir)
-    live_dir.mkdir(parents=True, exist_ok=True)
 
     def live(step: int, labels) -> None:
         path = live_dir / f"live_{step:05d}.nii.gz"
         write_all([(path, lambda tmp: write_image(to_image(labels), tmp))])
+        written.append(path)
         rep.emit("labels", step=step, path=str(path), segments=segments)
 
     return live
 
 
 def _publish(writers, report: Dict[str, Any], outs: Dict[str, Path], rep: Reporter, cancel: threading.Event,
-             t_start: float) -> int:
-    """Write every output of the run at once (report last, with the total time) and say so."""
+             t_start: float, force: bool) -> Dict[str, Any]:
+    """Write every output of the run at once (report last, with the total time), say so, return the report. Without
+    `force` an output that appeared during the run (another run's) is kept: OutputExistsError."""
     if cancel.is_set():
         raise FitCancelled("cancelled before writing")
     report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     if "report" in outs:
         writers.append((outs["report"], lambda tmp: write_report(report, tmp)))
-    write_all(writers)
+    write_all(writers, overwrite=force)
     rep.emit("done", outputs=report["outputs"], report=report)
     if rep.mode == "bar":
         sizes = ", ".join(f"{c['name']} " + (f"{c['area_mm2']} mm2" if "area_mm2" in c else f"{c['volume_ml']} mL")
                           for c in report["classes"][1:])
         print(f"wrote {outs['labels']}  (fit PSNR {report['fit']['psnr_db']:.1f} dB, {report['timings_s']['total']:.2f} s "
               f"on {report['device']}; {sizes})", file=sys.stderr)
-    return EXIT_OK
+    return report
 
 
 def _inplane_spacing(img) -> tuple:
@@ -247,13 +319,14 @@ def plausibility_warnings(labels: np.ndarray, psnr: float) -> List[str]:
     fg = labels > 0
     if fg.mean() < 0.05:
         warn.append("less than 5% of the image was labelled as brain: check that the input is a brain slice aligned like the training data")
-    elif (labels == 3).sum() < 0.1 * fg.sum():
-        warn.append("very little white matter was found: the input may not be a T1-weighted brain image")
+    else:
+        warn += tissue_warnings(labels, 2)
     return warn
 
 
 def evaluate_folder(a: argparse.Namespace) -> int:
     try:
+        json_out = check_output(Path(a.json), "json", a.force, [Path(a.data)], "--json") if a.json else None
         subjects = a.subjects or load_splits()[a.split]
         w, wpath, net, plan, dev = load_model(a.weights, 2, a.steps, a.device)
     except KeyError:
@@ -289,5 +362,10 @@ def evaluate_folder(a: argparse.Namespace) -> int:
     if a.json:
         summary = {"weights": str(wpath), "weights_sha256": w.sha256, "steps": plan.steps, "device": str(dev),
                    "rows": rows, "mean_fg_dice": float(fg.mean()), "mean_gds": float(gds.mean())}
-        write_all([(Path(a.json), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))])
+        try:
+            write_all([(json_out, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))],
+                      overwrite=a.force)
+        except OutputExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     return EXIT_OK

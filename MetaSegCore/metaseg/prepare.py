@@ -126,7 +126,7 @@ def _prepare(subj: Subject, canvas: Sequence[int]) -> PreparedSubject:
         model_img[model_img < 0] = 0
         model_lab = sitk.GetArrayFromImage(to_model_space(labels, reference, transform, sitk.sitkNearestNeighbor))
         matrix = affine_matrix(transform)
-        qc["model_to_scan"] = [[round(float(v), 6) for v in row] for row in matrix]  # 4x4, LPS mm
+        qc["model_to_scan"] = matrix.tolist()  # 4x4, LPS mm, full precision: re-applying it must give the same voxels
         det = abs(float(np.linalg.det(matrix[:3, :3])))  # scan mm^3 per model mm^3
     model_lab = np.where(model_img > 0, model_lab, 0).astype(np.uint8)  # training sees brain voxels only
     after = class_volumes_ml(model_lab, 0.001 * det)  # model voxels are 1 mm^3, scaled back to the scan's size

@@ -9,11 +9,13 @@ each line is an object with an "event" key:
   {"event": "warning", "message": "..."}
   {"event": "done", "outputs": {...}, "report": {...}}
   {"event": "error", "message": "...", "exit_code": 2}
+`metaseg batch` sends each scan's events with a "scan" key, and its own (batch_progress.py).
 """
 from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, TextIO
 
 from .fit import FitProgress
@@ -23,13 +25,19 @@ class Reporter:
     """Sends events either as JSON lines on stdout or as human text on stderr.
 
     Warnings and errors are always shown; "none" only silences the progress bar and stages.
+    The bar is redrawn every 1/25 of the steps and at least every BAR_EVERY_S seconds (a slow fit of
+    many steps still moves); any other message starts on a fresh line, never on the bar's.
     """
+
+    BAR_EVERY_S = 1.0
 
     def __init__(self, mode: str = "bar", stream: TextIO = None):
         if mode not in ("bar", "json", "none"):
             raise ValueError(f"unknown progress mode {mode!r}: use bar, json or none")
         self.mode = mode
         self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
+        self._bar_open = False  # a bar is on the current line, without its newline yet
+        self._last_draw = float("-inf")
 
     def emit(self, event: str, **fields: Any) -> None:
         if self.mode == "json":
@@ -37,17 +45,40 @@ class Reporter:
             self.stream.flush()
         elif event in ("warning", "error") or (self.mode == "bar" and event == "stage"):
             prefix = {"stage": "", "warning": "warning: ", "error": "error: "}[event]
+            self._end_bar()
             self.stream.write(f"{prefix}{fields.get('message', '')}\n")
             self.stream.flush()
 
     def fit_progress(self, p: FitProgress) -> None:
         if self.mode == "json":
             self.emit("progress", **vars(p))
-        elif self.mode == "bar" and (p.step == p.steps or p.step % max(1, p.steps // 25) == 0):
-            n = int(30 * p.step / p.steps)
-            self.stream.write(
-                f"\r  fit [{'#' * n:<30}] {p.step}/{p.steps} PSNR {p.psnr:5.1f} dB  {p.elapsed_s:5.1f} s, ~{p.remaining_s:4.1f} s left"
-            )
-            if p.step == p.steps:
-                self.stream.write("\n")
-            self.stream.flush()
+        elif self.mode == "bar" and self._due(p.step == p.steps or p.step % max(1, p.steps // 25) == 0):
+            self._draw("fit", p.step / p.steps, f"{p.step}/{p.steps} PSNR {p.psnr:5.1f} dB  {p.elapsed_s:5.1f} s, "
+                       f"~{p.remaining_s:4.1f} s left", p.step == p.steps)
+
+    def task_progress(self, stage: str, done: int, total: int, elapsed_s: float) -> None:
+        """Progress of a stage other than the fit (e.g. labelling a large scan's voxels): a bar, or a
+        JSON "stage" event with `done` and `total` (programs that know only the fit's events still read it)."""
+        left = elapsed_s / max(done, 1) * (total - done)
+        if self.mode == "json":
+            self.emit("stage", stage=stage, message=f"{stage}: {100 * done // max(total, 1)}% (~{left:.0f} s left)",
+                      done=done, total=total, elapsed_s=elapsed_s, remaining_s=left)
+        elif self.mode == "bar" and self._due(done >= total):
+            self._draw(stage, done / max(total, 1), f"{done}/{total}  {elapsed_s:5.1f} s, ~{left:4.1f} s left", done >= total)
+
+    def _due(self, on_schedule: bool) -> bool:
+        return on_schedule or time.monotonic() - self._last_draw >= self.BAR_EVERY_S
+
+    def _draw(self, name: str, fraction: float, text: str, last: bool) -> None:
+        n = int(30 * min(max(fraction, 0.0), 1.0))
+        self.stream.write(f"\r  {name} [{'#' * n:<30}] {text}")
+        self._bar_open = not last
+        if last:
+            self.stream.write("\n")
+        self.stream.flush()
+        self._last_draw = time.monotonic()
+
+    def _end_bar(self) -> None:
+        if self._bar_open:
+            self.stream.write("\n")
+            self._bar_open = False

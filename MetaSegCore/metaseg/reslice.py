@@ -44,8 +44,10 @@ class Plane:
     def centred(cls, centre: Sequence[float], u: Sequence[float], v: Sequence[float], extent_mm: Sequence[float],
                 spacing: Sequence[float]) -> "Plane":
         """The plane of directions (u, v) through `centre`, `extent_mm` wide and high, at `spacing`."""
-        u = _unit(u)
-        v = _unit(np.asarray(v, float) - (np.asarray(v, float) @ u) * u)  # orthogonalize v against u
+        u, v = _unit(u), _unit(v)
+        if np.linalg.norm(np.cross(u, v)) < 1e-6:
+            raise ValueError("the plane's directions u and v are parallel: give two different in-plane directions")
+        v = _unit(v - (v @ u) * u)  # orthogonalize v against u
         size = tuple(max(1, int(math.floor(e / s + 1e-9)) + 1) for e, s in zip(extent_mm, spacing))
         origin = np.asarray(centre, float) - (size[0] - 1) / 2 * spacing[0] * u - (size[1] - 1) / 2 * spacing[1] * v
         return cls(tuple(origin), tuple(u), tuple(v), size, tuple(float(s) for s in spacing))
@@ -116,6 +118,8 @@ def reslice(volume: FittedVolume, plane: Plane, what: str = "labels") -> sitk.Im
 def _unit(x: Sequence[float]) -> np.ndarray:
     x = np.asarray(x, float)
     n = np.linalg.norm(x)
+    if not np.isfinite(x).all():
+        raise ValueError(f"a plane direction must be finite numbers (got {tuple(x)})")
     if n < 1e-12:
         raise ValueError("a plane direction must not be the zero vector")
     return x / n

@@ -14,6 +14,7 @@ brains (NCC, 4 subjects; docs/results.md), against 0.78-0.82 between real brains
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,11 +27,12 @@ import torch
 
 from .bias import n4_correct
 from .data import load_volume
-from .fit import FitPlan, FitProgress
+from .fit import FitCancelled, FitPlan, FitProgress
 from .fitted import FittedVolume
 from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
 from .io import InputError, image_array_3d, same_geometry
 from .model import MetaSegNet
+from .plausibility import registration_problem, tissue_warnings
 from .preprocess import normalize_intensity
 from .registration import register_affine, registration_ok
 from .resources import weights_dirs
@@ -48,6 +50,12 @@ MIN_PSNR_3D = 18.0  # below: the fit did not reproduce the scan (real T1s: 22.7-
 # is left to the label plausibility checks.
 TEMPLATE_MIN_NCC = 0.80
 TEMPLATE_MIN_NCC_INTERIOR = 0.66
+# Far below that gate the scan is refused before the fit (minutes of garbage otherwise) unless the
+# user insists. Refused: a voxel axis flipped in the header (sub-01: 0.72-0.77 / 0.55-0.59), a head with
+# skull 0.30 / 0.46, inverted contrast 0.29 / -0.36, noise 0.00 / 0.00 (measured like the gate above).
+REFUSE_NCC = 0.78
+REFUSE_NCC_INTERIOR = 0.60
+DECODE_CHUNK = 1 << 20  # voxels labelled between two progress reports
 # Thick slices measured on the validation scans (slab-averaged copies, docs/results.md): 3 mm costs
 # 0.005-0.018 fg-Dice, 5 mm 0.023-0.027. Thicker slices are unmeasured: warn above 5 mm.
 THICK_SLICE_MM = 5.0
@@ -106,7 +114,13 @@ def load_template(path: Optional[Path] = None) -> sitk.Image:
         else:
             raise FileNotFoundError(f"the registration template {TEMPLATE_NAME} is not installed (searched "
                                     f"{', '.join(str(d) for d in weights_dirs())})")
-    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+    return sitk.Image(_read_template(str(Path(path).resolve())))  # a copy-on-write copy: callers may change it
+
+
+@functools.lru_cache(maxsize=2)
+def _read_template(path: str) -> sitk.Image:
+    """Read once per process: a batch registers every scan to the same template."""
+    return sitk.ReadImage(path, sitk.sitkFloat32)
 
 
 def register_to_template(work: sitk.Image) -> Tuple[sitk.AffineTransform, Dict[str, Any]]:
@@ -133,12 +147,17 @@ def segment_volume(
     seed: int = 0, mask: Optional[sitk.Image] = None, register: Optional[bool] = None, uncertainty: bool = False,
     info: Optional[Dict[str, Any]] = None, stage: Optional[Callable[[str, str], None]] = None,
     progress: Optional[Callable[[FitProgress], None]] = None, cancel: Optional[threading.Event] = None,
-    live: Optional[Callable[[int, sitk.Image], None]] = None, live_every: int = 0, bias_correction: bool = False,
+    live: Optional[Callable[[int, sitk.Image], None]] = None, live_every: int = 0,
+    accept_poor_match: bool = False, decode_progress: Optional[Callable[[int, int, float], None]] = None,
+    bias_correction: bool = False,
 ) -> VolumeResult:
     """Segment a 3D scan; labels (and optional entropy) on its own grid, plus the fitted volume.
 
     `register`: None decides (registration unless the scan is on the model grid), True/False force.
     `mask` (the scan's geometry, nonzero = brain) restricts the scan to a brain the user trusts.
+    A registration far below the gate (REFUSE_NCC) raises InputError naming the likely cause, before
+    the fit, unless `accept_poor_match`. `decode_progress(done, total, elapsed_s)` follows the labelling
+    of the scan's voxels (minutes for a 512^3 scan).
     `bias_correction`: divide the brain by N4's bias field first (bias.py).
     """
     say = stage or (lambda name, msg: None)
@@ -150,6 +169,9 @@ def segment_volume(
             raise InputError(f"the mask does not have the scan's geometry ({why}); resample it onto the scan first")
         arr = np.where(sitk.GetArrayViewFromImage(mask) > 0, arr, 0).astype(np.float32)
     if not (arr > 0).any():
+        if mask is not None:
+            raise InputError("no voxel of the scan above 0 lies inside the mask: the mask is empty or misses the "
+                             "brain; give a mask whose nonzero voxels cover the brain (or leave --mask out)")
         raise InputError("the scan has no voxel above 0: expected a skull-stripped T1 (background 0), or pass --mask")
     work = sitk.GetImageFromArray(arr)
     work.CopyInformation(scan)
@@ -166,10 +188,17 @@ def segment_volume(
         say("register", "registering the scan to the model's template (affine, mutual information)")
         transform, reg_info = register_to_template(work)
         if not reg_info["ok"]:
-            warnings.append(
-                f"the scan matches the model's template poorly after registration (NCC {reg_info['ncc']:.2f} in the "
-                f"brain, {reg_info['ncc_interior']:.2f} in its interior): is it a skull-stripped T1 brain MRI? Check "
-                "the result, or pass --mask with a brain mask")
+            hopeless = not (reg_info["ncc"] >= REFUSE_NCC and reg_info["ncc_interior"] >= REFUSE_NCC_INTERIOR)
+            diagnose = hopeless and not accept_poor_match
+            if diagnose:
+                say("diagnose", "the scan does not match the model's template: looking for the cause")
+            cause = registration_problem(work, load_template(), reg_info["ncc_interior"], try_flips=diagnose)
+            what = (f"the scan matches the model's template poorly after registration (NCC {reg_info['ncc']:.2f} in "
+                    f"the brain, {reg_info['ncc_interior']:.2f} in its interior; skull-stripped T1s score about "
+                    f"0.90-0.95 / 0.79-0.89): {cause}")
+            if diagnose:
+                raise InputError(f"{what}. Nothing was segmented; pass --accept-poor-match to segment it anyway")
+            warnings.append(f"{what}. Check the result")
         reference = model_reference(canvas)
         model_arr = sitk.GetArrayFromImage(to_model_space(work, reference, transform))
         model_arr[model_arr < 0] = 0
@@ -197,24 +226,32 @@ def segment_volume(
 
     say("decode", "labelling the scan's voxels")
     flat = np.flatnonzero(arr.reshape(-1) > 0)
-    points = voxel_points(scan, flat)
     labels = np.zeros(arr.size, np.uint8)
+    ent = np.zeros(arr.size, np.float32) if uncertainty else None
+    t_dec = time.perf_counter()
+    for s in range(0, len(flat), DECODE_CHUNK):  # in chunks: bounded memory, and progress on big scans
+        if cancel is not None and cancel.is_set():
+            raise FitCancelled("cancelled while labelling the scan's voxels")
+        part = flat[s : s + DECODE_CHUNK]
+        points = voxel_points(scan, part)
+        if ent is not None:
+            probs = fitted.query(points, "probabilities")
+            labels[part] = probs.argmax(1)
+            ent[part] = entropy_map(probs.T)
+        else:
+            labels[part] = fitted.query(points, "labels")
+        if decode_progress is not None:
+            decode_progress(min(s + DECODE_CHUNK, len(flat)), len(flat), time.perf_counter() - t_dec)
     entropy_img = None
-    if uncertainty:
-        probs = fitted.query(points, "probabilities")
-        labels[flat] = probs.argmax(1)
-        ent = np.zeros(arr.size, np.float32)
-        ent[flat] = entropy_map(probs.T)
+    if ent is not None:
         entropy_img = sitk.GetImageFromArray(ent.reshape(arr.shape))
         entropy_img.CopyInformation(scan)
-    else:
-        labels[flat] = fitted.query(points, "labels")
     labels_img = sitk.GetImageFromArray(labels.reshape(arr.shape))
     labels_img.CopyInformation(scan)
     if res.psnr < MIN_PSNR_3D:
         warnings.append(f"the fit reproduced the scan poorly (PSNR {res.psnr:.1f} dB on brain voxels): is this a "
                         "skull-stripped T1 brain MRI?")
-    warnings += label_warnings(labels)
+    warnings += tissue_warnings(labels, 3)
     t3 = time.perf_counter()
     return VolumeResult(labels_img, fitted, res.psnr, entropy_img, reg_info, warnings,
                         {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2})
@@ -228,20 +265,6 @@ def spacing_warnings(scan: sitk.Image) -> List[str]:
     return [f"the scan has {thick:g} mm voxels along one axis (thick slices): expect less accurate labels (5 mm "
             f"slices cost 0.02-0.03 fg-Dice on our validation scans; thicker than {THICK_SLICE_MM:g} mm was not "
             "measured); a 1 mm scan is better"]
-
-
-def label_warnings(labels: np.ndarray) -> List[str]:
-    """Label proportions far from any brain's: reported, never ignored silently."""
-    fg = labels > 0
-    n = int(fg.sum())
-    if n == 0:
-        return ["no tissue was labelled: the input does not look like a brain MRI"]
-    warn = []
-    wm = float((labels == 3).sum()) / n
-    if wm < 0.15:
-        warn.append(f"only {100 * wm:.0f}% of the tissue was labelled white matter (brains: about 30-45%): "
-                    "the input may not be a T1-weighted brain image")
-    return warn
 
 
 class _ScanPreview:

@@ -131,6 +131,52 @@ def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
     try:
         card = json.loads(blob["card_json"])
         config = ModelConfig.from_dict(card.pop("config"))
-        return Weights(config, dict(blob["state"]), blob["log_lr"], card, digest)
+        w = Weights(config, dict(blob["state"]), blob["log_lr"], card, digest)
     except Exception as e:
-        raise WeightsError(f"cannot read weights {path}: {e}") from e
+        raise WeightsError(f"cannot read weights {path}: {_what(e)}") from e
+    problem = weights_problem(w)
+    if problem:
+        raise WeightsError(f"weights {path} are damaged or incomplete: {problem}; restore the original weights")
+    return w
+
+
+def weights_problem(w: Weights) -> Optional[str]:
+    """What is wrong with weights whose file parsed (a hash proves only that the file is the one hashed):
+    the card's keys, tensor shapes against the configuration, non-finite values; None if nothing."""
+    for key in ("labels", "fit", "input"):
+        if key not in w.card:
+            return f"the card has no {key!r} entry"
+    try:
+        plan = w.plan
+        dims, canvas = int(w.card["input"]["dims"]), [int(c) for c in w.card["input"]["canvas"]]
+        values = sorted(int(lab["value"]) for lab in w.card["labels"])
+        [(str(lab["name"]), [int(c) for c in lab["color"]]) for lab in w.card["labels"]]
+    except (KeyError, TypeError, ValueError) as e:
+        return f"the card is malformed ({_what(e)})"
+    if plan.steps < 1 or plan.batch_size < 1:
+        return f"the card's fit plan {plan.to_dict()} has no steps or no batch"
+    if dims not in (2, 3) or dims != w.config.in_dim or len(canvas) != dims or min(canvas) < 1:
+        return f"the card's input (dims {dims}, canvas {canvas}) does not match a {w.config.in_dim}D network"
+    if values != list(range(w.config.n_classes)):
+        return f"the card's labels {values} do not match the network's {w.config.n_classes} classes"
+    expected = MetaSegNet(w.config).state_dict()
+    for name, ref in expected.items():
+        got = w.state.get(name)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else "missing"
+            return f"tensor {name} has shape {shape}, expected {tuple(ref.shape)}"
+        if not torch.isfinite(got).all():
+            return f"tensor {name} holds NaN or infinite values"
+    extra = set(w.state) - set(expected)
+    if extra:
+        return f"unexpected tensors {sorted(extra)}"
+    n_inr = len(MetaSegNet(w.config).inr_parameter_names())
+    if not isinstance(w.log_lr, torch.Tensor) or w.log_lr.dim() != 2 or w.log_lr.shape[1] != n_inr \
+            or not torch.isfinite(w.log_lr).all():
+        return f"the learning rates have shape {tuple(getattr(w.log_lr, 'shape', ()))}, expected (steps, {n_inr}), finite"
+    return None
+
+
+def _what(e: Exception) -> str:
+    """An exception as a short phrase: KeyError('x') reads 'x', not "'x'" alone."""
+    return f"missing entry {e}" if isinstance(e, KeyError) else str(e)

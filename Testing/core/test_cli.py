@@ -7,31 +7,15 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from metaseg.cli import main
-from metaseg.config import ModelConfig
-from metaseg.fit import FitPlan
 from metaseg.io import same_geometry
 from metaseg.metrics import foreground_dice
 from metaseg.pipeline import MIN_PSNR_2D
-from metaseg.model import MetaSegNet
-from metaseg.weights import LABELS, Weights, save_weights
+from metaseg.weights import LABELS
 
 # The shipped weights score 0.813 on this unseen subject (docs/results.md); this floor catches regressions.
 SAMPLE_DICE_FLOOR = 0.75
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """Untrained weights of the real format: fast, for the tests about files and errors."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(width=16, hidden_layers=1)
-    net = MetaSegNet(cfg)
-    card = {"labels": LABELS, "fit": FitPlan(steps=2, batch_size=512).to_dict(), "input": {"dims": 2, "canvas": [192, 192]}}
-    path = tmp_path_factory.mktemp("w") / "tiny.pt"
-    save_weights(Weights(cfg, net.state_dict(), torch.full((2, len(net.inr_parameter_names())), math.log(1e-3)), card), path)
-    return path
 
 
 def _files(folder):
@@ -70,8 +54,12 @@ def test_output_geometry_and_all_outputs(sample_slice, tiny_weights, tmp_path):
     assert ok, why
     assert lab.GetPixelID() == sitk.sitkUInt8
     assert _files(tmp_path / "out") == ["labels.nrrd", "p.png", "r.json", "s.seg.nrrd"]
-    png = sitk.ReadImage(str(tmp_path / "out/p.png"))
-    assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize() == (2 * 164, 2 * 192)
+    png = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out/p.png")))  # (rows, cols, 3)
+    # the slice at 2x, a title line above it and the colour legend below: every tissue's swatch is drawn
+    assert png.shape[1] == 2 * 160 and png.shape[0] > 2 * 192 + 40 and png.shape[2] == 3
+    legend = png[2 * 192 + 18 :].reshape(-1, 3)
+    for lab in LABELS[1:]:
+        assert (legend == lab["color"]).all(1).sum() >= 14 * 14, lab["name"]
 
 
 def test_seg_nrrd_keeps_labels_names_and_colours(sample_slice, tiny_weights, tmp_path):
@@ -129,7 +117,7 @@ BAD_INPUTS = {
     "NaN values": (lambda t: _write(t, "n.nrrd", np.where(np.eye(8) > 0, np.nan, 1.0).astype(np.float32)[None]), "NaN"),
     "constant image": (lambda t: _write(t, "c.nii.gz", np.ones((1, 8, 8), np.float32)), "constant"),
     "RGB image": (lambda t: _write(t, "rgb.nrrd", np.random.rand(8, 8, 3).astype(np.float32), isVector=True), "components"),
-    "too large for the canvas": (lambda t: _write(t, "big.nii.gz", np.random.rand(1, 300, 8).astype(np.float32)), "larger than the model canvas"),
+    "too large for the canvas": (lambda t: _write(t, "big.nii.gz", np.random.rand(1, 300, 8).astype(np.float32)), "the 2D model takes one coronal slice"),
     "no positive pixel": (lambda t: _write(t, "neg.nii.gz", -np.random.rand(1, 8, 8).astype(np.float32)), "no positive"),
 }
 
@@ -147,18 +135,10 @@ def test_bad_input_is_refused_clearly_and_nothing_written(case, tiny_weights, tm
     assert not out_dir.exists() or _files(out_dir) == []
 
 
-def test_wrong_weights_for_the_dimension(tiny_weights, tmp_path, capsys):
-    blob = torch.load(tiny_weights, weights_only=True)
-    card = json.loads(blob["card_json"])
-    card["input"]["dims"] = 3
-    from metaseg.weights import load_weights
+def test_wrong_weights_for_the_dimension(sample_slice, tmp_path, capsys):
+    from testdata import WEIGHTS_3D
 
-    w = load_weights(tiny_weights)
-    w.card = {k: v for k, v in card.items() if k not in ("config", "format")}
-    w3 = tmp_path / "w3.pt"
-    save_weights(w, w3)
-    src = _write(tmp_path, "s.nii.gz", np.random.rand(1, 8, 8).astype(np.float32))
-    assert main(["segment", str(src), "-o", str(tmp_path / "o.nii.gz"), "--weights", str(w3)]) == 2
+    assert main(["segment", str(sample_slice), "-o", str(tmp_path / "o.nii.gz"), "--weights", str(WEIGHTS_3D)]) == 2
     assert "are for 3D images but the input is 2D" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
 
@@ -186,7 +166,9 @@ def test_unknown_device_and_bad_steps(sample_slice, tiny_weights, tmp_path, caps
     assert main(base + ["--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert main(base + ["--steps", "0"]) == 2
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert "--steps must be between 1 and 10000" in capsys.readouterr().err
+    assert main(base + ["--steps", str(10**9)]) == 2
+    assert "--steps must be between 1 and 10000" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
 
 

@@ -5,14 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from metaseg.cli import main
-from metaseg.config import ModelConfig
-from metaseg.fit import FittedINR
-from metaseg.fitted import FittedVolume
-from metaseg.model import MetaSegNet
-from testdata import WEIGHTS_2D, WEIGHTS_3D
+from testdata import WEIGHTS_2D, WEIGHTS_3D, small_fitted_file
 
 
 def vol(t: Path, name: str, arr, **kw) -> Path:
@@ -47,15 +42,7 @@ def with_inf(t: Path) -> Path:
 @pytest.fixture(scope="module")
 def fitted_file(tmp_path_factory) -> Path:
     """A small fitted-INR file (random network) for the reslice cases."""
-    torch.manual_seed(0)
-    net = MetaSegNet(ModelConfig(in_dim=3, width=8, hidden_layers=1))
-    ref = {"size": [40, 40, 40], "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
-           "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
-    m = np.diag([2 / 39, 2 / 39, 2 / 39, 1.0])
-    m[:3, 3] = -1.0
-    path = tmp_path_factory.mktemp("inr") / "fitted.pt"
-    FittedVolume(FittedINR(net, dict(net.named_parameters())), m, None, {"reference": ref}).save(path)
-    return path
+    return small_fitted_file(tmp_path_factory.mktemp("inr") / "fitted.pt", mask=False)
 
 
 def tampered(t: Path, fitted_file: Path) -> Path:
@@ -77,11 +64,11 @@ SEGMENT_CASES = {
     "tiny volume": (lambda t: vol(t, "tiny.nii.gz", brainish((40, 40, 8))), [], "too small"),
     "2D weights on a volume": (lambda t: vol(t, "v.nii.gz", brainish()), ["--weights", str(WEIGHTS_2D)], "are for 2D images but the input is 3D"),
     "mask of another grid": (lambda t: vol(t, "v.nii.gz", brainish()), ["--mask", "MASK"], "does not have the scan's geometry"),
-    "--save-inr not .pt": (lambda t: vol(t, "v.nii.gz", brainish()), ["--save-inr", "OUT/f.nii.gz"], "saved as a .pt file"),
+    "--save-inr not .pt": (lambda t: vol(t, "v.nii.gz", brainish()), ["--save-inr", "OUT/f.nii.gz"], "must be named .pt"),
     "--save-inr on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--save-inr", "OUT/f.pt"], "needs a 3D volume"),
     "--uncertainty on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--uncertainty", "OUT/u.nii.gz"], "needs a 3D volume"),
     "--mask on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--mask", "MASK"], "--mask needs a 3D volume"),
-    "unknown output extension": (lambda t: vol(t, "v.nii.gz", brainish()), ["-o", "OUT/labels.txt"], "unknown extension"),
+    "unknown output extension": (lambda t: vol(t, "v.nii.gz", brainish()), ["-o", "OUT/labels.txt"], "an image must be named .nii"),
     "two outputs, one file": (lambda t: vol(t, "v.nii.gz", brainish()), ["--uncertainty", "OUT/l.nii.gz"], "two outputs name the same file"),
 }
 

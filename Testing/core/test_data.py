@@ -1,5 +1,6 @@
 import numpy as np
-from metaseg.data import PAPER_SLICE, coronal_slices, load_slice, load_splits
+from metaseg.data import LABEL_GROUPS, PAPER_SLICE, coronal_slices, load_slice, load_splits, subject_dir
+from testdata import SHARED_DATA
 
 
 def test_splits_are_disjoint_and_hold_the_sample_out():
@@ -7,7 +8,18 @@ def test_splits_are_disjoint_and_hold_the_sample_out():
     train, val, test = set(s["train"]), set(s["validation"]), set(s["test"])
     assert not (train & val) and not (train & test) and not (val & test)
     assert {"ecog", "ws01"} <= val  # bundled sample and the norm.mgz-prepared subject are unseen
-    assert len(train) == 7
+    assert {"sub-05"} <= test
+
+
+def test_every_split_holds_both_label_protocols():
+    """Judged on both groups: FreeSurfer-labelled brains/ and manually labelled oasis-nmm/ subjects."""
+    root = SHARED_DATA.parent
+    if not root.is_dir():
+        import pytest
+        pytest.skip("../shared/data not present")
+    for name, subjects in load_splits().items():
+        groups = {subject_dir(root, s).parent.name for s in subjects}
+        assert groups == set(LABEL_GROUPS), (name, groups)
 
 
 def test_paper_slice_is_coronal_slice_109_of_the_volume(shared_data):

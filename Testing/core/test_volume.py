@@ -31,10 +31,11 @@ def model3d():
 def native_run(model3d):
     w, net = model3d
     scan = read_image(SAMPLE_T1)
-    live = []
+    live, decoded = [], []
     res = segment_volume(net, w.log_lr, dataclasses.replace(w.plan, steps=60), scan, w.canvas, uncertainty=True,
-                         live=lambda step, img: live.append((step, img)), live_every=30)
-    res.live = live
+                         live=lambda step, img: live.append((step, img)), live_every=30,
+                         decode_progress=lambda done, total, s: decoded.append((done, total)))
+    res.live, res.decoded = live, decoded
     return scan, res
 
 
@@ -62,6 +63,13 @@ def test_native_scan_labels_in_the_scans_geometry(native_run):
     assert not (labels[sitk.GetArrayViewFromImage(scan) == 0]).any()  # nothing outside the brain
     ent = sitk.GetArrayViewFromImage(res.entropy)
     assert same_geometry(res.entropy, scan)[0] and 0.0 <= ent.min() and ent.max() <= 1.0 + 1e-6
+
+
+def test_labelling_reports_progress_up_to_every_brain_voxel(native_run):
+    scan, res = native_run
+    brain = int((sitk.GetArrayViewFromImage(scan) > 0).sum())
+    assert len(res.decoded) > 1 and res.decoded[-1] == (brain, brain)  # 1.3 M voxels: two chunks or more
+    assert [d for d, _ in res.decoded] == sorted(d for d, _ in res.decoded)
 
 
 def test_live_preview_lies_on_the_scans_grid(native_run):
@@ -158,7 +166,7 @@ def test_aligned_files_are_used_as_they_are():
 @pytest.mark.parametrize("kind", ["sample", "inverted (T2-like)", "noise"])
 def test_registration_gate_tells_wrong_input(kind):
     """The bundled T1 passes the registration gate; a T2-like contrast or noise does not (and is then
-    segmented only with a warning, see volume.segment_volume)."""
+    refused before the fit, see volume.segment_volume and test_hostile_inputs.py)."""
     from metaseg.registration import registration_ok
     from metaseg.volume import TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR
 

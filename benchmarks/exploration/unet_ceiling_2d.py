@@ -3,7 +3,9 @@ learnt from the same training slices) scored like the MetaSeg heads, on the brai
 validation slices 105/109/113 of ws01 and ecog. Not MetaSeg; a reference for the Dice target.
 Mode `volumes`: trained on every coronal slice of the training volumes (each volume normalized
 once, as the 3D model does) and scored on the whole validation volumes, slice by slice: a
-reference for the 3D target. Usage: unet_ceiling_2d.py [threads] [iterations] [slices|volumes]."""
+reference for the 3D target. Usage: unet_ceiling_2d.py [threads] [iterations] [slices|volumes] [data].
+`data`: a `metaseg prepare` pack holding every subject of splits.json (both label groups; default: the
+FreeSurfer subjects' aligned files in ../shared/data/brains, the split of the earlier rounds)."""
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
 torch.manual_seed(0)
 s = settings_for(2)
-root, sp = Path("../shared/data/brains"), load_splits()
+root, sp = Path(sys.argv[4] if len(sys.argv) > 4 else "../shared/data/brains"), load_splits()
 volumes = len(sys.argv) > 3 and sys.argv[3] == "volumes"
 
 
@@ -89,7 +91,10 @@ def evaluate():
             ds.append(foreground_dice(p, lab)); gd.append(generalized_dice(p, lab))
             d = dice_per_class(p, lab); pc.append([d[c] for c in range(1, 5)])
     net.train()
-    return f"fg {np.mean(ds):.4f} GDS {np.mean(gd):.4f} per-img {[round(x, 3) for x in ds]} classes {np.round(np.nanmean(pc, 0), 3).tolist()}"
+    names = [n for n in sp["validation"] for _ in range(1 if volumes else len(s.val_slices))]
+    by = {g: round(float(np.mean([d for d, n in zip(ds, names) if n.startswith("oas1-") == (g == "manual")])), 4)
+          for g in ("freesurfer", "manual") if any(n.startswith("oas1-") == (g == "manual") for n in names)}
+    return f"fg {np.mean(ds):.4f} by group {by} GDS {np.mean(gd):.4f} per-img {[round(x, 3) for x in ds]} classes {np.round(np.nanmean(pc, 0), 3).tolist()}"
 
 
 for i in range(1, iters + 1):

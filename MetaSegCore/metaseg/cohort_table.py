@@ -1,0 +1,140 @@
+"""The cohort's volumes table (`volumes.tsv`): one row per scan, written atomically, merged across shards.
+
+Columns: index (position in the cohort), id, input, status (ok, failed, pending = not run yet), error;
+each tissue class's volume in mL (`<class>_ml`; 2D slices: areas, `<class>_mm2`) and their sum
+(`brain_ml`: the labelled brain tissue); QC: registration NCC in the brain and its interior (3D scans
+in scanner geometry), fit PSNR; warnings, seconds, device, weights sha256, metaseg version.
+Plain tab-separated text with a header: `pandas.read_csv(p, sep="\\t")`, R `read.delim(p)`.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .atomic import write_all
+from .cohort import Scan
+from .io import InputError
+
+TABLE_NAME = "volumes.tsv"
+LEAD = ["index", "id", "input", "status", "error"]
+TAIL = ["registration_ncc", "registration_ncc_interior", "psnr_db", "warnings", "seconds", "device",
+        "weights_sha256", "metaseg_version"]
+TIMING_COLUMNS = ("seconds",)  # differ between runs of the same scans
+_SHARD_TABLE = re.compile(r"^volumes\.shard-(\d+)-of-(\d+)\.tsv$")
+
+Row = Dict[str, Any]
+
+
+def table_name(shard: Optional[Tuple[int, int]]) -> str:
+    """`volumes.tsv`, or `volumes.shard-I-of-N.tsv` for shard I of N (shards may share one folder)."""
+    return TABLE_NAME if shard is None else f"volumes.shard-{shard[0]}-of-{shard[1]}.tsv"
+
+
+def ok_row(scan: Scan, report: Dict[str, Any]) -> Row:
+    """A segmented scan's row, from its report."""
+    row: Row = {"index": scan.index, "id": scan.id, "input": str(scan.path), "status": "ok", "error": ""}
+    total, unit = 0.0, "ml"
+    for c in report["classes"]:
+        if c["value"] == 0:
+            continue
+        value, unit = (c["volume_ml"], "ml") if "volume_ml" in c else (c["area_mm2"], "mm2")
+        row[f"{_slug(c['name'])}_{unit}"] = value
+        total += value
+    row[f"brain_{unit}"] = round(total, 3)
+    reg = report.get("registration") or {}
+    return {**row, "registration_ncc": _rounded(reg.get("ncc")), "registration_ncc_interior": _rounded(reg.get("ncc_interior")),
+            "psnr_db": report["fit"]["psnr_db"], "warnings": " | ".join(report["warnings"]),
+            "seconds": report["timings_s"]["total"], "device": report["device"],
+            "weights_sha256": report["weights_sha256"], "metaseg_version": report["versions"]["metaseg"]}
+
+
+def failed_row(scan: Scan, error: str, seconds: float, version: str) -> Row:
+    return {"index": scan.index, "id": scan.id, "input": str(scan.path), "status": "failed", "error": error,
+            "seconds": round(seconds, 3), "metaseg_version": version}
+
+
+def pending_row(scan: Scan) -> Row:
+    return {"index": scan.index, "id": scan.id, "input": str(scan.path), "status": "pending"}
+
+
+def columns(rows: Iterable[Row]) -> List[str]:
+    """LEAD, the size columns present (in order of first appearance), TAIL."""
+    sizes: Dict[str, None] = {}
+    for r in rows:
+        sizes.update((k, None) for k in r if k not in LEAD and k not in TAIL)
+    return LEAD + list(sizes) + TAIL
+
+
+def write_table(path: Path, rows: Iterable[Row]) -> None:
+    """Write the rows, sorted by index, atomically: readers see the old table or the new one, never half."""
+    rows = sorted(rows, key=lambda r: int(r["index"]))
+    header = columns(rows)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter="\t", lineterminator="\n")
+            w.writerow(header)
+            for r in rows:
+                w.writerow([_cell(r.get(c, "")) for c in header])
+
+    write_all([(Path(path), write)])
+
+
+def read_table(path: Path) -> List[Row]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def merge_shards(folder: Path) -> Tuple[Path, List[Row]]:
+    """Join `volumes.shard-I-of-N.tsv` of all N shards in `folder` into `volumes.tsv`; (path, rows).
+
+    Refuses (InputError, nothing written) when shards are missing, disagree on N, or do not add up to one
+    cohort (an index twice or absent): signs of shards made from different inputs.
+    """
+    found: Dict[int, Path] = {}
+    counts = set()
+    for p in sorted(Path(folder).glob("volumes.shard-*-of-*.tsv")):
+        m = _SHARD_TABLE.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+            counts.add(int(m.group(2)))
+    if not found:
+        raise InputError(f"no shard tables (volumes.shard-I-of-N.tsv) in {folder}: run `metaseg batch --shard I/N` first")
+    if len(counts) > 1:
+        raise InputError(f"the shard tables in {folder} come from different shard counts ({sorted(counts)}); "
+                         "remove the stale ones")
+    n = counts.pop()
+    missing = [i for i in range(1, n + 1) if i not in found]
+    if missing:
+        raise InputError(f"shard(s) {', '.join(map(str, missing))} of {n} have no table in {folder}: run them, then merge")
+    rows = [r for i in sorted(found) for r in read_table(found[i])]
+    indexes = sorted(int(r["index"]) for r in rows)
+    if indexes != list(range(len(rows))):
+        raise InputError(f"the shard tables in {folder} do not make one cohort (row indexes repeat or are missing): "
+                         "were the shards run on different inputs?")
+    out = Path(folder) / TABLE_NAME
+    write_table(out, rows)
+    return out, sorted(rows, key=lambda r: int(r["index"]))
+
+
+def _slug(name: str) -> str:
+    """`Cortical gray matter` -> `cortical_gray_matter`."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _rounded(v: Optional[float]) -> Any:
+    return "" if v is None else round(float(v), 4)
+
+
+def _cell(v: Any) -> str:
+    """One line per row, tabs only between cells: TSV readers need no quoting rules."""
+    return re.sub(r"[\t\r\n]+", " ", str(v))
+
+
+def status_counts(rows: Sequence[Row]) -> Dict[str, int]:
+    out = {"ok": 0, "failed": 0, "pending": 0}
+    for r in rows:
+        out[r["status"]] = out.get(r["status"], 0) + 1
+    return out

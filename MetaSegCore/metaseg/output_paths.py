@@ -1,0 +1,80 @@
+"""Checks of output paths, run before any input is read or any fit starts.
+
+A run must not spend minutes fitting and then fail on an output it could never write: every
+output's extension, folder and writability is checked first, and no output may name an input
+(not even with --force: that would destroy the scan being segmented).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .io import IMAGE_SUFFIXES, InputError
+
+# what each kind of output may be called
+SUFFIXES = {
+    "image": IMAGE_SUFFIXES + (".seg.nrrd",),
+    "segmentation": (".seg.nrrd",),
+    "png": (".png",),
+    "json": (".json",),
+    "fitted": (".pt",),
+}
+WHAT = {"image": "an image", "segmentation": "a Slicer segmentation", "png": "a PNG picture",
+        "json": "a JSON file", "fitted": "a fitted INR (.pt)"}
+
+
+def check_output(path: Path, kind: str, force: bool, inputs: Iterable[Optional[Path]] = (),
+                 option: str = "output") -> Path:
+    """`path` as an output of `kind` (a SUFFIXES key): known extension, not a folder, not an input,
+    not existing unless `force`, and creatable (its folder exists or can be made, and is writable)."""
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith(SUFFIXES[kind]):
+        raise InputError(f"{option} {path}: {WHAT[kind]} must be named {' or '.join(SUFFIXES[kind])}")
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file name")
+    for inp in inputs:
+        if inp is not None and same_file(path, Path(inp)):
+            raise InputError(f"{option} {path} is an input of this run ({inp}); writing it would destroy the input: "
+                             "choose another name")
+    if path.exists() and not force:
+        raise InputError(f"output {path} exists; pass --force to overwrite it")
+    check_creatable(path.parent, f"{option} {path}")
+    return path
+
+
+def check_output_dir(folder: Path, option: str) -> Path:
+    """A folder outputs will be written into: a folder (or creatable as one), writable."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {folder} is a file, not a folder")
+    check_creatable(folder, f"{option} {folder}")
+    return folder
+
+
+def check_creatable(folder: Path, what: str) -> None:
+    """`folder` exists or can be made, and files can be created in it: checked on its nearest existing
+    ancestor with a probe file that is removed at once (permission bits do not tell: root, read-only mounts)."""
+    anc = Path(os.path.abspath(folder))
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(f"cannot write {what}: {anc} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".metaseg-probe-", dir=anc)
+    except OSError as e:
+        raise InputError(f"cannot write {what}: {anc} is not writable ({e.strerror or e})") from e
+    os.close(fd)
+    os.remove(probe)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (links and relative paths included)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.abspath(os.path.realpath(a)) == os.path.abspath(os.path.realpath(b))
