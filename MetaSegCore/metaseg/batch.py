@@ -78,7 +78,7 @@ def run_batch(a: argparse.Namespace) -> int:
         rows: Dict[int, Row] = {}
         jobs: List[Job] = []
         for s in scans:
-            report = None if a.force else finished_report(out / s.id, s, wanted, a.seed, a.steps)
+            report = None if a.force else finished_report(out / s.id, s, wanted, a.seed, a.steps, a.quality)
             rows[s.index] = ok_row(s, report) if report else pending_row(s)
             if not report:
                 jobs.append(Job(s, segment_argv(a, s, out / s.id, wanted, force=a.force or (out / s.id).exists())))
@@ -164,7 +164,8 @@ def worker_devices(device: str, devices: Optional[str], jobs: Optional[int]) -> 
     return [names[k % len(names)] for k in range(n)]
 
 
-def finished_report(folder: Path, scan: Scan, wanted: List[str], seed: int, steps: Optional[int]) -> Optional[Dict[str, Any]]:
+def finished_report(folder: Path, scan: Scan, wanted: List[str], seed: int, steps: Optional[int],
+                    quality: str = "fast") -> Optional[Dict[str, Any]]:
     """The report of a scan finished earlier with every wanted output present, else None (to be redone).
 
     A finished scan made from another input or with other fit settings is refused: it would mix results.
@@ -184,6 +185,8 @@ def finished_report(folder: Path, scan: Scan, wanted: List[str], seed: int, step
         other.append(f"--seed {fit.get('seed')}")
     if steps is not None and fit.get("steps") != steps:
         other.append(f"--steps {fit.get('steps')}")
+    if fit.get("quality", "fast") != quality:
+        other.append(f"--quality {fit.get('quality', 'fast')}")
     if other:
         raise InputError(f"{folder} holds results made with {', '.join(other)}; use another output folder, "
                          "or --force to redo every scan")
@@ -199,6 +202,7 @@ def segment_argv(a: argparse.Namespace, scan: Scan, folder: Path, wanted: List[s
         argv += ["--weights=" + str(a.weights)]
     if a.steps is not None:
         argv += ["--steps", str(a.steps)]
+    argv += ["--quality", a.quality]
     if scan.mask is not None:
         argv += ["--mask=" + str(scan.mask)]
     if a.accept_poor_match:

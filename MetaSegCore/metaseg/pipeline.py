@@ -30,7 +30,7 @@ from .plausibility import slice_check, tissue_warnings
 from .progress import Reporter
 from .resources import default_weights
 from .segment import segment_array
-from .volume import is_model_grid, load_template, segment_volume
+from .volume import QUALITY_FITS, is_model_grid, load_template, segment_volume
 from .weights import WeightsError, load_weights
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
@@ -154,6 +154,9 @@ def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, 
         return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start, live_files)
     array = image_array_2d(img)
     warnings = check_slice(array, w.canvas, a.accept_poor_match)
+    if getattr(a, "quality", "fast") != "fast":
+        warnings.append("--quality best applies to 3D volumes; this 2D slice was segmented as with fast (an ensemble "
+                        "of fits gained less than 0.01 Dice on 2D slices)")
     for msg in warnings:
         rep.emit("warning", message=msg)
     rep.emit("stage", stage="fit", message=f"fitting {plan.steps} steps on {dev} (torch {torch.__version__})",
@@ -174,7 +177,8 @@ def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, 
         "input": str(a.input), "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
         "outputs": {k: str(v) for k, v in outs.items()},
         "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
-        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2)},
+        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2), "quality": getattr(a, "quality", "fast"),
+                "fits": 1},
         "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
         "classes": class_sizes(res.labels, spacing, w.card["labels"]),
         "warnings": warnings, "versions": environment(),
@@ -219,7 +223,8 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         info={"labels": w.card["labels"], "weights_sha256": w.sha256, "source": str(a.input)},
         stage=stage, progress=rep.fit_progress, cancel=cancel, live=live, live_every=a.live_every,
         accept_poor_match=a.accept_poor_match,
-        decode_progress=lambda done, total, el: rep.task_progress("decode", done, total, el), bias_correction=n4)
+        decode_progress=lambda done, total, el: rep.task_progress("decode", done, total, el), bias_correction=n4,
+        fits=QUALITY_FITS[getattr(a, "quality", "fast")])
     for msg in res.warnings:
         rep.emit("warning", message=msg)
     labels = sitk_array(res.labels)
@@ -227,7 +232,8 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         "input": str(a.input), "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
         "outputs": {k: str(v) for k, v in outs.items()},
         "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
-        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2)},
+        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2), "quality": getattr(a, "quality", "fast"),
+                "fits": QUALITY_FITS[getattr(a, "quality", "fast")]},
         "registration": res.registration, "brain_extraction": brain, "bias_correction": "n4" if n4 else "off",
         "timings_s": {"load": round(t_load - t_start, 3), **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                       **{k: round(v, 3) for k, v in res.timings.items()}},

@@ -336,7 +336,7 @@ class SegmentProcess(WorkdirProcess):
     def __init__(self, python: Optional[str] = None, weights: Optional[str] = None, device: str = "auto",
                  seed: int = 0, steps: Optional[int] = None, live_every: int = 0, save_inr: bool = False,
                  uncertainty: bool = False, brain_extraction: str = "auto", brain_mask: bool = False,
-                 env: Optional[Dict[str, str]] = None, python_path: Optional[Sequence[str]] = None,
+                 quality: str = "fast", env: Optional[Dict[str, str]] = None, python_path: Optional[Sequence[str]] = None,
                  temp_root: Optional[str] = None):
         if steps is not None and int(steps) < 1:
             raise ValueError(f"steps must be at least 1 (got {steps})")
@@ -344,6 +344,7 @@ class SegmentProcess(WorkdirProcess):
             raise ValueError(f"live_every must be >= 0 (got {live_every})")
         self.save_inr, self.uncertainty = save_inr, uncertainty
         self.brain_extraction, self.brain_mask = brain_extraction, brain_mask  # 3D: auto/on/off; keep the mask used
+        self.quality = quality  # 3D: fast (one fit) or best (3 fits averaged)
         self.weights, self.device, self.seed, self.steps, self.live_every = weights, device, int(seed), steps, int(live_every)
         super().__init__(python, env, python_path, temp_root)
 
@@ -376,6 +377,8 @@ class SegmentProcess(WorkdirProcess):
             cmd += ["--brain-extraction", self.brain_extraction]
         if self.brain_mask_path is not None:
             cmd += ["--brain-mask", str(self.brain_mask_path)]
+        if self.quality != "fast":
+            cmd += ["--quality", self.quality]
         return cmd
 
     def start(self) -> "SegmentProcess":

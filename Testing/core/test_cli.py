@@ -184,3 +184,15 @@ def test_evaluate_prints_the_dice_table(sample_slice, sample_labels, tiny_weight
     assert "fg-Dice" in out and "ecog" in out and "mean" in out
     rows = json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))["rows"]
     assert rows[0]["subject"] == "ecog" and 0 <= rows[0]["fg_dice"] <= 1
+
+
+def test_quality_best_on_a_2d_slice_says_it_fits_once(tmp_path, sample_slice):
+    """2D has no accuracy mode (an ensemble gained < 0.01): the run says so and fits once."""
+    import json
+
+    rep = tmp_path / "r.json"
+    assert main(["segment", str(sample_slice), "-o", str(tmp_path / "l.nii.gz"), "--quality", "best",
+                 "--report", str(rep), "--progress", "none"]) == 0
+    r = json.loads(rep.read_text())
+    assert r["fit"]["fits"] == 1 and r["fit"]["quality"] == "best"
+    assert any("--quality best applies to 3D" in w for w in r["warnings"])

@@ -203,3 +203,22 @@ def test_seg_nrrd_of_a_3d_scan_round_trips(native_run, tmp_path):
     d = np.array(scan.GetDirection()).reshape(3, 3) @ np.diag(scan.GetSpacing())
     np.testing.assert_allclose(ijk_to_lps[:3, :3], d, atol=1e-5)
     np.testing.assert_allclose(ijk_to_lps[:3, 3], scan.GetOrigin(), atol=1e-4)
+
+
+def test_quality_best_averages_the_fits_probabilities(model3d, aligned_run):
+    """`fits=2`: the labels are the argmax of the two seeds' mean class probabilities at each voxel,
+    and the returned fitted volume is the first fit (seed 0), identical to a single fit."""
+    w, net = model3d
+    aligned, single = aligned_run
+    plan = dataclasses.replace(w.plan, steps=20)
+    ens = segment_volume(net, w.log_lr, plan, aligned, w.canvas, fits=2)
+    other = segment_volume(net, w.log_lr, plan, aligned, w.canvas, seed=1)
+    arr = sitk.GetArrayFromImage(aligned)
+    flat = np.flatnonzero(arr.reshape(-1) > 0)
+    pts = voxel_points(aligned, flat)
+    p0 = single.fitted.query(pts, "probabilities")
+    assert np.array_equal(ens.fitted.query(pts, "probabilities"), p0)
+    mean = (p0 + other.fitted.query(pts, "probabilities")) / 2
+    got = sitk.GetArrayFromImage(ens.labels).reshape(-1)[flat]
+    assert (got == mean.argmax(1)).mean() > 0.9999  # float summation order may flip exact ties
+    assert (got != sitk.GetArrayFromImage(single.labels).reshape(-1)[flat]).any()

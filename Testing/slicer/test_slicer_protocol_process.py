@@ -263,7 +263,11 @@ def test_segment_process_command_and_cleanup(tmp_path):
     assert not p.workdir.exists()
     q = SegmentProcess(python="py", temp_root=str(tmp_path))
     assert "--steps" not in q.command() and "--live-dir" not in q.command() and "--weights" not in q.command()
+    assert "--quality" not in q.command()
     q.cleanup()
+    b = SegmentProcess(python="py", quality="best", temp_root=str(tmp_path))
+    assert b.command()[b.command().index("--quality") + 1] == "best"
+    b.cleanup()
     with pytest.raises(ValueError):
         SegmentProcess(steps=0, temp_root=str(tmp_path))
 
