@@ -135,31 +135,23 @@ def _add_prepare(sub) -> None:
 
 
 def _prepare(a: argparse.Namespace) -> int:
-    import csv
-    import io as _io
-
     from .atomic import write_all
-    from .data import write_pack
+    from .data import pack_writer
     from .io import InputError
     from .meta_train import settings_for
-    from .prepare import QC_COLUMNS, find_subjects, prepare_subjects, qc_row
+    from .output_paths import check_output
+    from .prepare import find_subjects, prepare_subjects, qc_row, qc_table
 
-    out, qc = Path(a.output), Path(a.qc) if a.qc else None
     try:
-        if not out.name.endswith(".npz"):
-            raise InputError(f"output {out}: a pack is a .npz file")
-        if qc is not None and not qc.name.endswith(".tsv"):
-            raise InputError(f"--qc {qc}: the QC table is a .tsv file")
-        for path in (out, qc):
-            if path is not None and path.exists() and not a.force:
-                raise InputError(f"{path} exists; pass --force to replace it")
+        out = check_output(Path(a.output), "pack", a.force, option="-o")
+        qc = check_output(Path(a.qc), "table", a.force, option="--qc") if a.qc else None
         subjects = find_subjects([Path(d) for d in a.subjects], a.image_glob, a.labels_glob)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     canvas = settings_for(3).canvas
-    header = f"{'subject':<14} {'status':<8} {'NCC':>5} {'inner':>5}  mL before -> after (cortex, subcortical, WM, CSF)"
-    print(header, file=sys.stderr)
+    print(f"{'subject':<14} {'status':<8} {'NCC':>5} {'inner':>5}  mL before -> after (cortex, subcortical, WM, CSF)",
+          file=sys.stderr)
 
     def show(p) -> None:
         r = qc_row(p)
@@ -179,14 +171,10 @@ def _prepare(a: argparse.Namespace) -> int:
         return 2
     meta = {"canvas": list(canvas), "command": "metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
             "subjects": {p.id: p.qc for p in kept}, "refused": {p.id: p.error for p in refused}}
-    writers = []
+    writers = [(out, pack_writer({p.id: p.volume for p in kept}, meta))]  # pack and table appear together
     if qc is not None:
-        buf = _io.StringIO()
-        w = csv.DictWriter(buf, QC_COLUMNS, delimiter="\t", lineterminator="\n")
-        w.writeheader()
-        w.writerows(qc_row(p) for p in done)
-        writers.append((qc, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8")))
-    write_pack({p.id: p.volume for p in kept}, out, meta)
+        table = qc_table(done)
+        writers.append((qc, lambda tmp: Path(tmp).write_text(table, encoding="utf-8")))
     write_all(writers)
     print(f"wrote {out}: {len(kept)} subject(s){f', {len(refused)} refused' if refused else ''}", file=sys.stderr)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -96,7 +96,13 @@ def pack_volumes(root: Path, subjects: Sequence[str], out: Path) -> Path:
 
 
 def write_pack(volumes: Dict[str, LabeledImage], out: Path, meta: Optional[dict] = None) -> Path:
-    """Write volumes on the model grid into one compressed .npz, atomically (intensities as uint16).
+    """Write volumes on the model grid into one compressed .npz, atomically (see `pack_writer`)."""
+    write_all([(Path(out), pack_writer(volumes, meta))])
+    return Path(out)
+
+
+def pack_writer(volumes: Dict[str, LabeledImage], meta: Optional[dict] = None) -> Callable[[str], None]:
+    """The writer (for `atomic.write_all`) of a pack: intensities as uint16 with their scale.
 
     Keys `<name>/image`, `<name>/scale`, `<name>/labels`, and `_meta` (JSON text, no pickle) when
     given. uint16 steps are 1/65535 of the maximum, far below the MRI noise.
@@ -114,8 +120,7 @@ def write_pack(volumes: Dict[str, LabeledImage], out: Path, meta: Optional[dict]
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
             np.savez_compressed(f, **arrays)
 
-    write_all([(Path(out), write)])
-    return Path(out)
+    return write
 
 
 def pack_subjects(pack: Path) -> List[str]:

@@ -109,19 +109,6 @@ def _check_values(arr: np.ndarray) -> None:
         raise InputError("the input has no positive pixels; expected a skull-stripped brain MRI with brain > 0")
 
 
-def check_output_path(path: Path, force: bool) -> Path:
-    """Refuse to overwrite an existing output unless `force`; refuse unknown extensions."""
-    path = Path(path)
-    name = path.name.lower()
-    if not any(name.endswith(s) for s in IMAGE_SUFFIXES + (".seg.nrrd",)):
-        raise InputError(f"output {path}: unknown extension; use one of {', '.join(IMAGE_SUFFIXES)} or .seg.nrrd")
-    if path.exists() and not force:
-        raise InputError(f"output {path} exists; pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise InputError(f"output {path} is a folder")
-    return path
-
-
 def labels_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A uint8 label image with exactly `reference`'s size, spacing, origin and direction."""
     arr = np.ascontiguousarray(labels.astype(np.uint8).reshape(sitk.GetArrayViewFromImage(reference).shape))

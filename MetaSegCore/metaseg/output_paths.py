@@ -20,9 +20,12 @@ SUFFIXES = {
     "png": (".png",),
     "json": (".json",),
     "fitted": (".pt",),
+    "pack": (".npz",),
+    "table": (".tsv",),
 }
 WHAT = {"image": "an image", "segmentation": "a Slicer segmentation", "png": "a PNG picture",
-        "json": "a JSON file", "fitted": "a fitted INR (.pt)"}
+        "json": "a JSON file", "fitted": "a fitted INR (.pt)", "pack": "a training pack",
+        "table": "a tab-separated table"}
 
 
 def check_output(path: Path, kind: str, force: bool, inputs: Iterable[Optional[Path]] = (),

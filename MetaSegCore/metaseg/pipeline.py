@@ -154,7 +154,8 @@ def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, 
         return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start, live_files)
     array = image_array_2d(img)
     warnings = check_slice(array, w.canvas, a.accept_poor_match)
-    if getattr(a, "quality", "fast") != "fast":
+    quality = getattr(a, "quality", "fast")
+    if quality != "fast":
         warnings.append("--quality best applies to 3D volumes; this 2D slice was segmented as with fast (an ensemble "
                         "of fits gained less than 0.01 Dice on 2D slices)")
     for msg in warnings:
@@ -177,8 +178,7 @@ def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, 
         "input": str(a.input), "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
         "outputs": {k: str(v) for k, v in outs.items()},
         "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
-        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2), "quality": getattr(a, "quality", "fast"),
-                "fits": 1},
+        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2), "quality": quality, "fits": 1},
         "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
         "classes": class_sizes(res.labels, spacing, w.card["labels"]),
         "warnings": warnings, "versions": environment(),
@@ -216,6 +216,7 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
     # usually been bias-corrected by the pipeline that stripped it and stays exactly as before
     bias = getattr(a, "bias_correction", "off")
     n4 = bias == "n4" or (bias == "auto" and bool(brain.get("extracted")))
+    quality = getattr(a, "quality", "fast")
     live = _live_writer(a, rep, w.card["labels"], lambda labels_img: labels_img, live_files)
 
     res = segment_volume(
@@ -224,7 +225,7 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         stage=stage, progress=rep.fit_progress, cancel=cancel, live=live, live_every=a.live_every,
         accept_poor_match=a.accept_poor_match,
         decode_progress=lambda done, total, el: rep.task_progress("decode", done, total, el), bias_correction=n4,
-        fits=QUALITY_FITS[getattr(a, "quality", "fast")])
+        fits=QUALITY_FITS[quality])
     for msg in res.warnings:
         rep.emit("warning", message=msg)
     labels = sitk_array(res.labels)
@@ -232,8 +233,8 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         "input": str(a.input), "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
         "outputs": {k: str(v) for k, v in outs.items()},
         "device": str(dev), "weights": str(wpath), "weights_sha256": w.sha256,
-        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2), "quality": getattr(a, "quality", "fast"),
-                "fits": QUALITY_FITS[getattr(a, "quality", "fast")]},
+        "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2), "quality": quality,
+                "fits": QUALITY_FITS[quality]},
         "registration": res.registration, "brain_extraction": brain, "bias_correction": "n4" if n4 else "off",
         "timings_s": {"load": round(t_load - t_start, 3), **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                       **{k: round(v, 3) for k, v in res.timings.items()}},

@@ -13,7 +13,9 @@ the gate. By default one refusal writes no pack at all (`skip_refused` leaves th
 """
 from __future__ import annotations
 
+import csv
 import glob
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -163,3 +165,12 @@ def qc_row(p: PreparedSubject) -> Dict[str, object]:
     changes = [abs(x) for x in p.qc.get("volume_change_pct", []) if x is not None]
     row["max_change_pct"] = max(changes) if changes else ""
     return row
+
+
+def qc_table(prepared: Sequence[PreparedSubject]) -> str:
+    """The QC table as tab-separated text, one row per subject (refused ones with their reason)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, QC_COLUMNS, delimiter="\t", lineterminator="\n")
+    w.writeheader()
+    w.writerows(qc_row(p) for p in prepared)
+    return buf.getvalue()

@@ -225,11 +225,12 @@ def segment_volume(
             live(step, preview.labels(FittedVolume(inr, m2p, mask=brain)))
 
     members, psnrs = [], []
+    fit_info = {**(info or {}), "reference": _geometry(scan)}
     for k in range(fits):
         say("fit", f"fitting {plan.steps} steps" + (f" (fit {k + 1} of {fits})" if fits > 1 else ""))
         res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed + k, progress=progress, cancel=cancel,
                             snapshot=snapshot if k == 0 else None, live_every=live_every, decode=False)
-        members.append(FittedVolume(res.fitted, m2p, mask=brain, info={**(info or {}), "reference": _geometry(scan)}))
+        members.append(FittedVolume(res.fitted, m2p, mask=brain, info=fit_info))
         psnrs.append(res.psnr)
     fitted, psnr = members[0], min(psnrs)  # the worst fit decides the PSNR warning
     t2 = time.perf_counter()
