@@ -11,7 +11,7 @@ Each run segments the whole scan as `metaseg segment` does (registration, fit, l
 and measures each class's volume in mL on that grid; the figure is |V - V_ref| / V_ref in % against seed 0
 on the original scan.
 
-Run by hand (not a test; about 10 segmentations, ~1-2 min each on one CPU thread):
+Run by hand (not a test; about 12 segmentations, ~1-2 min each on one CPU thread):
   .venv/bin/python benchmarks/repeat_scans.py --threads 1            # the bundled sample (ecog)
   .venv/bin/python benchmarks/repeat_scans.py --scan ../shared/data/brains/ws01/native_t1.nii.gz --threads 1
 Prints markdown tables and appends one JSON record to --json (default docs/repeat_scans.json).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -92,25 +93,40 @@ def main() -> None:
     ap.add_argument("--weights", default="Resources/Weights/metaseg3d.pt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--fits", type=int, default=1, help="fits averaged per scan (3: --quality best)")
+    ap.add_argument("--bias-correction", action="store_true", help="N4 before every fit (--bias-correction on)")
+    ap.add_argument("--kinds", default="seeds,geometry,noise",
+                    help="which repeats: seeds (the original scan, --seeds seeds), geometry (re-positioned, "
+                    "re-sliced), noise (noise and bias, together and alone); seed 0 on the original always runs")
     ap.add_argument("--json", default="docs/repeat_scans.json")
     a = ap.parse_args()
+    kinds = set(a.kinds.split(","))
     torch.set_num_threads(a.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(a.threads)
     w = load_weights(Path(a.weights))
     net = w.build()
     scan = read_image(Path(a.scan))
-    runs = [(f"original, seed {s}", lambda: scan, s) for s in range(a.seeds)] + [
-        ("repositioned: 3 deg about L-R, 2 mm shift", lambda: repositioned(scan, (3, 0, 0), (2, 0, 0)), 0),
-        ("repositioned: 5 deg about S-I, 1 deg about A-P, 3 mm shift", lambda: repositioned(scan, (0, 1, 5), (0, 3, 1)), 0),
-        ("re-sliced: 4 deg oblique grid, 1 x 1 x 1.2 mm", lambda: resliced(scan, (4, 0, 2), (1.0, 1.0, 1.2)), 0),
-        ("noise 2% + bias +-10%", lambda: noisy(scan, 0.02, 0.10, 1), 0),
-        ("noise 4% + bias +-20%", lambda: noisy(scan, 0.04, 0.20, 2), 0),
-    ]
+    seeds = a.seeds if "seeds" in kinds else 1
+    runs = [(f"original, seed {s}", lambda: scan, s) for s in range(seeds)]
+    if "geometry" in kinds:
+        runs += [
+            ("repositioned: 3 deg about L-R, 2 mm shift", lambda: repositioned(scan, (3, 0, 0), (2, 0, 0)), 0),
+            ("repositioned: 5 deg about S-I, 1 deg about A-P, 3 mm shift", lambda: repositioned(scan, (0, 1, 5), (0, 3, 1)), 0),
+            ("re-sliced: 4 deg oblique grid, 1 x 1 x 1.2 mm", lambda: resliced(scan, (4, 0, 2), (1.0, 1.0, 1.2)), 0),
+        ]
+    if "noise" in kinds:
+        runs += [
+            ("noise 2% + bias +-10%", lambda: noisy(scan, 0.02, 0.10, 1), 0),
+            ("noise 4% + bias +-20%", lambda: noisy(scan, 0.04, 0.20, 2), 0),
+            ("noise 4% alone", lambda: noisy(scan, 0.04, 0.0, 2), 0),
+            ("bias +-20% alone", lambda: noisy(scan, 0.0, 0.20, 2), 0),
+        ]
     rows: List[dict] = []
     t_all = time.time()
     for name, make, seed in runs:
         t0 = time.perf_counter()
-        res = segment_volume(net, w.log_lr, w.plan, make(), w.canvas, seed=seed)
+        res = segment_volume(net, w.log_lr, w.plan, make(), w.canvas, seed=seed, fits=a.fits,
+                             bias_correction=a.bias_correction)
         vol = volumes_ml(res.labels)
         rows.append({"run": name, "seed": seed, "volumes_ml": {CLASSES[c]: round(v, 2) for c, v in vol.items()},
                      "ncc": round(res.registration["ncc"], 3) if res.registration else None,
@@ -119,16 +135,17 @@ def main() -> None:
     ref = rows[0]["volumes_ml"]
     for r in rows:
         r["diff_pct"] = {k: round(100.0 * abs(v - ref[k]) / ref[k], 2) for k, v in r["volumes_ml"].items()}
-    seeds = np.array([[r["volumes_ml"][k] for k in CLASSES.values()] for r in rows[: a.seeds]])
-    seed_cv = dict(zip(CLASSES.values(), (100 * seeds.std(0, ddof=1) / seeds.mean(0)).round(2).tolist()))
+    per_seed = np.array([[r["volumes_ml"][k] for k in CLASSES.values()] for r in rows[:seeds]])
+    seed_cv = (dict(zip(CLASSES.values(), (100 * per_seed.std(0, ddof=1) / per_seed.mean(0)).round(2).tolist()))
+               if seeds > 1 else None)
     print("\n| run | " + " | ".join(f"{k} mL (diff %)" for k in CLASSES.values()) + " |\n|" + " --- |" * (len(CLASSES) + 1))
     for r in rows:
         print(f"| {r['run']} | " + " | ".join(f"{r['volumes_ml'][k]:.1f} ({r['diff_pct'][k]:.2f})" for k in CLASSES.values()) + " |")
     print(f"\nseed-to-seed coefficient of variation (%): {seed_cv}")
     rec = {"scan": a.scan, "rows": rows, "seed_cv_pct": seed_cv, "weights_sha256": w.sha256, "steps": w.plan.steps,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__,
-           "minutes": round((time.time() - t_all) / 60, 1), "command": f"benchmarks/repeat_scans.py --scan {a.scan} "
-           f"--threads {a.threads}", "date": time.strftime("%Y-%m-%d")}
+           "minutes": round((time.time() - t_all) / 60, 1), "date": time.strftime("%Y-%m-%d"),
+           "command": "benchmarks/repeat_scans.py " + " ".join(sys.argv[1:])}
     with open(a.json, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
 

@@ -51,6 +51,8 @@ def _add_train(sub) -> None:
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
     p.add_argument("--no-augment", action="store_true", help="no intensity/affine augmentation")
+    p.add_argument("--noise", type=float, help="Gaussian noise of up to this sigma (a fraction of the brain's 99th "
+                   "percentile) on each training image's brain, drawn per fit, also with --no-augment (0)")
     p.add_argument("--focal-gamma", type=float, help="focal loss gamma (1.0)")
     p.add_argument("--val-every", type=int, help="validate every N outer steps (100)")
     p.add_argument("--meta-batch", type=int, help="tasks per outer step; under torchrun they are split over the processes (1)")
@@ -65,7 +67,7 @@ _TRAIN_FIELDS = {
     "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
     "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",
-    "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init",
+    "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",
 }
 
 

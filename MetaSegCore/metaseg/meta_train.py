@@ -41,7 +41,7 @@ from .device import pick_device
 from .fit import FitPlan, adapt, weighted_mse
 from .metrics import foreground_dice, generalized_dice
 from .model import MetaSegNet
-from .preprocess import augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
+from .preprocess import add_noise, augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
 from .segment import segment_array
 from .atomic import write_all
 from .weights import FORMAT as WEIGHTS_FORMAT, LABELS, Weights, WeightsError, load_weights, save_weights
@@ -74,6 +74,7 @@ class TrainSettings:
     focal_gamma: float = 1.0
     image_only: bool = False  # ablation: outer loss is the MSE alone (no labels in stage 1)
     augment: bool = True
+    noise: float = 0.0  # > 0: Gaussian noise up to this sigma on every training image's brain (add_noise)
     val_every: int = 100
     ckpt_every: int = 50
     head_steps: int = 4000
@@ -163,6 +164,12 @@ class TaskPoints:
         self.cache: Dict[str, tuple] = {}
 
     def __call__(self, t: LabeledImage, gen: torch.Generator, augment: bool) -> tuple:
+        coords, values, labels = self._points(t, gen, augment)
+        if self.s.noise > 0:
+            values = add_noise(values, self.s.noise, gen)
+        return coords, values, labels
+
+    def _points(self, t: LabeledImage, gen: torch.Generator, augment: bool) -> tuple:
         if self.s.dims == 2:
             img, lab = augment_2d(t.image, t.labels, gen) if augment else (t.image, t.labels)
             return self.grid, img.reshape(-1).to(self.device), lab.reshape(-1).long().to(self.device)

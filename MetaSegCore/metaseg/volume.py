@@ -221,8 +221,10 @@ def segment_volume(
     if live is not None:
         preview = _ScanPreview(scan, arr)
 
-        def snapshot(step: int, inr) -> None:
+        def labels_now(step: int, inr) -> None:
             live(step, preview.labels(FittedVolume(inr, m2p, mask=brain)))
+
+        snapshot = labels_now
 
     members, psnrs = [], []
     fit_info = {**(info or {}), "reference": _geometry(scan)}

@@ -1,4 +1,4 @@
-import os, sys, time, numpy as np, torch
+import os, time, numpy as np, torch
 from pathlib import Path
 from metaseg.weights import load_weights
 from metaseg.data import load_splits

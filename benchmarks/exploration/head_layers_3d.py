@@ -1,6 +1,5 @@
-import os, sys, time, numpy as np, torch
+import os, time, numpy as np, torch
 from pathlib import Path
-from torch.func import functional_call
 from metaseg.weights import load_weights
 from metaseg.data import load_splits
 from metaseg.metrics import foreground_dice
