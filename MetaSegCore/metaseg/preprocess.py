@@ -5,23 +5,29 @@ import math
 from typing import Optional, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 UPPER_PERCENTILE = 99.0
 
 
-def normalize_intensity(image: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
+def normalize_intensity(image: np.ndarray, mask: Optional[np.ndarray] = None, denoise: bool = False) -> np.ndarray:
     """Scale a skull-stripped image so its brain's 99th percentile is 1, background stays 0.
 
     A percentile of the brain voxels does not depend on how the scan was exported (0-255,
     0-1, FreeSurfer brainmask or norm) nor on a few bright outliers, unlike min/max.
+    `denoise`: take the percentile of a 3x3(x3) median-filtered copy instead. Scanner noise widens
+    white matter's bright tail and so raises the plain percentile: on the sample scan, 4 % noise
+    darkened normalized white matter by 5.7 % and shrank it by 5 % in the labels; with the filtered
+    percentile by 2.6 % and 1 % (docs/results.md, repeat scans). The 3D path uses it.
     """
     img = np.asarray(image, dtype=np.float32)
-    fg = img[mask] if mask is not None else img[img > 0]
-    if fg.size == 0:
+    brain = mask if mask is not None else img > 0
+    if not brain.any():
         raise ValueError("the image has no foreground voxels (all values <= 0): expected a skull-stripped brain scan")
-    hi = float(np.percentile(fg, UPPER_PERCENTILE))
+    ref = sitk.GetArrayFromImage(sitk.Median(sitk.GetImageFromArray(img), [1] * img.ndim)) if denoise else img
+    hi = float(np.percentile(ref[brain], UPPER_PERCENTILE))
     if not math.isfinite(hi) or hi <= 0:
         raise ValueError("could not normalize intensities: the brain's 99th percentile is not positive")
     out = np.clip(img / hi, 0.0, 1.0)

@@ -215,6 +215,7 @@ def segment_volume(
                              f"got {scan.GetSize()}")
         model_arr, reference, m2p = arr, scan, physical_to_model(scan, canvas)
     brain = model_arr > 0  # what the fit sees; the network knows tissue only there
+    model_arr = normalize_intensity(model_arr, brain, denoise=True)  # noise must not darken the brain
     t1 = time.perf_counter()
 
     snapshot = None
@@ -230,8 +231,8 @@ def segment_volume(
     fit_info = {**(info or {}), "reference": _geometry(scan)}
     for k in range(fits):
         say("fit", f"fitting {plan.steps} steps" + (f" (fit {k + 1} of {fits})" if fits > 1 else ""))
-        res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed + k, progress=progress, cancel=cancel,
-                            snapshot=snapshot if k == 0 else None, live_every=live_every, decode=False)
+        res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed + k, normalize=False, progress=progress,
+                            cancel=cancel, snapshot=snapshot if k == 0 else None, live_every=live_every, decode=False)
         members.append(FittedVolume(res.fitted, m2p, mask=brain, info=fit_info))
         psnrs.append(res.psnr)
     fitted, psnr = members[0], min(psnrs)  # the worst fit decides the PSNR warning
