@@ -207,14 +207,23 @@ def test_seg_nrrd_of_a_3d_scan_round_trips(native_run, tmp_path):
 
 def test_quality_best_averages_the_fits_probabilities(model3d, aligned_run):
     """`fits=2`: the labels are the argmax of the two seeds' mean class probabilities at each voxel,
-    and the returned fitted volume is the first fit (seed 0), identical to a single fit."""
+    and the returned fitted volume is the first fit (seed 0), identical to a single fit.
+    On a 48^3 block of the brain (`mask`): the same code path, a thirtieth of the voxels to label."""
     w, net = model3d
-    aligned, single = aligned_run
+    aligned, _ = aligned_run
     plan = dataclasses.replace(w.plan, steps=20)
-    ens = segment_volume(net, w.log_lr, plan, aligned, w.canvas, fits=2)
-    other = segment_volume(net, w.log_lr, plan, aligned, w.canvas, seed=1)
     arr = sitk.GetArrayFromImage(aligned)
-    flat = np.flatnonzero(arr.reshape(-1) > 0)
+    block = np.zeros(arr.shape, np.uint8)
+    c = [n // 2 for n in arr.shape]
+    block[c[0] - 24 : c[0] + 24, c[1] - 24 : c[1] + 24, c[2] - 24 : c[2] + 24] = 1
+    mask = sitk.GetImageFromArray(block)
+    mask.CopyInformation(aligned)
+
+    def run(**kw):
+        return segment_volume(net, w.log_lr, plan, aligned, w.canvas, mask=mask, **kw)
+
+    single, ens, other = run(), run(fits=2), run(seed=1)
+    flat = np.flatnonzero((arr * block).reshape(-1) > 0)
     pts = voxel_points(aligned, flat)
     p0 = single.fitted.query(pts, "probabilities")
     assert np.array_equal(ens.fitted.query(pts, "probabilities"), p0)
