@@ -99,9 +99,9 @@ def add_noise(values: torch.Tensor, max_sigma: float, gen: torch.Generator) -> t
     """Gaussian noise of a random level sigma ~ U(0, `max_sigma`) (in units of the normalized
     intensity, i.e. of the brain's 99th percentile) on the brain's points; background stays 0.
 
-    Real scans are noisier than FreeSurfer's conformed training volumes: without noise in training
-    the head reads the fit of a noisy scan's speckle as grey matter (white matter shrank 7-17 % at
-    2-4 % noise, docs/results.md, repeat scans)."""
+    Real scans are noisier than FreeSurfer's conformed training volumes (`metaseg train --noise`).
+    A 3D head retrained with it did not change how noise moves tissue volumes: the cause was the
+    normalization (`normalize_intensity(denoise=True)`; docs/results.md, repeat scans)."""
     sigma = max_sigma * float(torch.rand((), generator=gen))
     noise = torch.randn(values.shape, generator=gen).to(values) * sigma
     return torch.where(values > 0, (values + noise).clamp(1e-3, 1.0), values)
