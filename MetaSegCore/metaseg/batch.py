@@ -1,7 +1,7 @@
 """`metaseg batch`: segment a cohort into one output folder and a volumes table; resumable, sharded.
 
-Each scan is run by `pipeline.segment_scan`, the code of `metaseg segment`, with the weights and
-template loaded once per process. Outputs: `OUT/<id>/labels.nii.gz` and `report.json` (plus the
+Each scan is run by `pipeline.segment_scan`, the code of `metaseg segment`, with one `Segmenter` per
+process (weights and template loaded once) and the batch's own `SegmentOptions`. Outputs: `OUT/<id>/labels.nii.gz` and `report.json` (plus the
 optional preview, .seg.nrrd, uncertainty and fitted INR), and `OUT/volumes.tsv` (cohort_table.py).
 
 The per-scan report is the record of a finished scan: a rerun skips scans whose report and outputs
@@ -17,7 +17,7 @@ device (or K) with Python's ProcessPoolExecutor, each loading the model once. Ac
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .batch_progress import BatchProgress, ScanReporter
@@ -39,20 +39,43 @@ from .device import pick_device
 from .atomic import OutputExistsError
 from .fit import FitCancelled
 from .io import InputError
-from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, Models, segment_scan
+from .options import Outputs, PathLike, SegmentOptions
+from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, segment_scan
 from .progress import Reporter
+from .segmenter import Segmenter
 from .weights import WeightsError
 
 # a scan's files in OUT/<id>/; the keys are those of the report's "outputs"
 OUTPUT_FILES = {"labels": "labels.nii.gz", "report": "report.json", "preview": "preview.png",
                 "seg_nrrd": "labels.seg.nrrd", "uncertainty": "uncertainty.nii.gz", "inr": "fitted.pt"}
-OPTIONAL_OUTPUTS = {"preview": "--preview", "seg_nrrd": "--seg-nrrd", "uncertainty": "--uncertainty", "inr": "--save-inr"}
+OPTIONAL_OUTPUTS = ("preview", "seg_nrrd", "uncertainty", "inr")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """`metaseg batch`: the scans (`inputs`: files, folders, BIDS datasets, globs, CSV/TSV manifests), the output
+    folder, the segmentation `options` shared by every scan, the optional files each scan gets (`extras`, of
+    OPTIONAL_OUTPUTS), and how the run is spread: `devices` (one worker per entry), `jobs`, `shard` ("I/N",
+    "auto"), or `merge` (join the shard tables). `force` redoes every scan; `progress`: bar, json or none."""
+
+    inputs: Sequence[str]
+    output: PathLike
+    options: SegmentOptions = SegmentOptions()
+    extras: Tuple[str, ...] = ()
+    path_column: str = "path"
+    id_column: str = "id"
+    devices: Optional[str] = None
+    jobs: Optional[int] = None
+    shard: Optional[str] = None
+    merge: bool = False
+    force: bool = False
+    progress: str = "bar"
 
 
 @dataclass(frozen=True)
 class Job:
     scan: Scan
-    argv: List[str]  # the scan's `metaseg segment` command line (without the program name)
+    outputs: Outputs  # the scan's files in OUT/<id>/
 
 
 @dataclass(frozen=True)
@@ -63,25 +86,27 @@ class Outcome:
     seconds: float = 0.0
 
 
-def run_batch(a: argparse.Namespace) -> int:
-    rep = Reporter(a.progress)
-    if a.merge:
-        return _merge(a, rep)
+def run_batch(b: BatchSettings) -> int:
+    """`metaseg batch`; returns the exit code."""
+    rep = Reporter(b.progress)
+    if b.merge:
+        return _merge(b, rep)
     try:
-        shard = parse_shard(a.shard)
-        scans = shard_of(find_scans(a.inputs, a.path_column, a.id_column), shard)
-        out = Path(a.output)
+        b.options.checked()
+        shard = parse_shard(b.shard)
+        scans = shard_of(find_scans(b.inputs, b.path_column, b.id_column), shard)
+        out = Path(b.output)
         if out.exists() and not out.is_dir():
             raise InputError(f"output {out} is a file; batch outputs go into a folder")
-        wanted = ["labels", "report"] + [k for k, opt in OPTIONAL_OUTPUTS.items() if getattr(a, opt[2:].replace("-", "_"))]
-        devices = worker_devices(a.device, a.devices, a.jobs)
+        wanted = ["labels", "report"] + [k for k in OPTIONAL_OUTPUTS if k in b.extras]
+        devices = worker_devices(b.options.device, b.devices, b.jobs)
         rows: Dict[int, Row] = {}
         jobs: List[Job] = []
         for s in scans:
-            report = None if a.force else finished_report(out / s.id, s, wanted, a.seed, a.steps, a.quality)
+            report = None if b.force else finished_report(out / s.id, s, wanted, b.options)
             rows[s.index] = ok_row(s, report) if report else pending_row(s)
             if not report:
-                jobs.append(Job(s, segment_argv(a, s, out / s.id, wanted, force=a.force or (out / s.id).exists())))
+                jobs.append(Job(s, scan_outputs(out / s.id, wanted, force=b.force or (out / s.id).exists())))
     except (InputError, ValueError) as e:
         rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
         return EXIT_USAGE
@@ -107,7 +132,7 @@ def run_batch(a: argparse.Namespace) -> int:
     run = _run_here if workers == 1 else _run_in_pool
     code = EXIT_OK
     try:
-        cancelled = run(jobs, devices[:workers], a, progress, record)
+        cancelled = run(jobs, devices[:workers], b.options, progress, record)
     except KeyboardInterrupt:
         cancelled = True
     except WeightsError as e:
@@ -131,11 +156,11 @@ def run_batch(a: argparse.Namespace) -> int:
     return EXIT_USAGE if counts["failed"] else EXIT_OK
 
 
-def _merge(a: argparse.Namespace, rep: Reporter) -> int:
+def _merge(b: BatchSettings, rep: Reporter) -> int:
     try:
-        if a.inputs:
+        if b.inputs:
             raise InputError("--merge joins the shard tables in the output folder (-o); it takes no inputs")
-        path, rows = merge_shards(Path(a.output))
+        path, rows = merge_shards(Path(b.output))
     except InputError as e:
         rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
         return EXIT_USAGE
@@ -164,8 +189,7 @@ def worker_devices(device: str, devices: Optional[str], jobs: Optional[int]) -> 
     return [names[k % len(names)] for k in range(n)]
 
 
-def finished_report(folder: Path, scan: Scan, wanted: List[str], seed: int, steps: Optional[int],
-                    quality: str = "fast") -> Optional[Dict[str, Any]]:
+def finished_report(folder: Path, scan: Scan, wanted: List[str], options: SegmentOptions) -> Optional[Dict[str, Any]]:
     """The report of a scan finished earlier with every wanted output present, else None (to be redone).
 
     A finished scan made from another input or with other fit settings is refused: it would mix results.
@@ -181,11 +205,11 @@ def finished_report(folder: Path, scan: Scan, wanted: List[str], seed: int, step
     other = []
     if report.get("input") != str(scan.path):
         other.append(f"input {report.get('input')}")
-    if fit.get("seed") != seed:
+    if fit.get("seed") != options.seed:
         other.append(f"--seed {fit.get('seed')}")
-    if steps is not None and fit.get("steps") != steps:
+    if options.steps is not None and fit.get("steps") != options.steps:
         other.append(f"--steps {fit.get('steps')}")
-    if fit.get("quality", "fast") != quality:
+    if fit.get("quality", "fast") != options.quality:
         other.append(f"--quality {fit.get('quality', 'fast')}")
     if other:
         raise InputError(f"{folder} holds results made with {', '.join(other)}; use another output folder, "
@@ -193,33 +217,20 @@ def finished_report(folder: Path, scan: Scan, wanted: List[str], seed: int, step
     return report
 
 
-def segment_argv(a: argparse.Namespace, scan: Scan, folder: Path, wanted: List[str], force: bool) -> List[str]:
-    """The `metaseg segment` command line of one scan: the batch's options, outputs in `folder`."""
-    argv = ["segment", str(scan.path), "-o", str(folder / OUTPUT_FILES["labels"]),
-            "--report", str(folder / OUTPUT_FILES["report"]), "--seed", str(a.seed), "--progress", "none"]
-    argv += [OPTIONAL_OUTPUTS[k] + "=" + str(folder / OUTPUT_FILES[k]) for k in wanted if k in OPTIONAL_OUTPUTS]
-    if a.weights:
-        argv += ["--weights=" + str(a.weights)]
-    if a.steps is not None:
-        argv += ["--steps", str(a.steps)]
-    argv += ["--quality", a.quality]
-    if scan.mask is not None:
-        argv += ["--mask=" + str(scan.mask)]
-    if a.accept_poor_match:
-        argv += ["--accept-poor-match"]
-    return argv + (["--force"] if force else [])
+def scan_outputs(folder: Path, wanted: List[str], force: bool) -> Outputs:
+    """One scan's output files: the wanted ones of OUTPUT_FILES in `folder`."""
+    return Outputs(**{k: folder / OUTPUT_FILES[k] for k in wanted}, force=force)
 
 
-def run_job(job: Job, models: Models, cancel, sink: Callable[[str, Dict[str, Any]], None]) -> Outcome:
+def run_job(job: Job, segmenter: Segmenter, options: SegmentOptions, cancel,
+            sink: Callable[[str, Dict[str, Any]], None]) -> Outcome:
     """Segment one scan; its failure becomes an Outcome, except for weights that cannot load (every scan would fail)."""
-    from .cli import build_parser
-
     t0 = time.perf_counter()
     if cancel.is_set():
         return Outcome("cancelled")
-    a = build_parser().parse_args(job.argv)
     try:
-        report = segment_scan(a, ScanReporter(sink), cancel, models)
+        report = segment_scan(job.scan.path, job.outputs, options, segmenter, ScanReporter(sink), cancel,
+                              mask=job.scan.mask)
         return Outcome("ok", report, seconds=time.perf_counter() - t0)
     except FitCancelled:
         return Outcome("cancelled", seconds=time.perf_counter() - t0)
@@ -231,23 +242,24 @@ def run_job(job: Job, models: Models, cancel, sink: Callable[[str, Dict[str, Any
         return Outcome("failed", error=f"unexpected error: {type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
 
 
-def _run_here(jobs: List[Job], devices: List[str], a, progress: BatchProgress,
+def _run_here(jobs: List[Job], devices: List[str], options: SegmentOptions, progress: BatchProgress,
               record: Callable[[Job, Outcome], None]) -> bool:
     """Every job in this process, one after the other; True if cancelled."""
     cancel = threading.Event()
-    models = Models(a.weights, a.steps, devices[0])
+    options = dataclasses.replace(options, device=devices[0])
+    segmenter = Segmenter(options.device, options.weights, options.labels)
     with _CancelOnSignals(cancel.set, progress):
         for job in jobs:
             if cancel.is_set():
                 break
             progress.started(job.scan.id)
-            outcome = run_job(job, models, cancel,
+            outcome = run_job(job, segmenter, options, cancel,
                               lambda event, fields, sid=job.scan.id: progress.scan_event(sid, event, fields))
             record(job, outcome)
     return cancel.is_set()
 
 
-def _run_in_pool(jobs: List[Job], devices: List[str], a, progress: BatchProgress,
+def _run_in_pool(jobs: List[Job], devices: List[str], options: SegmentOptions, progress: BatchProgress,
                  record: Callable[[Job, Outcome], None]) -> bool:
     """The jobs on one worker process per device; their events and outcomes come back on a queue. True if cancelled."""
     ctx = mp.get_context("spawn")  # no fork of a process that has torch threads
@@ -258,7 +270,7 @@ def _run_in_pool(jobs: List[Job], devices: List[str], a, progress: BatchProgress
     by_index = {job.scan.index: job for job in jobs}
     with _CancelOnSignals(cancel.set, progress), ProcessPoolExecutor(
             len(devices), mp_context=ctx, initializer=_worker_init,
-            initargs=(slots, cancel, events, threads, a.weights, a.steps)) as pool:
+            initargs=(slots, cancel, events, threads, options)) as pool:
         running = {job.scan.index: pool.submit(_worker_run, job) for job in jobs}
         stopping = False
         while running:
@@ -310,19 +322,21 @@ class _CancelOnSignals:
 _WORKER: Dict[str, Any] = {}
 
 
-def _worker_init(slots, cancel, events, threads: int, weights: Optional[str], steps: Optional[int]) -> None:
-    """A worker process: its device, its own copy of the model (loaded on first use), the shared cancel flag."""
+def _worker_init(slots, cancel, events, threads: int, options: SegmentOptions) -> None:
+    """A worker process: its device, its own Segmenter (models loaded on first use), the shared cancel flag."""
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the batch process decides, and sets `cancel`
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     torch.set_num_threads(threads)
-    _WORKER.update(models=Models(weights, steps, slots.get()), cancel=cancel, events=events)
+    options = dataclasses.replace(options, device=slots.get())
+    _WORKER.update(segmenter=Segmenter(options.device, options.weights, options.labels), options=options,
+                   cancel=cancel, events=events)
 
 
 def _worker_run(job: Job) -> None:
     events, index = _WORKER["events"], job.scan.index
     events.put(("start", index, None))
-    outcome = run_job(job, _WORKER["models"], _WORKER["cancel"],
+    outcome = run_job(job, _WORKER["segmenter"], _WORKER["options"], _WORKER["cancel"],
                       lambda event, fields: events.put(("event", index, (event, fields))))
     events.put(("result", index, outcome))

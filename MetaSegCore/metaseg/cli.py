@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .options import QUALITIES, SegmentOptions
 
 
 def _add_train(sub) -> None:
@@ -182,7 +184,6 @@ def _prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-QUALITIES = ("fast", "best")
 QUALITY_HELP = ("3D: best = an ensemble of 3 fits averaged in probability, +0.010 validation Dice for 3x the fit "
                 "time; 2D slices have no accuracy mode (an ensemble gained < 0.01 there) (default: %(default)s)")
 
@@ -229,10 +230,21 @@ def _add_segment(sub) -> None:
     p.set_defaults(func=_segment)
 
 
+def _options(a: argparse.Namespace) -> SegmentOptions:
+    """The typed settings of a `segment`, `batch` or `evaluate` command line (options a command lacks keep
+    their defaults)."""
+    names = [f.name for f in dataclasses.fields(SegmentOptions) if f.name != "uncertainty"]  # that one's a file here
+    return SegmentOptions(**{n: getattr(a, n) for n in names if getattr(a, n, None) is not None})
+
+
 def _segment(a: argparse.Namespace) -> int:
+    from .options import Outputs
     from .pipeline import segment_file
 
-    return segment_file(a)
+    outputs = Outputs(labels=a.output, report=a.report, preview=a.preview, seg_nrrd=a.seg_nrrd,
+                      uncertainty=a.uncertainty, inr=a.save_inr, brain_mask=a.brain_mask, live_dir=a.live_dir,
+                      live_every=a.live_every, force=a.force)
+    return segment_file(a.input, outputs, _options(a), a.progress, mask=a.mask)
 
 
 def _add_batch(sub) -> None:
@@ -275,9 +287,12 @@ def _add_batch(sub) -> None:
 
 
 def _batch(a: argparse.Namespace) -> int:
-    from .batch import run_batch
+    from .batch import OPTIONAL_OUTPUTS, BatchSettings, run_batch
 
-    return run_batch(a)
+    flags = {"preview": a.preview, "seg_nrrd": a.seg_nrrd, "uncertainty": a.uncertainty, "inr": a.save_inr}
+    return run_batch(BatchSettings(
+        a.inputs, a.output, _options(a), tuple(k for k in OPTIONAL_OUTPUTS if flags[k]), a.path_column, a.id_column,
+        a.devices, a.jobs, a.shard, a.merge, a.force, a.progress))
 
 
 def _add_reslice(sub) -> None:
@@ -392,7 +407,7 @@ def _add_evaluate(sub) -> None:
 def _evaluate(a: argparse.Namespace) -> int:
     from .pipeline import evaluate_folder
 
-    return evaluate_folder(a)
+    return evaluate_folder(a.data, _options(a), a.subjects, a.split, a.json, a.force)
 
 
 def _add_info(sub) -> None:

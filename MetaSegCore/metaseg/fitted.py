@@ -72,6 +72,12 @@ class FittedVolume:
             out[inside] = self.inr.intensity(sel)
         return out.numpy()
 
+    def reslice(self, plane: Any, what: str = "labels") -> Any:
+        """Labels, probabilities or intensity on `plane` (`reslice.Plane`, LPS mm): a one-slice SimpleITK image."""
+        from .reslice import reslice  # reslice.py builds on this module
+
+        return reslice(self, plane, what)
+
     def save(self, path: Path) -> str:
         """Write the fitted volume (+ `.sha256`) atomically; return its hash."""
         return save_checked(self.to_blob(), path)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 WEIGHTS_ENV = "METASEG_WEIGHTS_DIR"
-DEFAULT_WEIGHTS = {2: "metaseg2d.pt", 3: "metaseg3d.pt"}
+# label set -> the shipped weights file per input dimension; a weights card names its set ("label_set",
+# "tissues" when absent) and carries the set's table (value, name, colour) under "labels"
+LABEL_SETS: Dict[str, Dict[int, str]] = {"tissues": {2: "metaseg2d.pt", 3: "metaseg3d.pt"}}
 
 
 def weights_dirs() -> List[Path]:
@@ -20,11 +22,21 @@ def weights_dirs() -> List[Path]:
     return dirs
 
 
-def default_weights(dims: int) -> Path:
-    """The shipped weights for `dims`-D inputs; a clear error if none is installed."""
-    name = DEFAULT_WEIGHTS.get(dims)
+def check_label_set(labels: str) -> None:
+    """Refuse a label set no shipped weights provide (ValueError: the caller's to fix)."""
+    if labels not in LABEL_SETS:
+        from .io import InputError
+
+        raise InputError(f"unknown label set {labels!r}: the shipped weights provide {', '.join(LABEL_SETS)}")
+
+
+def default_weights(dims: int, labels: str = "tissues") -> Path:
+    """The shipped weights of label set `labels` for `dims`-D inputs; a clear error if none is installed."""
+    check_label_set(labels)
+    name = LABEL_SETS[labels].get(dims)
     if name is None:
-        raise FileNotFoundError(f"no MetaSeg model for {dims}D images: only 2D slices and 3D volumes are supported")
+        made = " and ".join(f"{d}D" for d in sorted(LABEL_SETS[labels]))
+        raise FileNotFoundError(f"no MetaSeg model of the label set {labels!r} for {dims}D images (it has {made} weights)")
     for d in weights_dirs():
         if (d / name).is_file():
             return d / name

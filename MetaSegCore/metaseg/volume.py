@@ -15,32 +15,27 @@ brains (NCC, 4 subjects; docs/results.md), against 0.78-0.82 between real brains
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .bias import n4_correct
 from .data import load_volume
-from .fit import FitCancelled, FitPlan, FitProgress
+from .fit import FitCancelled
 from .fitted import FittedVolume
 from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
 from .io import InputError, image_array_3d, same_geometry
-from .model import MetaSegNet
 from .plausibility import registration_problem, tissue_warnings
 from .preprocess import normalize_intensity
 from .registration import register_affine, registration_ok
 from .resources import weights_dirs
+from .runtime import Hooks, Model
 from .segment import LIVE_POINTS, segment_array
 
-# `--quality`: fits per 3D scan. best = 3 fits averaged in probability: +0.010 mean validation fg-Dice
-# (5 subjects, both label groups) for 3x the fit time; 2D ensembles gained < 0.01 (docs/results.md).
-QUALITY_FITS = {"fast": 1, "best": 3}
 TEMPLATE_NAME = "metaseg3d_template.nii.gz"
 TEMPLATE_MM = 2.0
 MIN_PSNR_3D = 18.0  # below: the fit did not reproduce the scan (real T1s: 22.7-23.9 dB on brain voxels)
@@ -145,28 +140,38 @@ def voxel_points(img: sitk.Image, flat_index: np.ndarray) -> np.ndarray:
     return ijk @ m.T + np.array(img.GetOrigin(), float)
 
 
-def segment_volume(
-    net: MetaSegNet, log_lr: torch.Tensor, plan: FitPlan, scan: sitk.Image, canvas: Sequence[int], *,
-    seed: int = 0, mask: Optional[sitk.Image] = None, register: Optional[bool] = None, uncertainty: bool = False,
-    info: Optional[Dict[str, Any]] = None, stage: Optional[Callable[[str, str], None]] = None,
-    progress: Optional[Callable[[FitProgress], None]] = None, cancel: Optional[threading.Event] = None,
-    live: Optional[Callable[[int, sitk.Image], None]] = None, live_every: int = 0,
-    accept_poor_match: bool = False, decode_progress: Optional[Callable[[int, int, float], None]] = None,
-    bias_correction: bool = False, fits: int = 1,
-) -> VolumeResult:
-    """Segment a 3D scan; labels (and optional entropy) on its own grid, plus the fitted volume.
+@dataclass(frozen=True)
+class VolumeSettings:
+    """How `segment_volume` runs. `seed`: of the fit's coordinate sampling. `fits` > 1: an ensemble of
+    that many fits (seeds `seed`, `seed` + 1, ...) averaged in probability at every voxel (the accuracy
+    mode: +0.010 validation fg-Dice for 3 fits, docs/results.md). `uncertainty`: also the per-voxel entropy.
+    `bias_correction`: divide the brain by N4's bias field first (bias.py). `accept_poor_match`: segment a
+    scan whose registration is far below the gate (otherwise refused). `register`: None decides
+    (registration unless the scan is on the model grid), True/False force."""
 
-    `register`: None decides (registration unless the scan is on the model grid), True/False force.
-    `mask` (the scan's geometry, nonzero = brain) restricts the scan to a brain the user trusts.
-    `fits` > 1: an ensemble of that many fits (seeds `seed`, `seed` + 1, ...) whose class probabilities are
-    averaged at every voxel (the accuracy mode: +0.010 validation fg-Dice for 3 fits, docs/results.md);
-    `fitted` and live previews are the first fit's.
-    A registration far below the gate (REFUSE_NCC) raises InputError naming the likely cause, before
-    the fit, unless `accept_poor_match`. `decode_progress(done, total, elapsed_s)` follows the labelling
-    of the scan's voxels (minutes for a 512^3 scan).
-    `bias_correction`: divide the brain by N4's bias field first (bias.py).
+    seed: int = 0
+    fits: int = 1
+    uncertainty: bool = False
+    bias_correction: bool = False
+    accept_poor_match: bool = False
+    register: Optional[bool] = None
+
+
+def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = VolumeSettings(),
+                   hooks: Hooks = Hooks(), *, mask: Optional[sitk.Image] = None,
+                   info: Optional[Dict[str, Any]] = None) -> VolumeResult:
+    """Segment a 3D scan: labels (and optional entropy) on its own grid, plus the fitted volume.
+
+    `mask` (the scan's geometry, nonzero = brain) restricts the scan to a brain the user trusts. `info`
+    is kept in the fitted volume (labels, weights sha256, source). A registration far below the gate
+    (REFUSE_NCC) raises InputError naming the likely cause, before the fit, unless
+    `settings.accept_poor_match`. With several fits, `fitted` and live previews are the first fit's.
+    `hooks.decode_progress(done, total, elapsed_s)` follows the labelling of the scan's voxels (minutes
+    for a 512^3 scan).
     """
-    say = stage or (lambda name, msg: None)
+    net, log_lr, plan, canvas = model.net, model.log_lr, model.plan, model.canvas
+    seed, fits, cancel, live, live_every = settings.seed, settings.fits, hooks.cancel, hooks.live, hooks.live_every
+    say = hooks.say
     t0 = time.perf_counter()
     arr = image_array_3d(scan)
     if mask is not None:
@@ -181,21 +186,20 @@ def segment_volume(
         raise InputError("the scan has no voxel above 0: expected a skull-stripped T1 (background 0), or pass --mask")
     work = sitk.GetImageFromArray(arr)
     work.CopyInformation(scan)
-    if bias_correction:
+    if settings.bias_correction:
         say("bias", "correcting the bias field (N4)")
         work = n4_correct(work, work > 0)
         arr = sitk.GetArrayFromImage(work)
     warnings: List[str] = spacing_warnings(scan)
     reg_info = None
     transform = None
-    if register is None:
-        register = not is_model_grid(scan, canvas)
+    register = settings.register if settings.register is not None else not is_model_grid(scan, canvas)
     if register:
         say("register", "registering the scan to the model's template (affine, mutual information)")
         transform, reg_info = register_to_template(work)
         if not reg_info["ok"]:
             hopeless = not (reg_info["ncc"] >= REFUSE_NCC and reg_info["ncc_interior"] >= REFUSE_NCC_INTERIOR)
-            diagnose = hopeless and not accept_poor_match
+            diagnose = hopeless and not settings.accept_poor_match
             if diagnose:
                 say("diagnose", "the scan does not match the model's template: looking for the cause")
             cause = registration_problem(work, load_template(), reg_info["ncc_interior"], try_flips=diagnose)
@@ -231,7 +235,7 @@ def segment_volume(
     fit_info = {**(info or {}), "reference": _geometry(scan)}
     for k in range(fits):
         say("fit", f"fitting {plan.steps} steps" + (f" (fit {k + 1} of {fits})" if fits > 1 else ""))
-        res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed + k, normalize=False, progress=progress,
+        res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed + k, normalize=False, progress=hooks.progress,
                             cancel=cancel, snapshot=snapshot if k == 0 else None, live_every=live_every, decode=False)
         members.append(FittedVolume(res.fitted, m2p, mask=brain, info=fit_info))
         psnrs.append(res.psnr)
@@ -241,7 +245,7 @@ def segment_volume(
     say("decode", "labelling the scan's voxels")
     flat = np.flatnonzero(arr.reshape(-1) > 0)
     labels = np.zeros(arr.size, np.uint8)
-    ent = np.zeros(arr.size, np.float32) if uncertainty else None
+    ent = np.zeros(arr.size, np.float32) if settings.uncertainty else None
     t_dec = time.perf_counter()
     for s in range(0, len(flat), DECODE_CHUNK):  # in chunks: bounded memory, and progress on big scans
         if cancel is not None and cancel.is_set():
@@ -255,8 +259,8 @@ def segment_volume(
                 ent[part] = entropy_map(probs.T)
         else:
             labels[part] = fitted.query(points, "labels")
-        if decode_progress is not None:
-            decode_progress(min(s + DECODE_CHUNK, len(flat)), len(flat), time.perf_counter() - t_dec)
+        if hooks.decode_progress is not None:
+            hooks.decode_progress(min(s + DECODE_CHUNK, len(flat)), len(flat), time.perf_counter() - t_dec)
     entropy_img = None
     if ent is not None:
         entropy_img = sitk.GetImageFromArray(ent.reshape(arr.shape))

@@ -1,0 +1,116 @@
+"""The images a Python caller may hand to `metaseg.segment`, turned into one SimpleITK image.
+
+Accepted: a path (any format `metaseg segment` reads, via `io.read_image`), a `SimpleITK.Image`, a
+nibabel image (nibabel is optional: only such callers need it), or a numpy array with its geometry.
+
+Conventions (the same as the files on disk): physical coordinates are LPS millimetres, as in ITK and
+3D Slicer. A numpy array comes in one of two orders, each the natural one of where it came from:
+- with `spacing=` (and optionally `origin=`, `direction=`): SimpleITK's order, the array indexed
+  `[k, j, i]` (slowest axis first, as `SimpleITK.GetArrayFromImage` gives it), while `spacing`,
+  `origin` and `direction` are listed for `(i, j, k)` like `Image.GetSpacing()`, `GetOrigin()` and
+  `GetDirection()` (row-major 3x3, columns = the voxel axes' directions in LPS);
+- with `affine=`: nibabel's order, the array indexed `[i, j, k]` and `affine` the 4x4 voxel-to-RAS
+  matrix, exactly as `nibabel.Nifti1Image(array, affine)` would take them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import InputError, read_image
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An image to segment as SimpleITK holds it, with what to call it in the report and whether its caller
+    indexes arrays in nibabel's [i, j, k] order (then `Segmentation.array` is given back in that order)."""
+
+    image: sitk.Image
+    source: str
+    nibabel_order: bool = False
+
+
+def as_input_image(image: Any, *, spacing: Optional[Sequence[float]] = None, origin: Optional[Sequence[float]] = None,
+                   direction: Optional[Sequence[float]] = None, affine: Optional[Any] = None) -> InputImage:
+    """`image` (path, SimpleITK image, nibabel image or numpy array) as an InputImage; InputError if it is
+    none of these or its geometry is incomplete or contradictory."""
+    geometry_given = any(x is not None for x in (spacing, origin, direction, affine))
+    if isinstance(image, np.ndarray):
+        if affine is not None:
+            if any(x is not None for x in (spacing, origin, direction)):
+                raise InputError("give either affine= or spacing= (with origin=, direction=), not both")
+            return InputImage(_from_ras(image, affine), "(numpy array)", nibabel_order=True)
+        if spacing is None:
+            raise InputError("a numpy array needs its voxel size: spacing=(x, y, z) in mm (SimpleITK's order; the "
+                             "array indexed [k, j, i]), or affine= (nibabel's 4x4 voxel-to-RAS matrix; the array "
+                             "indexed [i, j, k])")
+        return InputImage(_from_sitk_order(image, spacing, origin, direction), "(numpy array)")
+    if geometry_given:
+        raise InputError("spacing=, origin=, direction= and affine= are for numpy arrays only; this image carries "
+                         "its own geometry")
+    if isinstance(image, (str, Path)):
+        return InputImage(read_image(Path(image)), str(image))
+    if isinstance(image, sitk.Image):
+        return InputImage(image, "(SimpleITK image)")
+    if _is_nibabel(image):
+        name = image.get_filename() if hasattr(image, "get_filename") else None
+        data = np.asanyarray(image.dataobj)
+        return InputImage(_from_ras(data, image.affine), name or "(nibabel image)", nibabel_order=True)
+    raise InputError(f"cannot segment a {type(image).__name__}: give a file path, a SimpleITK image, a nibabel "
+                     "image, or a numpy array with spacing= (or affine=)")
+
+
+def _is_nibabel(image: Any) -> bool:
+    return type(image).__module__.startswith("nibabel") and hasattr(image, "dataobj") and hasattr(image, "affine")
+
+
+def _from_sitk_order(array: np.ndarray, spacing, origin, direction) -> sitk.Image:
+    arr = np.asarray(array)
+    if arr.dtype == np.float64 or arr.dtype == bool:  # ITK works in float32 anyway; bool has no ITK type
+        arr = arr.astype(np.float32)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    n = img.GetDimension()
+    try:
+        img.SetSpacing([float(x) for x in _values("spacing", spacing, n)])
+        if origin is not None:
+            img.SetOrigin([float(x) for x in _values("origin", origin, n)])
+        if direction is not None:
+            img.SetDirection([float(x) for x in _values("direction", direction, n * n)])
+    except RuntimeError as e:  # ITK refuses a zero spacing or a singular direction
+        raise InputError(f"the array's geometry is not valid ({str(e).strip().splitlines()[-1]})") from e
+    return img
+
+
+def _values(name: str, values: Sequence[float], n: int) -> np.ndarray:
+    v = np.asarray(values, float).reshape(-1)
+    if v.size != n or not np.isfinite(v).all():
+        raise InputError(f"{name}= must be {n} finite numbers for this {int(round(n ** 0.5)) if name == 'direction' else n}D "
+                         f"array (got {list(np.asarray(values).reshape(-1))})")
+    if name == "spacing" and (v <= 0).any():
+        raise InputError(f"spacing= must be more than 0 mm along every axis (got {list(v)})")
+    return v
+
+
+def _from_ras(data: Any, affine: Any) -> sitk.Image:
+    """An [i, j, k]-indexed array with its voxel-to-RAS affine (nibabel's convention) as a SimpleITK image."""
+    arr = np.asarray(data)
+    a = np.asarray(affine, float)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise InputError(f"affine= must be a finite 4x4 matrix (got shape {a.shape})")
+    if arr.ndim < 2:
+        raise InputError(f"the array has {arr.ndim} dimension(s); expected a 2D slice or a 3D volume")
+    lps = RAS_TO_LPS @ a
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if (spacing <= 0).any():
+        raise InputError("affine= has a zero column: every voxel axis needs a size")
+    n = arr.ndim  # a 4th axis (time, echoes) gets a unit geometry: such an input is refused by the image checks
+    k = min(n, 3)
+    sp, org, d = np.ones(n), np.zeros(n), np.eye(n)
+    sp[:k], org[:k], d[:k, :k] = spacing[:k], lps[:k, 3], (lps[:3, :3] / spacing)[:k, :k]
+    return _from_sitk_order(np.transpose(arr), sp, org, d.reshape(-1))

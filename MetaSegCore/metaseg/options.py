@@ -1,0 +1,114 @@
+"""A run's settings as typed objects: what to segment with (`SegmentOptions`) and where its files go (`Outputs`).
+
+The command line (`metaseg segment`, `metaseg batch`, the Slicer module's child process) and the Python API
+(`metaseg.segment`, `metaseg.Segmenter`) fill the same `SegmentOptions`, so every entry point runs the same
+settings through the same checks; nothing below `cli.py` sees an argparse namespace or an argv.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+PathLike = Union[str, Path]
+
+QUALITIES = ("fast", "best")
+# `quality`: fits per 3D scan. best = 3 fits averaged in probability: +0.010 mean validation fg-Dice
+# (5 subjects, both label groups) for 3x the fit time; 2D ensembles gained < 0.01 (docs/results.md).
+QUALITY_FITS = {"fast": 1, "best": 3}
+BRAIN_EXTRACTION = ("auto", "on", "off")
+BIAS_CORRECTION = ("auto", "n4", "off")
+# More test-time steps than this are refused: the cards ask for 20 (2D) and 400 (3D), and 10,000 3D steps
+# already take about 20 minutes on a 2-core CPU; a fit far past the card overfits the intensities anyway.
+MAX_STEPS = 10_000
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How to segment one image: every setting of `metaseg segment` that is not an output file.
+
+    `labels`: the label set ("tissues": background, cortical GM, subcortical GM, WM, CSF); it selects the
+    shipped weights and must be one the weights provide. `weights`: a weights file instead of the shipped
+    one (its card says its label set). `device`: auto, cpu, cuda, cuda:N, mps or gpu. `quality`: fast (one
+    fit) or best (3D: 3 fits averaged in probability). `steps`: test-time fit steps (None: the weights'
+    card). `seed`: seed of the fit's coordinate sampling (the fits of `best` use seed, seed + 1, ...).
+    `brain_extraction` (3D): auto|on|off, deepbet's brain of a whole head. `bias_correction` (3D):
+    auto|n4|off (auto: N4 only when the brain was extracted). `uncertainty` (3D): also compute the
+    per-voxel entropy. `accept_poor_match`: segment an input that would be refused as not matching the model.
+    """
+
+    labels: str = "tissues"
+    weights: Optional[PathLike] = None
+    device: str = "auto"
+    quality: str = "fast"
+    steps: Optional[int] = None
+    seed: int = 0
+    brain_extraction: str = "auto"
+    bias_correction: str = "auto"
+    uncertainty: bool = False
+    accept_poor_match: bool = False
+
+    def checked(self) -> "SegmentOptions":
+        """Self, after refusing (InputError, with the command line's wording) any value out of range."""
+        from .io import InputError  # here: the command line imports this module before SimpleITK is needed
+
+        for name, allowed in (("quality", QUALITIES), ("brain_extraction", BRAIN_EXTRACTION),
+                              ("bias_correction", BIAS_CORRECTION)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {value!r})")
+        if self.steps is not None:
+            check_steps(self.steps)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InputError(f"--seed must be an integer (got {self.seed!r})")
+        if not isinstance(self.labels, str) or not self.labels:
+            raise InputError(f"labels must be the name of a label set, e.g. 'tissues' (got {self.labels!r})")
+        return self
+
+    @property
+    def fits(self) -> int:
+        return QUALITY_FITS[self.quality]
+
+
+def check_steps(steps: int) -> None:
+    from .io import InputError
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {steps}); the weights' card gives the "
+                         "trained number (leave --steps out to use it)")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files of one run (None: not written) and whether existing ones may be replaced.
+
+    `labels` is the labelmap (.nii.gz, .nrrd, ...; exactly the input's grid); `seg_nrrd` Slicer's segmentation;
+    `preview` a PNG; `report` the JSON report; `uncertainty` (3D) the entropy map; `inr` (3D) the fitted
+    network for `metaseg reslice`; `brain_mask` (3D) the brain used. `live_dir` receives the labels as they
+    form every `live_every` fit steps (0: off). Without `force` no existing file is replaced.
+    """
+
+    labels: Optional[PathLike] = None
+    report: Optional[PathLike] = None
+    preview: Optional[PathLike] = None
+    seg_nrrd: Optional[PathLike] = None
+    uncertainty: Optional[PathLike] = None
+    inr: Optional[PathLike] = None
+    brain_mask: Optional[PathLike] = None
+    live_dir: Optional[PathLike] = None
+    live_every: int = 0
+    force: bool = False
+
+    def files(self) -> Dict[str, Path]:
+        """The output files asked for, by kind (the report's "outputs" keys)."""
+        return {f.name: Path(v) for f in fields(self) if f.name in FILE_KINDS and (v := getattr(self, f.name))}
+
+
+# output -> (kind of file for `output_paths.check_output`, command-line option that names it)
+FILE_KINDS: Dict[str, Tuple[str, str]] = {
+    "labels": ("image", "-o"), "report": ("json", "--report"), "preview": ("png", "--preview"),
+    "seg_nrrd": ("segmentation", "--seg-nrrd"), "uncertainty": ("image", "--uncertainty"),
+    "inr": ("fitted", "--save-inr"), "brain_mask": ("image", "--brain-mask"),
+}
+# outputs that only a 3D volume has
+VOLUME_ONLY = {"inr": "--save-inr", "uncertainty": "--uncertainty", "brain_mask": "--brain-mask"}
