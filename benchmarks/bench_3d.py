@@ -27,6 +27,7 @@ from metaseg.geometry import centred_affine
 from metaseg.io import read_image
 from metaseg.metrics import foreground_dice, generalized_dice
 from metaseg.reslice import reslice, standard_plane
+from metaseg.runtime import Model
 from metaseg.volume import segment_volume
 from metaseg.weights import load_weights
 
@@ -37,9 +38,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kB
 
 
-def seg(w, net, img, **kw):
+def seg(w, net, img):
     t0 = time.perf_counter()
-    res = segment_volume(net, w.log_lr, w.plan, img, w.canvas, **kw)
+    res = segment_volume(img, Model(w, net, next(net.parameters()).device, w.plan))
     return res, time.perf_counter() - t0
 
 

@@ -30,7 +30,8 @@ from metaseg.brain import decide_skull, extract_brain, prepare_brain
 from metaseg.io import read_image
 from metaseg.metrics import foreground_dice
 from metaseg.resources import default_weights
-from metaseg.volume import segment_volume
+from metaseg.runtime import Model
+from metaseg.volume import VolumeSettings, segment_volume
 from metaseg.weights import load_weights
 
 DATA = Path("../shared/data/brains")
@@ -74,13 +75,12 @@ def biased_copy(img: sitk.Image) -> sitk.Image:
 class Runner:
     def __init__(self):
         w = load_weights(default_weights(3))
-        self.w, self.net = w, w.build()
+        self.model = Model.build(w)
 
     def segment(self, img: sitk.Image, ref: sitk.Image, mode: str = "off", n4: bool = False) -> dict:
         t0 = time.perf_counter()
         bm, info = prepare_brain(img, mode)
-        res = segment_volume(self.net, self.w.log_lr, self.w.plan, img, self.w.canvas,
-                             mask=None if bm is None else bm.mask, bias_correction=n4)
+        res = segment_volume(img, self.model, VolumeSettings(bias_correction=n4), mask=None if bm is None else bm.mask)
         dt = time.perf_counter() - t0
         return {"fg_dice": round(foreground_dice(arr(res.labels), arr(ref)), 4), "seconds": round(dt, 1),
                 "extraction": info, "ncc": round(res.registration["ncc"], 3), "psnr": round(res.psnr, 2),

@@ -19,7 +19,8 @@ import torch
 from metaseg.atomic import write_all
 from metaseg.io import image_array_2d, labels_like, read_image, write_image
 from metaseg.segment import segment_array
-from metaseg.volume import segment_volume
+from metaseg.runtime import Hooks, Model
+from metaseg.volume import VolumeSettings, segment_volume
 from metaseg.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ def run_3d(every: int, out: Path) -> float:
     def live(step, labels_img):
         write_all([(out / f"live_{step:05d}.nii.gz", lambda tmp: write_image(labels_img, tmp))])
 
-    res = segment_volume(net, w.log_lr, w.plan, img, w.canvas, live=live if every else None, live_every=every)
+    res = segment_volume(img, Model(w, net, torch.device("cpu"), w.plan), hooks=Hooks(live=live if every else None, live_every=every))
     return res.timings["fit_s"]  # the fit alone: what the preview slows down
 
 

@@ -27,7 +27,8 @@ from metaseg.data import PAPER_SLICE, coronal_slices, label_group, load_slice, l
 from metaseg.io import read_image
 from metaseg.metrics import dice_per_class, foreground_dice
 from metaseg.segment import segment_array
-from metaseg.volume import segment_volume
+from metaseg.runtime import Model
+from metaseg.volume import VolumeSettings, segment_volume
 from metaseg.weights import load_weights
 
 CLASSES = {1: "cortex", 2: "subcortical", 3: "wm", 4: "csf"}
@@ -49,7 +50,7 @@ def eval_3d(w, net, subject: str, data: Path, seed: int) -> dict:
     img = read_image(d / "native_t1.nii.gz")
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "native_seg4.nii.gz")))
     t0 = time.perf_counter()
-    res = segment_volume(net, w.log_lr, w.plan, img, w.canvas, seed=seed)
+    res = segment_volume(img, Model(w, net, next(net.parameters()).device, w.plan), VolumeSettings(seed=seed))
     dt = time.perf_counter() - t0
     row = scores(sitk.GetArrayFromImage(res.labels), ref, float(np.prod(img.GetSpacing())) / 1000.0)
     return {**row, "ncc": round(res.registration["ncc"], 3), "ncc_interior": round(res.registration["ncc_interior"], 3),

@@ -24,7 +24,8 @@ from metaseg.io import image_array_3d, read_image
 from metaseg.metrics import foreground_dice
 from metaseg.preprocess import grid_coords
 from metaseg.segment import segment_array
-from metaseg.volume import segment_volume, voxel_points
+from metaseg.runtime import Model
+from metaseg.volume import VolumeSettings, segment_volume, voxel_points
 from metaseg.weights import load_weights
 
 
@@ -39,7 +40,7 @@ def probs_2d(w, net, plan, image, seed):
 
 
 def probs_3d(w, net, plan, scan, seed):
-    res = segment_volume(net, w.log_lr, plan, scan, w.canvas, seed=seed)
+    res = segment_volume(scan, Model(w, net, next(net.parameters()).device, plan), VolumeSettings(seed=seed))
     arr = image_array_3d(scan)
     flat = np.flatnonzero(arr.reshape(-1) > 0)
     p = np.zeros((arr.size, 5), np.float32)

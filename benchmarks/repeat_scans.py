@@ -32,7 +32,8 @@ import torch
 
 from metaseg.geometry import centred_affine, oblique_direction
 from metaseg.io import read_image
-from metaseg.volume import segment_volume
+from metaseg.runtime import Model
+from metaseg.volume import VolumeSettings, segment_volume
 from metaseg.weights import load_weights
 
 CLASSES = {1: "cortical GM", 2: "subcortical GM", 3: "WM", 4: "CSF"}
@@ -125,8 +126,8 @@ def main() -> None:
     t_all = time.time()
     for name, make, seed in runs:
         t0 = time.perf_counter()
-        res = segment_volume(net, w.log_lr, w.plan, make(), w.canvas, seed=seed, fits=a.fits,
-                             bias_correction=a.bias_correction)
+        res = segment_volume(make(), Model(w, net, next(net.parameters()).device, w.plan),
+                             VolumeSettings(seed=seed, fits=a.fits, bias_correction=a.bias_correction))
         vol = volumes_ml(res.labels)
         rows.append({"run": name, "seed": seed, "volumes_ml": {CLASSES[c]: round(v, 2) for c, v in vol.items()},
                      "ncc": round(res.registration["ncc"], 3) if res.registration else None,

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from metaseg.cli import main
 from metaseg.io import same_geometry
 from metaseg.metrics import foreground_dice
-from metaseg.pipeline import MIN_PSNR_2D
+from metaseg.segmenter import MIN_PSNR_2D
 from metaseg.weights import LABELS
 
 # The shipped weights score 0.813 on this unseen subject (docs/results.md); this floor catches regressions.

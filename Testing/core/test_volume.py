@@ -3,8 +3,6 @@
 The fits are short (tens of steps) to keep CI fast; Dice floors are set for those budgets, well
 below what the shipped step count gives (docs/results.md).
 """
-import dataclasses
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -16,25 +14,24 @@ from metaseg.metrics import foreground_dice
 from metaseg.preprocess import grid_coords
 from metaseg.registration import register_affine
 from metaseg.reslice import Plane, reslice, standard_plane
-from metaseg.volume import load_template, model_reference, segment_volume, voxel_points
+from metaseg.runtime import Hooks, Model
+from metaseg.volume import VolumeSettings, load_template, model_reference, segment_volume, voxel_points
 from metaseg.weights import WeightsError, load_weights
 from testdata import SAMPLE_SEG, SAMPLE_T1, WEIGHTS_3D
 
 
 @pytest.fixture(scope="module")
 def model3d():
-    w = load_weights(WEIGHTS_3D)
-    return w, w.build()
+    return Model.build(load_weights(WEIGHTS_3D))
 
 
 @pytest.fixture(scope="module")
 def native_run(model3d):
-    w, net = model3d
     scan = read_image(SAMPLE_T1)
     live, decoded = [], []
-    res = segment_volume(net, w.log_lr, dataclasses.replace(w.plan, steps=60), scan, w.canvas, uncertainty=True,
-                         live=lambda step, img: live.append((step, img)), live_every=30,
-                         decode_progress=lambda done, total, s: decoded.append((done, total)))
+    res = segment_volume(scan, model3d.with_steps(60), VolumeSettings(uncertainty=True),
+                         Hooks(live=lambda step, img: live.append((step, img)), live_every=30,
+                               decode_progress=lambda done, total, s: decoded.append((done, total))))
     res.live, res.decoded = live, decoded
     return scan, res
 
@@ -42,12 +39,11 @@ def native_run(model3d):
 @pytest.fixture(scope="module")
 def aligned_run(model3d):
     """The sample moved onto the model grid with an identity header, exactly like the `aligned_norm` files."""
-    w, net = model3d
     scan = read_image(SAMPLE_T1)
     transform, _ = register_affine(scan, load_template())
-    on_grid = sitk.Resample(scan, model_reference(w.canvas), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    on_grid = sitk.Resample(scan, model_reference(model3d.canvas), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     aligned = sitk.GetImageFromArray(sitk.GetArrayFromImage(on_grid))  # identity header: voxel = mm
-    res = segment_volume(net, w.log_lr, dataclasses.replace(w.plan, steps=20), aligned, w.canvas)
+    res = segment_volume(aligned, model3d.with_steps(20))
     assert res.registration is None  # on the model grid: used as it is
     return aligned, res
 
@@ -209,9 +205,8 @@ def test_quality_best_averages_the_fits_probabilities(model3d, aligned_run):
     """`fits=2`: the labels are the argmax of the two seeds' mean class probabilities at each voxel,
     and the returned fitted volume is the first fit (seed 0), identical to a single fit.
     On a 48^3 block of the brain (`mask`): the same code path, a thirtieth of the voxels to label."""
-    w, net = model3d
     aligned, _ = aligned_run
-    plan = dataclasses.replace(w.plan, steps=20)
+    model = model3d.with_steps(20)
     arr = sitk.GetArrayFromImage(aligned)
     block = np.zeros(arr.shape, np.uint8)
     c = [n // 2 for n in arr.shape]
@@ -220,7 +215,7 @@ def test_quality_best_averages_the_fits_probabilities(model3d, aligned_run):
     mask.CopyInformation(aligned)
 
     def run(**kw):
-        return segment_volume(net, w.log_lr, plan, aligned, w.canvas, mask=mask, **kw)
+        return segment_volume(aligned, model, VolumeSettings(**kw), mask=mask)
 
     single, ens, other = run(), run(fits=2), run(seed=1)
     flat = np.flatnonzero((arr * block).reshape(-1) > 0)
