@@ -6,43 +6,22 @@
     seg.save("labels.nii.gz", seg_nrrd="labels.seg.nrrd")
 
 `Segmenter` loads the model once for many images; `reslice` and `standard_plane` draw planes of a fitted
-3D network. The names are imported on first use, so `import metaseg` alone loads neither torch nor SimpleITK.
+3D network. Errors a caller may catch: InputError (the input or an argument; the command line's message),
+WeightsError, OutputExistsError (a file appeared meanwhile), Cancelled.
 """
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.3.1"
 
-# public name -> the module that defines it
-_EXPORTS = {
-    "segment": "segmenter", "Segmenter": "segmenter", "Segmentation": "segmentation",
-    "SegmentOptions": "options", "Outputs": "options",
-    "reslice": "reslice", "standard_plane": "reslice", "Plane": "reslice", "FittedVolume": "fitted",
-    "InputError": "io", "WeightsError": "weights", "OutputExistsError": "atomic", "Cancelled": "fit",
-}
-__all__ = ["__version__", *_EXPORTS]
+# Imported here, not on first use: the functions `segment` and `reslice` share their names with the modules
+# segment.py and reslice.py, and binding them after those modules load keeps `metaseg.segment` the function.
+from .atomic import OutputExistsError  # noqa: E402
+from .fit import FitCancelled as Cancelled  # noqa: E402
+from .fitted import FittedVolume  # noqa: E402
+from .io import InputError  # noqa: E402
+from .options import Outputs, SegmentOptions  # noqa: E402
+from .reslice import Plane, reslice, standard_plane  # noqa: E402
+from .segmentation import Segmentation  # noqa: E402
+from .segmenter import Segmenter, segment  # noqa: E402
+from .weights import WeightsError  # noqa: E402
 
-if TYPE_CHECKING:
-    from .atomic import OutputExistsError
-    from .fit import FitCancelled as Cancelled
-    from .fitted import FittedVolume
-    from .io import InputError
-    from .options import Outputs, SegmentOptions
-    from .reslice import Plane, reslice, standard_plane
-    from .segmentation import Segmentation
-    from .segmenter import Segmenter, segment
-    from .weights import WeightsError
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'metaseg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), "FitCancelled" if name == "Cancelled" else name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list:
-    return sorted(__all__)
+__all__ = ["__version__", "segment", "Segmenter", "Segmentation", "SegmentOptions", "Outputs", "reslice",
+           "standard_plane", "Plane", "FittedVolume", "InputError", "WeightsError", "OutputExistsError", "Cancelled"]
