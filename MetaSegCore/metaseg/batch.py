@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__
 from .batch_progress import BatchProgress, ScanReporter
@@ -39,7 +39,7 @@ from .device import pick_device
 from .atomic import OutputExistsError
 from .fit import FitCancelled
 from .io import InputError
-from .options import Outputs, PathLike, SegmentOptions
+from .options import OPTIONAL_OUTPUTS, BatchSettings, Outputs, SegmentOptions
 from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, segment_scan
 from .progress import Reporter
 from .segmenter import Segmenter
@@ -48,30 +48,6 @@ from .weights import WeightsError
 # a scan's files in OUT/<id>/; the keys are those of the report's "outputs"
 OUTPUT_FILES = {"labels": "labels.nii.gz", "report": "report.json", "preview": "preview.png",
                 "seg_nrrd": "labels.seg.nrrd", "uncertainty": "uncertainty.nii.gz", "inr": "fitted.pt"}
-OPTIONAL_OUTPUTS = ("preview", "seg_nrrd", "uncertainty", "inr")
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """`metaseg batch`: the scans (`inputs`: files, folders, BIDS datasets, globs, CSV/TSV manifests), the output
-    folder, the segmentation `options` shared by every scan, the optional files each scan gets (`extras`, of
-    OPTIONAL_OUTPUTS), and how the run is spread: `devices` (one worker per entry), `jobs`, `shard` ("I/N",
-    "auto"), or `merge` (join the shard tables). `force` redoes every scan; `progress`: bar, json or none."""
-
-    inputs: Sequence[str]
-    output: PathLike
-    options: SegmentOptions = SegmentOptions()
-    extras: Tuple[str, ...] = ()
-    path_column: str = "path"
-    id_column: str = "id"
-    devices: Optional[str] = None
-    jobs: Optional[int] = None
-    shard: Optional[str] = None
-    merge: bool = False
-    force: bool = False
-    progress: str = "bar"
-
-
 @dataclass(frozen=True)
 class Job:
     scan: Scan

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .options import QUALITIES, SegmentOptions
+from .options import OPTIONAL_OUTPUTS, QUALITIES, BatchSettings, Outputs, SegmentOptions
 
 
 def _add_train(sub) -> None:
@@ -238,7 +238,6 @@ def _options(a: argparse.Namespace) -> SegmentOptions:
 
 
 def _segment(a: argparse.Namespace) -> int:
-    from .options import Outputs
     from .pipeline import segment_file
 
     outputs = Outputs(labels=a.output, report=a.report, preview=a.preview, seg_nrrd=a.seg_nrrd,
@@ -287,7 +286,7 @@ def _add_batch(sub) -> None:
 
 
 def _batch(a: argparse.Namespace) -> int:
-    from .batch import OPTIONAL_OUTPUTS, BatchSettings, run_batch
+    from .batch import run_batch
 
     flags = {"preview": a.preview, "seg_nrrd": a.seg_nrrd, "uncertainty": a.uncertainty, "inr": a.save_inr}
     return run_batch(BatchSettings(

@@ -34,6 +34,7 @@ class InputImage:
     image: sitk.Image
     source: str
     nibabel_order: bool = False
+    path: Optional[Path] = None  # the file it was read from: never to be overwritten by its outputs
 
 
 def as_input_image(image: Any, *, spacing: Optional[Sequence[float]] = None, origin: Optional[Sequence[float]] = None,
@@ -55,13 +56,14 @@ def as_input_image(image: Any, *, spacing: Optional[Sequence[float]] = None, ori
         raise InputError("spacing=, origin=, direction= and affine= are for numpy arrays only; this image carries "
                          "its own geometry")
     if isinstance(image, (str, Path)):
-        return InputImage(read_image(Path(image)), str(image))
+        return InputImage(read_image(Path(image)), str(image), path=Path(image))
     if isinstance(image, sitk.Image):
         return InputImage(image, "(SimpleITK image)")
     if _is_nibabel(image):
         name = image.get_filename() if hasattr(image, "get_filename") else None
         data = np.asanyarray(image.dataobj)
-        return InputImage(_from_ras(data, image.affine), name or "(nibabel image)", nibabel_order=True)
+        return InputImage(_from_ras(data, image.affine), name or "(nibabel image)", nibabel_order=True,
+                          path=Path(name) if name else None)
     raise InputError(f"cannot segment a {type(image).__name__}: give a file path, a SimpleITK image, a nibabel "
                      "image, or a numpy array with spacing= (or affine=)")
 

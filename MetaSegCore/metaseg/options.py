@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, Path]
 
@@ -112,3 +112,27 @@ FILE_KINDS: Dict[str, Tuple[str, str]] = {
 }
 # outputs that only a 3D volume has
 VOLUME_ONLY = {"inr": "--save-inr", "uncertainty": "--uncertainty", "brain_mask": "--brain-mask"}
+
+# the files a batch scan may get besides its labels and report (`metaseg batch --preview --seg-nrrd ...`)
+OPTIONAL_OUTPUTS = ("preview", "seg_nrrd", "uncertainty", "inr")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """`metaseg batch`: the scans (`inputs`: files, folders, BIDS datasets, globs, CSV/TSV manifests), the output
+    folder, the segmentation `options` shared by every scan, the optional files each scan gets (`extras`, of
+    OPTIONAL_OUTPUTS), and how the run is spread: `devices` (one worker per entry), `jobs`, `shard` ("I/N",
+    "auto"), or `merge` (join the shard tables). `force` redoes every scan; `progress`: bar, json or none."""
+
+    inputs: Sequence[str]
+    output: PathLike
+    options: SegmentOptions = SegmentOptions()
+    extras: Tuple[str, ...] = ()
+    path_column: str = "path"
+    id_column: str = "id"
+    devices: Optional[str] = None
+    jobs: Optional[int] = None
+    shard: Optional[str] = None
+    merge: bool = False
+    force: bool = False
+    progress: str = "bar"

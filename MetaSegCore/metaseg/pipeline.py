@@ -91,8 +91,8 @@ def segment_scan(source: PathLike, outputs: Outputs, options: SegmentOptions, se
     live = _live_writer(outputs, rep, segmenter.model(dims).labels, live_files)
     if live is not None:
         hooks = dataclasses.replace(hooks, live=live, live_every=outputs.live_every)
-    seg = segmenter.run(InputImage(img, str(source)), dataclasses.replace(options, uncertainty="uncertainty" in files),
-                        hooks, mask=mask, started=t_start)
+    options = dataclasses.replace(options, uncertainty="uncertainty" in files)
+    seg = segmenter.run(InputImage(img, str(source), path=Path(source)), options, hooks, mask=mask, started=t_start)
     if cancel.is_set():
         raise FitCancelled("cancelled before writing")
     seg.report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)

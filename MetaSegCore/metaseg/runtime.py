@@ -66,8 +66,8 @@ class Hooks:
 
     `stage(name, message)`: a stage begins (read, brain, bias, register, fit, decode, ...).
     `progress(FitProgress)`: after every fit step. `decode_progress(done, total, elapsed_s)`: labelling
-    a scan's voxels. `live(step, labels)`: the labels as they form every `live_every` steps (3D: a
-    SimpleITK image on a coarse copy of the scan's grid; 2D: a numpy array of the slice). `cancel`: set
+    a scan's voxels. `live(step, labels)`: the labels as they form every `live_every` steps, a SimpleITK
+    image (3D: on a coarse copy of the scan's grid; 2D: on the slice's grid). `cancel`: set
     it to stop the run (FitCancelled is raised at the next check; nothing is returned). `warning(message)`:
     something unusual about the input or the result (also listed in the result's warnings).
     """

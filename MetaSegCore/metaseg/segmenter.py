@@ -102,8 +102,9 @@ class Segmenter:
         with self._lock:
             t_start = time.perf_counter() if started is None else started
             dims = image_dims(inp.image)
-            if dims == 2 and mask is not None:
-                raise InputError("--mask needs a 3D volume; the input is a 2D slice")
+            for option, given in (("--mask", mask is not None), ("--uncertainty", options.uncertainty)):
+                if dims == 2 and given:
+                    raise InputError(f"{option} needs a 3D volume; the input is a 2D slice")
             model = self.model(dims).with_steps(options.steps)
             run = _segment_volume if dims == 3 else _segment_slice
             seg = run(inp, model, options, hooks, mask, t_start)
@@ -184,7 +185,7 @@ def _segment_slice(inp: InputImage, model: Model, options: SegmentOptions, hooks
               "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
               "classes": class_sizes(res.labels, spacing, model.labels),
               "warnings": warnings + found, "versions": environment()}
-    return Segmentation(labels, report, model.labels, img, nibabel_order=inp.nibabel_order, source=_path(inp))
+    return Segmentation(labels, report, model.labels, img, nibabel_order=inp.nibabel_order, source=inp.path)
 
 
 def _segment_volume(inp: InputImage, model: Model, options: SegmentOptions, hooks: Hooks, mask: Any,
@@ -210,7 +211,7 @@ def _segment_volume(inp: InputImage, model: Model, options: SegmentOptions, hook
               "classes": class_sizes(sitk_array(res.labels), img.GetSpacing(), model.labels),
               "warnings": res.warnings, "versions": environment()}
     return Segmentation(res.labels, report, model.labels, img, res.entropy, res.fitted, brain_mask,
-                        inp.nibabel_order, _path(inp))
+                        inp.nibabel_order, inp.path)
 
 
 def _brain_mask(inp: InputImage, mask: Any, mode: str, model: Model, hooks: Hooks
@@ -240,10 +241,6 @@ def _mask_image(mask: Any, inp: InputImage) -> sitk.Image:
         out.CopyInformation(inp.image)
         return out
     return as_input_image(mask).image
-
-
-def _path(inp: InputImage) -> Optional[Path]:
-    return Path(inp.source) if not inp.source.startswith("(") else None
 
 
 def check_slice(array: np.ndarray, canvas: Sequence[int], accept_poor_match: bool) -> List[str]:
