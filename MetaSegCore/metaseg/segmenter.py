@@ -51,10 +51,9 @@ class Segmenter:
     """
 
     def __init__(self, device: str = "auto", weights: Optional[PathLike] = None, labels: str = "tissues"):
-        SegmentOptions(labels=labels).checked()
+        self.options = SegmentOptions(labels=labels, weights=weights, device=device).checked()
         if weights is None:
             check_label_set(labels)
-        self.options = SegmentOptions(labels=labels, weights=weights, device=device)
         try:
             self.device = pick_device(device)
         except ValueError as e:  # an absent accelerator or an unknown name: the caller's to fix
@@ -64,20 +63,24 @@ class Segmenter:
 
     def model(self, dims: int) -> Model:
         """The model for `dims`-D inputs, loaded and checked on first use, then kept."""
-        if dims not in self._models:
-            w = self.options.weights
-            path = Path(w) if w else default_weights(dims, self.options.labels)
-            weights = load_weights(path)
-            found = weights.card["input"]["dims"]
-            if found != dims:
-                raise InputError(f"the weights {path.name} are for {found}D images but the input is {dims}D; "
-                                 f"use {dims}D weights")
-            label_set = weights.card.get("label_set", "tissues")
-            if label_set != self.options.labels:
-                raise InputError(f"the weights {path.name} segment the label set {label_set!r}, not "
-                                 f"{self.options.labels!r}: ask for labels={label_set!r} or give other weights")
-            self._models[dims] = Model.build(weights, self.device, path)
-        return self._models[dims]
+        with self._lock:
+            if dims not in self._models:
+                self._models[dims] = self._load(dims)
+            return self._models[dims]
+
+    def _load(self, dims: int) -> Model:
+        w = self.options.weights
+        path = Path(w) if w else default_weights(dims, self.options.labels)
+        weights = load_weights(path)
+        found = weights.card["input"]["dims"]
+        if found != dims:
+            raise InputError(f"the weights {path.name} are for {found}D images but the input is {dims}D; "
+                             f"use {dims}D weights")
+        label_set = weights.card.get("label_set", "tissues")  # the set's table is the card's "labels"
+        if label_set != self.options.labels:
+            raise InputError(f"the weights {path.name} segment the label set {label_set!r}, not "
+                             f"{self.options.labels!r}: ask for labels={label_set!r} or give other weights")
+        return Model.build(weights, self.device, path)
 
     def __call__(self, image: Any, *, quality: str = "fast", brain_extraction: str = "auto",
                  bias_correction: str = "auto", mask: Any = None, steps: Optional[int] = None, seed: int = 0,
@@ -136,7 +139,7 @@ def segment(image: Any, *, labels: str = "tissues", quality: str = "fast", devic
     file instead of the shipped one. `accept_poor_match`: segment an input refused as not matching the model.
 
     Raises InputError (the input, a mask or an argument is unusable; the message is the command line's),
-    WeightsError (damaged weights), Cancelled. For many images use one `Segmenter`: it loads the model once.
+    WeightsError (damaged weights), FileNotFoundError (no shipped weights installed), Cancelled. For many images use one `Segmenter`: it loads the model once.
     """
     return Segmenter(device=device, weights=weights, labels=labels)(
         image, quality=quality, brain_extraction=brain_extraction, bias_correction=bias_correction, mask=mask,
