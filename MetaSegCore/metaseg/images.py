@@ -74,8 +74,10 @@ def _is_nibabel(image: Any) -> bool:
 
 def _from_sitk_order(array: np.ndarray, spacing, origin, direction) -> sitk.Image:
     arr = np.asarray(array)
-    if arr.dtype == np.float64 or arr.dtype == bool:  # ITK works in float32 anyway; bool has no ITK type
-        arr = arr.astype(np.float32)
+    if arr.dtype.kind == "c":
+        raise InputError("the array is complex: give the magnitude image (numpy.abs) of the MRI")
+    if arr.dtype.kind == "b" or (arr.dtype.kind == "f" and arr.dtype != np.float32):
+        arr = arr.astype(np.float32)  # the pipeline works in float32; ITK has no bool or float16 pixels
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
     n = img.GetDimension()
     try:

@@ -13,9 +13,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from .atomic import OutputExistsError, write_all
 from .data import load_splits
@@ -107,7 +108,8 @@ def segment_scan(source: PathLike, outputs: Outputs, options: SegmentOptions, se
     return report
 
 
-def _live_writer(outputs: Outputs, rep: Reporter, segments: List[Dict[str, Any]], written: List[Path]):
+def _live_writer(outputs: Outputs, rep: Reporter, segments: List[Dict[str, Any]],
+                 written: List[Path]) -> Optional[Callable[[int, sitk.Image], None]]:
     """The `live` hook of --live-dir: each snapshot (an image) written as a NIfTI file, announced and listed
     in `written` (so that a failed run can remove them); None if off."""
     if not (outputs.live_dir and outputs.live_every > 0):
