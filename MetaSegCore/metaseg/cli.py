@@ -47,6 +47,7 @@ def _add_train(sub) -> None:
     p.add_argument("--head-lr", type=float, help="stage-2 head learning rate (1e-3)")
     p.add_argument("--head-fits", type=int, help="stage-2 fits per training image (2D 1, 3D 4)")
     p.add_argument("--head-steps", type=int, help="stage-2 head fine-tuning steps (4000)")
+    p.add_argument("--head-points", type=int, help="stage-2 points per fit whose features train the head (2D 8192, 3D 16384)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
@@ -68,7 +69,7 @@ _TRAIN_FIELDS = {
     "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
     "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
-    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",
+    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "focal_gamma": "focal_gamma",
     "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",
     "label_set": "label_set",
 }

@@ -367,7 +367,7 @@ def meta_train(s: TrainSettings) -> Path:
 
     net, log_lr, opt = build_model(s, dev)
     gen = torch.Generator().manual_seed(s.seed)  # draws the task indices (and stage 2's randomness)
-    state = {"step": 0, "best": -1.0, "best_step": 0}
+    state = {"step": 0, "best": -1.0, "best_step": 0, "head_loaded": True}
 
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
@@ -385,7 +385,7 @@ def meta_train(s: TrainSettings) -> Path:
             print(f"resumed from step {state['step']}", file=sys.stderr)
     else:
         if s.init:
-            load_init(net, log_lr, Path(s.init))
+            state["head_loaded"] = load_init(net, log_lr, Path(s.init))
         if lead:
             log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__,
                       device=str(dev), torch=torch.__version__)
@@ -437,8 +437,8 @@ def meta_train(s: TrainSettings) -> Path:
     log_lr.data.copy_(best["log_lr"])
     test_lr = s.test_log_lr(log_lr)
     stage1 = {"step": state["best_step"]}
-    if not s.image_only and (s.outer_steps > 0 or s.init):
-        stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))
+    if not s.image_only and (s.outer_steps > 0 or (s.init and state.get("head_loaded", True))):
+        stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))  # a new head untrained: nothing to score
     head_metrics = train_head(net, test_lr.to(dev), s, train, points, gen, log)
     stage2 = validate(net, test_lr, s.test_plan, val, s.canvas)
     log.write(event="stage2", **stage2)
@@ -476,13 +476,14 @@ def meta_train(s: TrainSettings) -> Path:
     return path
 
 
-def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
+def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> bool:
     """Start from another run's stage-1 result (`best_stage1.pt`) or from a weights file (e.g. the
     shipped `metaseg3d.pt`, checked by its sha256: fine-tuning on new data). A paper head
     (penultimate features only) becomes this model's wider head (`head_all_layers`,
     `head_intensity`) with zero weights for the new inputs: it starts as the old head, and stage 2
-    teaches it the rest. A weights file holds the test-time learning rates only, so the inner
-    loop's per-step rates keep their initial value (`--inner-lr`) and are meta-learned again."""
+    teaches it the rest. A head for another label set is not loaded: the trunk is, and the head starts
+    afresh. A weights file holds the test-time learning rates only, so the inner loop's per-step rates
+    keep their initial value (`--inner-lr`) and are meta-learned again. Returns whether the head was loaded."""
     if not path.is_file():
         raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.pt or a weights file")
     blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -499,6 +500,9 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
         print(f"--init: {path} has a head for {state['head.2.weight'].shape[0]} classes, this model "
               f"{head_shapes['head.2.weight'][0]}: its trunk is used, the head starts afresh", file=sys.stderr)
         state.update({k: v for k, v in net.state_dict().items() if k.startswith("head.")})
+        head_loaded = False
+    else:
+        head_loaded = True
     w = state.get("head.0.weight")
     if w is not None and w.shape[1] == net.config.width != net.head_in_features:
         state["head.0.weight"] = net.widen_head_weight(w)
@@ -507,11 +511,12 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
     except RuntimeError as e:
         raise SystemExit(f"--init {path} does not fit this model ({e}); use the same --width, --dims and head options") from None
     if blob["log_lr"] is None:
-        return
+        return head_loaded
     if blob["log_lr"].shape != log_lr.shape:
         raise SystemExit(f"--init {path} has learning rates for {blob['log_lr'].shape[0]} inner steps, this run "
                          f"{log_lr.shape[0]}: use the same --fit-steps")
     log_lr.data.copy_(blob["log_lr"])
+    return head_loaded
 
 
 def _core(s: TrainSettings) -> str:
