@@ -46,7 +46,7 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
     seg = logic.segment(volume, device="cpu", steps=5, wait=True, uncertainty=True, surfaces=True)
     assert logic.hasFittedNetwork(seg)
     # the uncertainty volume: on the input's grid, values in [0, 1]
-    entropy = scene.GetNodeByID(seg.GetAttribute(MetaSeg.UNCERTAINTY_ATTRIBUTE))
+    entropy = seg.GetNodeReference(MetaSeg.UNCERTAINTY_REFERENCE)  # a node reference, not an ID string
     assert entropy is not None and entropy.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     np.testing.assert_allclose(matrix(_ijk(entropy)), matrix(_ijk(volume)), atol=1e-4)
     values = vtk_to_numpy(entropy.GetImageData().GetPointData().GetScalars())
