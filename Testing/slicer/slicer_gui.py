@@ -223,7 +223,7 @@ def make_widget_standins(qt):
         def __init__(self, parent=None):
             super().__init__(parent)
             self._nodeTypes, self._hide, self._none, self._children = [], [], False, True
-            self._attributes = []
+            self._attributes, self._noneDisplay = [], "None"
             self._scene, self._ids, self._tags = None, [], []
             self.currentIndexChanged.connect(self._onIndex)
 
@@ -235,6 +235,7 @@ def make_widget_standins(qt):
         hideChildNodeTypes = _prop("hideChildNodeTypes", "QStringList", "_hide")
         noneEnabled = _prop("noneEnabled", bool, "_none")
         showChildNodeTypes = _prop("showChildNodeTypes", bool, "_children")
+        noneDisplay = _prop("noneDisplay", str, "_noneDisplay")
 
         def addAttribute(self, nodeType, name, value=None):
             self._attributes.append((nodeType, name, value))
@@ -278,7 +279,7 @@ def make_widget_standins(qt):
             self.clear()
             self._ids = ([None] if self._none else []) + [n.GetID() for n in nodes]
             for node_id in self._ids:
-                self.addItem("None" if node_id is None else self._scene.GetNodeByID(node_id).GetName())
+                self.addItem(self._noneDisplay if node_id is None else self._scene.GetNodeByID(node_id).GetName())
             index = self._ids.index(current.GetID()) if current is not None and current.GetID() in self._ids else \
                 (0 if self._ids else -1)
             self.setCurrentIndex(index)

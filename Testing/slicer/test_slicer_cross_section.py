@@ -89,7 +89,7 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
         got = plane[jj.ravel()[inside], ii.ravel()[inside]]
         tissue = (want > 0) | (got > 0)
         assert tissue.sum() > 100 and np.mean(want[tissue] == got[tissue]) > 0.95
-        tables = [n for n in scene_state(scene)[0] if n[1] == "vtkMRMLColorTableNode" and n[2].startswith("MetaSeg tissues")]
+        tables = [n for n in scene_state(scene)[0] if n[1] == "vtkMRMLColorTableNode" and n[2].startswith("MetaSeg labels")]
         assert len(tables) == 1  # the tissue colour table is made once and reused
         # only the new node (its display node and the colour table) was added; nothing else changed
         after_nodes = {n[0]: n for n in scene_state(scene)[0]}
