@@ -245,3 +245,85 @@ def test_slicer_bindings_tool_accepts_every_field(tag):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert " 0 refused" in out.stdout
+
+
+def test_a_failing_install_gives_guidance_not_a_raw_error(scene, tmp_path, monkeypatch):
+    """Offline: pip fails with CalledProcessError; the user reads what to do."""
+    import subprocess as sp
+
+    with Panel(tmp_path, scene, setup=False) as panel:
+        import slicer
+
+        from MetaSegLib import dependencies
+
+        MetaSeg = panel.MetaSeg
+        missing = [dependencies.Problem("deepbet==1.0.2", None)]
+        monkeypatch.setattr(dependencies, "check", lambda *a, **k: list(missing))
+
+        def offline(requirements, **kwargs):
+            raise sp.CalledProcessError(1, ["pip", "install", requirements],
+                                        output="ERROR: Could not find a version that satisfies the requirement")
+
+        monkeypatch.setattr(slicer.util, "pip_install", offline)
+        with pytest.raises(MetaSeg.MetaSegError) as e:
+            MetaSeg.MetaSegLogic().installDependencies(askConfirmation=False)  # (confirm dialogs: see below)
+        text = str(e.value)
+        assert "could not install deepbet==1.0.2" in text and "offline" in text and "--find-links" in text
+        assert "Could not find a version" in text  # pip's own words, as details
+        # (askConfirmation=False: in Slicer's testing mode confirmOkCancelDisplay returns True == QMessageBox.Ok,
+        # i.e. False, in Slicer 5.8.1's util.py as in slicer-core's: a confirmation is declined there)
+
+
+def test_the_panel_is_disabled_while_a_cross_section_renders_and_a_closed_scene_is_handled(scene, tmp_path, fitted_3d):
+    import numpy as np
+
+    from mrml_helpers import SAMPLE_T1_3D
+
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    slice_node.SetLayoutName("Red")
+    slice_node.SetFieldOfView(160.0, 160.0, 1.0)
+    slice_node.UpdateMatrices()
+
+    class RedOnly(LayoutManagerStandIn):
+        def sliceWidget(self, name):
+            widget = super().sliceWidget(name)
+            if widget is not None:
+                widget.mrmlSliceNode = lambda: slice_node
+            return widget
+
+    with Panel(tmp_path, scene, setup=False, layout_manager=RedOnly({"Red": True})) as panel:
+        import slicer
+
+        volume = add_volume(scene, SAMPLE_T1_3D, "ecog")
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ecog MetaSeg")
+        panel.MetaSeg.MetaSegLogic()._keepFitted(seg, fitted_3d, volume, np.eye(4))
+        panel.setup()
+        ui = panel.ui
+        ui.crossSectionSegmentationSelector.setCurrentNode(seg)
+        assert panel.widget._parameterNode.crossSectionSegmentation is seg
+        assert ui.crossSectionButton.enabled and ui.sliceViewComboBox.currentText == "Red"
+        seen = []
+
+        def events_while_rendering(*args):  # the render pumps events: what the user could click meanwhile
+            if not seen:
+                seen.append((ui.segmentButton.enabled, ui.crossSectionButton.enabled, ui.inputSelector.enabled))
+                scene.Clear(0)  # File > Close Scene during the render
+
+        slicer.app.processEvents = events_while_rendering
+        ui.crossSectionButton.click()
+        assert seen == [(False, False, False)]
+        assert "scene was closed" in ui.statusLabel.text
+        assert scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
+        assert not ui.crossSectionButton.enabled  # nothing left to render
+
+
+def test_labels_reach_the_child_process_command(slicer_core, tmp_path):
+    from MetaSegLib.process import SegmentProcess
+
+    default = SegmentProcess(weights="w.pt", temp_root=str(tmp_path))
+    assert "--labels" not in default.command()  # a core without --labels still runs the tissues
+    structures = SegmentProcess(weights="w.pt", labels="structures", temp_root=str(tmp_path))
+    cmd = structures.command()
+    assert cmd[cmd.index("--labels") + 1] == "structures"
+    default.cleanup()
+    structures.cleanup()

@@ -80,6 +80,13 @@ def test_saved_and_reloaded_scene_still_renders_a_cross_section(scene, MetaSeg, 
     segmentations_logic.SetMRMLScene(reloaded)
     color_logic = slicer.vtkMRMLColorLogic()
     color_logic.SetMRMLScene(reloaded)
+    cache = slicer.vtkCacheManager()  # the application gives its scene these (the bundle is unpacked there)
+    (tmp_path / "cache").mkdir()
+    cache.SetRemoteCacheDirectory(str(tmp_path / "cache"))
+    io_manager = slicer.vtkDataIOManager()
+    io_manager.SetCacheManager(cache)
+    reloaded.SetDataIOManager(io_manager)
+    reloaded.SetCacheManager(cache)
     assert reloaded.ReadFromMRB(str(bundle))
     slicer.mrmlScene = reloaded
     try:
