@@ -18,7 +18,6 @@ import atexit
 import importlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional

@@ -41,14 +41,24 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "MetaSeg.ui"
 SLICER_TAGS = ("v5.6.2", "v5.8.1", "v5.10.0")
 
 
+PROBE = "from PySide6 import QtUiTools, QtWidgets; app = QtWidgets.QApplication(['probe']); QtWidgets.QLabel('x').grab()"
+
+
 def qt_unavailable_reason() -> Optional[str]:
-    """None when PySide6 loads offscreen here; else why not (the GUI tests skip with it)."""
+    """None when PySide6 loads and renders offscreen here; else why not (the GUI tests skip with it).
+
+    Probed in a child process: a Qt platform plugin that cannot load its system libraries (libEGL,
+    libxkbcommon, fontconfig...) aborts the process, which must not be pytest's."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     try:
-        from PySide6 import QtWidgets  # noqa: F401
-        from PySide6 import QtUiTools  # noqa: F401
-    except ImportError as e:
-        return f"PySide6 is not usable here ({e}); pip install -r Testing/slicer/requirements.txt"
+        out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"Qt could not be probed: {e}"
+    if out.returncode != 0:
+        tail = " ".join((out.stderr or out.stdout).strip().splitlines()[-3:])
+        return (f"PySide6 cannot run offscreen here ({tail}); pip install -r Testing/slicer/requirements.txt, and on "
+                "Debian/Ubuntu the system libraries libegl1 libgl1 libxkbcommon0 libfontconfig1 libglib2.0-0 libdbus-1-3")
     return None
 
 
@@ -539,7 +549,6 @@ class Panel:
         self.widget = None
 
     def __enter__(self) -> "Panel":
-        global UiLoader
         import slicer
 
         application()
