@@ -632,7 +632,7 @@ class MetaSegJob:
             elif error is None and (self.process.cancelled or self.process.returncode == 3):
                 self.state = "cancelled"
             else:
-                error = error or self.process.error_message()
+                error = error or dependencies.for_gui(self.process.error_message())
                 if error is None:
                     try:
                         self._loadResult()

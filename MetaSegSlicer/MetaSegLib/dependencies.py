@@ -96,3 +96,15 @@ def install_failure(requirements: Sequence[str], detail: str = "") -> str:
     if detail:
         text += "\n\nDetails: " + detail.strip()[-1500:]
     return text
+
+
+CORE_BRAIN_HINT = 'pip install "metaseg[brain]" (the deepbet package), or pass --brain-extraction off'
+
+
+def for_gui(message: str) -> str:
+    """A core error message with its command-line advice replaced by what to do in the MetaSeg panel."""
+    if message and CORE_BRAIN_HINT in message:
+        message = message.replace(CORE_BRAIN_HINT, "press Segment again and confirm the installation of deepbet "
+                                  "(brain extraction of whole-head scans), or set Advanced > Brain extraction to "
+                                  "off for a skull-stripped scan")
+    return message

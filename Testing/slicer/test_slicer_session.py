@@ -102,6 +102,8 @@ def test_dependency_versions_are_checked(tmp_path, MetaSeg):
     missing = dependencies.describe([dependencies.Problem("deepbet==1.0.2", None)])
     assert "finds the brain in a whole-head scan" in missing and "press Segment" in missing
     assert "metaseg[brain]" not in text + missing and "pip install" not in missing
+    core = "the scan needs brain extraction, which needs deepbet: " + dependencies.CORE_BRAIN_HINT
+    assert "metaseg[brain]" not in dependencies.for_gui(core) and "Brain extraction to off" in dependencies.for_gui(core)
     offline = dependencies.install_failure(["deepbet==1.0.2"], "ERROR: Could not find a version (no network)")
     assert "offline" in offline and "--no-index --find-links" in offline and "no network" in offline
     plant(tmp_path / "cuda", "torch", "2.5.1+cu121")  # a local version label is fine
