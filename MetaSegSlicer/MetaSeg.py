@@ -700,10 +700,15 @@ class MetaSegJob:
                 logic._placeBesideVolume(target, volume)
             if self.process.fitted_path is not None and self.process.fitted_path.is_file():
                 logic._keepFitted(target, self.process.fitted_path, volume, np.linalg.inv(toTarget))
+            else:  # a replaced output must not keep the network (or uncertainty) of its previous result
+                target.RemoveNodeReferenceIDs(FITTED_REFERENCE)
+                target.RemoveAttribute(CROSS_SECTIONS_ATTRIBUTE)
+                target.RemoveAttribute(FITTED_INFO_ATTRIBUTE)
             if target.GetSegmentation().GetSegment(BRAIN_MASK_SEGMENT) is not None:
                 target.CreateDefaultDisplayNodes()
                 target.GetDisplayNode().SetSegmentVisibility(BRAIN_MASK_SEGMENT, False)
             labelmap = logic._exportLabelmap(target, volume) if self.keepLabelmap else None
+            target.RemoveNodeReferenceIDs(UNCERTAINTY_REFERENCE)
             uncertainty = self.process.uncertainty_path
             if uncertainty is not None and uncertainty.is_file():
                 self.uncertaintyNode = logic._loadUncertainty(uncertainty, volume)
