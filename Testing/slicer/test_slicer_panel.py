@@ -28,7 +28,7 @@ if REASON:
 
 import parameter_node_rules as rules  # noqa: E402
 
-SCREENSHOT = MODULE_DIR / "Resources" / "Screenshots" / "MetaSeg-panel.png"
+SCREENSHOT = MODULE_DIR.parent / "Screenshots" / "MetaSeg-panel.png"  # not packaged: the Extensions Index links it
 
 
 def combo_items(combo):
