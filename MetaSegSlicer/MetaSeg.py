@@ -18,7 +18,6 @@ import atexit
 import importlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -28,7 +27,7 @@ import slicer
 import vtk
 import vtk.util.numpy_support
 
-from MetaSegLib import dependencies, frames, paths, planes, rundirs, views
+from MetaSegLib import dependencies, fitted, frames, paths, planes, rundirs, segfile, views
 from MetaSegLib.preview import LabelReader, PreviewSegments
 from MetaSegLib.process import ProcessError, ResliceProcess, SegmentProcess, python_executable
 from MetaSegLib.protocol import Event, format_progress, format_seconds
@@ -68,19 +67,33 @@ except ImportError:  # MRML only (slicer-core): the Logic works; the module and 
 
 try:
     from slicer.i18n import tr as _
+    from slicer.i18n import translate
 except ImportError:
     def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
         return text
 
 IN_SLICER_APP = HAVE_GUI and hasattr(slicer, "app")
 MODULE_DIR = Path(__file__).resolve().parent
 REPORT_ATTRIBUTE = "MetaSeg.Report"
-FITTED_ATTRIBUTE = "MetaSeg.FittedNetwork"  # file of the fitted 3D network, for cross-sections
-FITTED_INFO_ATTRIBUTE = "MetaSeg.FittedInfo"  # JSON: the input's voxel spacing and size, the tissue labels
-UNCERTAINTY_ATTRIBUTE = "MetaSeg.Uncertainty"  # ID of the uncertainty volume of a 3D result
+FITTED_REFERENCE = "MetaSeg.FittedNetwork"  # node reference: the text node holding the fitted 3D network
+FITTED_INFO_ATTRIBUTE = "MetaSeg.FittedInfo"  # JSON: the input's voxel spacing and size, the labels
+CROSS_SECTIONS_ATTRIBUTE = "MetaSeg.CrossSections"  # "1" on results with a fitted network (the selector's filter)
+UNCERTAINTY_REFERENCE = "MetaSeg.Uncertainty"  # node reference: the uncertainty volume of a 3D result
 BRAIN_MASK_SEGMENT = "MetaSeg brain mask"  # segment ID and name of the kept brain mask (hidden)
 LIVE_EVERY = {2: 10, 3: 50}  # live-preview interval (steps) per input dimension: overhead <= 10 % (docs/results.md)
 DEVICES = ("auto", "cpu", "gpu")
+LABEL_SETS = ("tissues", "structures")  # `metaseg segment --labels`; what the segments are comes from the result
+BRAIN_EXTRACTION = ("auto", "on", "off")
+QUALITIES = ("fast", "best")
+CROSS_SECTION_WHAT = ("labels", "intensity")
+README_URL = "https://github.com/metaseg/SlicerMetaSeg#in-3d-slicer"
+SAMPLES = (  # Sample Data: (name, file in Resources/Sample, node name)
+    ("MetaSegHead", "ecog_head.nii.gz", "MetaSegHead"),
+    ("MetaSegSlice", "ecog_slice_t1.nii.gz", "MetaSegSlice"),
+)
 
 
 # Session state that survives "Reload" (which re-runs this file in the same module namespace).
@@ -128,19 +141,78 @@ class MetaSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("MetaSeg")
-        self.parent.categories = [_("Segmentation")]
-        self.parent.dependencies = []  # PyTorch (extension) and slicerio are checked when segmenting
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []  # PyTorch (extension), slicerio and deepbet are checked when segmenting
         self.parent.contributors = ["MetaSeg developers"]
         self.parent.helpText = _(
-            "Segment a skull-stripped T1 brain MRI slice into cortical gray matter, subcortical gray matter, "
-            "white matter and CSF. MetaSeg fits a small implicit network to the image's intensities only; the "
-            "labels come from a meta-learned head (Vyas et al., MICCAI 2025). The weights ship with the "
-            "extension: no download. The computation runs in a separate process that Cancel stops at once."
-        )
+            "Segment a T1-weighted brain MRI: a 3D scan (whole head with skull, or skull-stripped) or one aligned "
+            "coronal slice, into cortical grey matter, subcortical grey matter, white matter and CSF "
+            "(Labels: tissues; or the FreeSurfer structures where the installed core provides them). "
+            "MetaSeg fits a small implicit network to the image's intensities only and decodes its features "
+            "with a meta-learned head (Vyas et al., MICCAI 2025). A whole head is first brain-extracted (deepbet). "
+            "The weights ship with the extension: no download. The work runs in a separate process that Cancel "
+            "stops at once. Options: live preview, uncertainty map, brain mask, quality (fast / best), and "
+            "cross-sections of any 3D result on any slice plane at a finer resolution, without refitting. "
+            "Try it on the whole-head sample in Sample Data (MetaSegHead). "
+            '<a href="{url}">Documentation</a>.'
+        ).format(url=README_URL)
         self.parent.acknowledgementText = _(
             "MetaSeg implements 'Fit Pixels, Get Labels: Meta-learned Implicit Networks for Image Segmentation' "
-            "(Vyas et al., MICCAI 2025). Weights meta-trained on FreeSurfer-processed public T1 scans; see the model card in Resources/Weights."
+            "(K. Vyas, A. Veeraraghavan, G. Balakrishnan, MICCAI 2025). The shipped weights were trained on "
+            "FreeSurfer-processed public T1 scans and on OASIS-1 scans with manual labels by Neuromorphometrics, Inc. "
+            "(CC BY-NC 3.0): the weights are for non-commercial use only (model cards in Resources/Weights). "
+            "Brain extraction: deepbet (Fisch et al.). Sample: MNE-Python's sample ECoG subject (BSD-3-Clause). "
+            "Research software, not a medical device."
         )
+        if IN_SLICER_APP:  # after start-up: Sample Data exists then, and crash leftovers are swept once
+            slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted() -> None:
+    """Slicer has started: remove run folders left by a crashed session, register the samples."""
+    try:
+        sweepStaleRuns()
+    except Exception:  # noqa: BLE001 (start-up must go on)
+        logging.exception("MetaSeg: sweeping stale temporary folders")
+    try:
+        registerSampleData()
+    except Exception:  # noqa: BLE001
+        logging.exception("MetaSeg: registering the sample data")
+
+
+def sweepStaleRuns(runRoot: Optional[str] = None) -> list:
+    """Remove the temporary folders (exported scans: patient data) of sessions that ended without
+    cleaning up, e.g. a crash. Done once at Slicer start-up (startupCompleted); returns those removed."""
+    root = Path(runRoot) if runRoot else defaultRunRoot()
+    _SWEPT_ROOTS.add(str(root))
+    return rundirs.sweep_stale(root)
+
+
+def samplePath(name: str) -> Optional[Path]:
+    """A bundled sample (Resources/Sample of the installed module, or of the source checkout)."""
+    for d in (MODULE_DIR / "Resources" / "Sample", MODULE_DIR.parent / "Resources" / "Sample"):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def registerSampleData() -> bool:
+    """Register the bundled samples in the Sample Data module (category MetaSeg): the whole head
+    (`MetaSegHead`) is the one to try first. The files are local: SampleData copies them from the
+    extension's folder into its cache. False when Sample Data is not available."""
+    try:
+        import SampleData
+    except ImportError:
+        return False
+    thumbnail = MODULE_DIR / "Resources" / "Icons" / "MetaSeg.png"
+    for name, fileName, nodeName in SAMPLES:
+        path = samplePath(fileName)
+        if path is None:
+            continue
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="MetaSeg", sampleName=name, uris=path.resolve().as_uri(), fileNames=fileName,
+            nodeNames=nodeName, thumbnailFileName=str(thumbnail) if thumbnail.is_file() else None)
+    return True
 
 
 #
@@ -150,27 +222,42 @@ if HAVE_GUI:
     from typing import Annotated
 
     from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
+    # Every field is bound to a widget of MetaSeg.ui (its SlicerParameterName) under the rules of
+    # Slicer's guiConnectors: a QComboBox takes a str only with a Choice annotation (the connector
+    # then fills the items itself), a QSpinBox an int, a QCheckBox a bool, a qMRMLNodeComboBox a node.
+    # Testing/slicer/test_slicer_panel.py holds every field to those rules. The choices are literals (the
+    # same as DEVICES, LABEL_SETS, ...: a test checks) so that tools reading this source can evaluate them.
     @parameterNodeWrapper
     class MetaSegParameterNode:
         inputVolume: vtkMRMLScalarVolumeNode
         outputSegmentation: vtkMRMLSegmentationNode  # None: create a new segmentation
-        device: str = "auto"
+        device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
+        labels: Annotated[str, Choice(["tissues", "structures"])] = "tissues"
         steps: Annotated[int, WithinRange(0, 100000)] = 0  # 0: the weights' own number of steps
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
         keepLabelmap: bool = False
         livePreview: bool = False
         uncertainty: bool = False
         surfaces: bool = False
-        brainExtraction: str = "auto"  # auto, on, off (3D)
+        brainExtraction: Annotated[str, Choice(["auto", "on", "off"])] = "auto"  # 3D
         keepBrainMask: bool = False
-        quality: str = "fast"  # fast, best (3D: 3 fits averaged)
+        quality: Annotated[str, Choice(["fast", "best"])] = "fast"  # 3D: best = 3 fits averaged
+        crossSectionSegmentation: vtkMRMLSegmentationNode  # a 3D MetaSeg result with a fitted network
+        superResolution: Annotated[int, WithinRange(1, 8)] = 4
+        crossSectionWhat: Annotated[str, Choice(["labels", "intensity"])] = "labels"
 
 
 #
 # MetaSegWidget
 #
+def layoutManager():
+    """Slicer's layout manager, or None: `Slicer --no-main-window` (and the test harness) has none."""
+    app = getattr(slicer, "app", None)
+    return app.layoutManager() if app is not None and hasattr(app, "layoutManager") else None
+
+
 class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -179,8 +266,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._installing = False  # a dependency install pumps events: no second Segment meanwhile
-        self._lastSegmentation = None  # the last result: cross-sections render it
+        self._busy = None  # what pumps events right now ("install", "render"): the panel is disabled meanwhile
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -189,40 +275,37 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MetaSegLogic()
-
-        self.ui.deviceComboBox.clear()
-        for text, device in ((_("auto (GPU if available)"), "auto"), (_("CPU"), "cpu"), (_("GPU"), "gpu")):
-            self.ui.deviceComboBox.addItem(text, device)
+        # the selector lists the segmentations that carry a fitted network (any MetaSeg 3D result)
+        self.ui.crossSectionSegmentationSelector.addAttribute("vtkMRMLSegmentationNode", CROSS_SECTIONS_ATTRIBUTE, "1")
         self.ui.progressBar.hide()
         self.updateSliceViews()
-        for text, what in ((_("labels"), "labels"), (_("intensity"), "intensity")):
-            self.ui.crossSectionWhatComboBox.addItem(text, what)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.crossSectionButton.connect("clicked(bool)", self.onCrossSectionButton)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
-        slicer.app.layoutManager().connect("layoutChanged(int)", self.updateSliceViews)
+        manager = layoutManager()
+        if manager is not None:
+            manager.connect("layoutChanged(int)", self.updateSliceViews)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Module reload or application exit: the widget goes away, so the job must stop calling it."""
         self._stopJob()
-        try:
-            slicer.app.layoutManager().disconnect("layoutChanged(int)", self.updateSliceViews)
-        except (AttributeError, ValueError):
-            pass
+        manager = layoutManager()
+        if manager is not None:
+            try:
+                manager.disconnect("layoutChanged(int)", self.updateSliceViews)
+            except (AttributeError, ValueError, RuntimeError):
+                pass
         self.removeObservers()
 
     def onReload(self) -> None:
-        """Reload MetaSegLib too (Slicer reloads only MetaSeg.py), then the module itself."""
+        """Reload MetaSegLib too (Slicer reloads only MetaSeg.py), in dependency order, then the module."""
         self._stopJob()
         import MetaSegLib
 
-        for name in sorted(n for n in sys.modules if n.startswith("MetaSegLib.")):
-            importlib.reload(sys.modules[name])
-        importlib.reload(MetaSegLib)
+        MetaSegLib.reload_all()
         ScriptedLoadableModuleWidget.onReload(self)
 
     def _stopJob(self) -> None:
@@ -233,11 +316,11 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.cancel()
 
     def updateSliceViews(self, *args) -> None:
-        """The slice views of the current layout (any names, not only Red/Yellow/Green)."""
+        """The visible slice views of the current layout (any names, not only Red/Yellow/Green)."""
         combo = self.ui.sliceViewComboBox
         current = combo.currentText
         combo.clear()
-        for name in views.slice_view_names(slicer.app.layoutManager()):
+        for name in views.slice_view_names(layoutManager()):
             combo.addItem(name)
         if current and combo.findText(current) >= 0:
             combo.setCurrentIndex(combo.findText(current))
@@ -278,30 +361,26 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self.updateGUI()
 
-    def onDeviceChanged(self, index: int) -> None:
-        if self._parameterNode and index >= 0:
-            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
-
     def updateGUI(self, caller=None, event=None) -> None:
         pn = self._parameterNode
         running = self._job is not None and self._job.running
-        if pn:
-            index = self.ui.deviceComboBox.findData(pn.device)
-            if index >= 0 and index != self.ui.deviceComboBox.currentIndex:
-                self.ui.deviceComboBox.setCurrentIndex(index)
+        idle = not running and self._busy is None
         volume = pn.inputVolume if pn else None
         text, ok = self.logic.modelDescription(volume)
         self.ui.modelLabel.text = text
-        for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.advancedCollapsibleButton):
-            w.enabled = not running and not self._installing
-        last = self._lastSegmentation
-        if last is not None and last.GetScene() is None:  # removed from the scene meanwhile
-            last = self._lastSegmentation = None
-        self.ui.crossSectionButton.enabled = not running and not self._installing and self.logic.hasFittedNetwork(last)
-        if self._installing:
+        for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.labelsComboBox,
+                  self.ui.advancedCollapsibleButton, self.ui.crossSectionCollapsibleButton):
+            w.enabled = idle
+        result = pn.crossSectionSegmentation if pn else None
+        self.ui.crossSectionButton.enabled = idle and self.logic.hasFittedNetwork(result)
+        if self._busy == "install":
             self.ui.segmentButton.text = _("Segment")
             self.ui.segmentButton.enabled = False
             self.ui.segmentButton.toolTip = _("Installing the Python packages MetaSeg needs…")
+        elif self._busy is not None:
+            self.ui.segmentButton.text = _("Segment")
+            self.ui.segmentButton.enabled = False
+            self.ui.segmentButton.toolTip = _("Rendering a cross-section…")
         elif running:
             self.ui.segmentButton.text = _("Cancel")
             self.ui.segmentButton.toolTip = _("Stop the segmentation; the scene is left as it was")
@@ -317,7 +396,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling…")
             self._job.cancel()
             return
-        if self._installing or self._job is not None:  # a click delivered while an install pumps events
+        if self._busy is not None or self._job is not None:  # a click delivered while events are pumped
             return
         pn = self._parameterNode
         # Dialogs (install confirmations, replace?) without the wait cursor; the button is disabled meanwhile.
@@ -330,8 +409,8 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         with slicer.util.tryWithErrorDisplay(_("MetaSeg could not start."), waitCursor=True):
             self._job = self.logic.segment(
-                pn.inputVolume, device=pn.device, steps=pn.steps or None, seed=pn.seed, wait=False,
-                outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
+                pn.inputVolume, device=pn.device, labels=pn.labels, steps=pn.steps or None, seed=pn.seed,
+                wait=False, outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
                 uncertainty=pn.uncertainty, surfaces=pn.surfaces, brainExtraction=pn.brainExtraction,
                 keepBrainMask=pn.keepBrainMask, quality=pn.quality, onProgress=self.onJobProgress,
                 onFinished=self.onJobFinished)
@@ -345,7 +424,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _ensureDependencies(self) -> bool:
         """Install what is missing after confirmation; False (with the reason shown) if not ready."""
-        self._installing = True
+        self._busy = "install"
         self.updateGUI()
         try:
             with slicer.util.tryWithErrorDisplay(_("MetaSeg could not install its Python packages.")):
@@ -354,22 +433,28 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
             return False
         finally:
-            self._installing = False
+            self._busy = None
             self.updateGUI()
 
     def onCrossSectionButton(self) -> None:
+        if self._busy is not None or (self._job is not None and self._job.running):
+            return
+        pn = self._parameterNode
         view = self.ui.sliceViewComboBox.currentText
-        what = self.ui.crossSectionWhatComboBox.currentData
-        self.ui.crossSectionButton.enabled = False  # the render pumps events while its process runs
+        self._busy = "render"  # the render pumps events while its process runs: the panel is disabled
+        self.updateGUI()
         try:
             with slicer.util.tryWithErrorDisplay(_("MetaSeg could not render the cross-section."), waitCursor=True):
-                sliceNode = views.slice_node(slicer.app.layoutManager(), view)
-                node = self.logic.crossSection(
-                    self._lastSegmentation, sliceNode, self.ui.superResolutionSpinBox.value, what)
+                sliceNode = views.slice_node(layoutManager(), view)
+                node = self.logic.crossSection(pn.crossSectionSegmentation, sliceNode, pn.superResolution,
+                                               pn.crossSectionWhat)
                 dims = node.GetImageData().GetDimensions()
                 self.ui.statusLabel.text = _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit.").format(
                     name=node.GetName(), w=dims[0], h=dims[1], s=node.GetSpacing()[0])
+        except MetaSegCancelled as e:  # the scene was closed meanwhile: nothing to show, nothing to report
+            self.ui.statusLabel.text = str(e)
         finally:
+            self._busy = None
             self.updateGUI()
 
     def onJobProgress(self, event: Event) -> None:
@@ -389,11 +474,13 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self.ui.progressBar.hide()
         if job.state == "done":
-            self._lastSegmentation = job.segmentationNode
             self.ui.statusLabel.text = _("Done in {t}.").format(t=format_seconds(job.elapsed))
             self.ui.deviceLabel.text = device_text(job.report)
             self.ui.reportText.plainText = format_report(job.report)
-            slicer.util.setSliceViewerLayers(background=job.volumeNode, fit=True)
+            if self._parameterNode and self.logic.hasFittedNetwork(job.segmentationNode):
+                self._parameterNode.crossSectionSegmentation = job.segmentationNode
+            if layoutManager() is not None:  # no slice views without a main window
+                slicer.util.setSliceViewerLayers(background=job.volumeNode, fit=True)
         elif job.state == "cancelled":
             self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
         else:
@@ -545,7 +632,7 @@ class MetaSegJob:
             elif error is None and (self.process.cancelled or self.process.returncode == 3):
                 self.state = "cancelled"
             else:
-                error = error or self.process.error_message()
+                error = error or dependencies.for_gui(self.process.error_message())
                 if error is None:
                     try:
                         self._loadResult()
@@ -577,7 +664,11 @@ class MetaSegJob:
     def _loadResult(self) -> None:
         logic, volume = self.logic, self.volumeNode
         report = json.loads(self.process.report_path.read_text(encoding="utf-8"))
+        segfile.name_ids(self.process.segmentation_path)  # stable segment IDs: the names the core gave
         _scene, source = logic._readSegmentationFile(str(self.process.segmentation_path))
+        brainMask = self.process.brain_mask_path
+        if brainMask is not None and brainMask.is_file():  # before the transform below: it moves with the rest
+            logic._addBrainMaskSegment(source, brainMask)
         if self.outputSegmentation is not None:
             # An existing segmentation keeps its transform, reference geometry and display: only its
             # segments change, brought from the input's frame into its own (exact for linear transforms).
@@ -609,14 +700,19 @@ class MetaSegJob:
                 logic._placeBesideVolume(target, volume)
             if self.process.fitted_path is not None and self.process.fitted_path.is_file():
                 logic._keepFitted(target, self.process.fitted_path, volume, np.linalg.inv(toTarget))
+            else:  # a replaced output must not keep the network (or uncertainty) of its previous result
+                target.RemoveNodeReferenceIDs(FITTED_REFERENCE)
+                target.RemoveAttribute(CROSS_SECTIONS_ATTRIBUTE)
+                target.RemoveAttribute(FITTED_INFO_ATTRIBUTE)
+            if target.GetSegmentation().GetSegment(BRAIN_MASK_SEGMENT) is not None:
+                target.CreateDefaultDisplayNodes()
+                target.GetDisplayNode().SetSegmentVisibility(BRAIN_MASK_SEGMENT, False)
             labelmap = logic._exportLabelmap(target, volume) if self.keepLabelmap else None
-            brainMask = self.process.brain_mask_path
-            if brainMask is not None and brainMask.is_file():
-                logic._addBrainMaskSegment(target, brainMask)
+            target.RemoveNodeReferenceIDs(UNCERTAINTY_REFERENCE)
             uncertainty = self.process.uncertainty_path
             if uncertainty is not None and uncertainty.is_file():
                 self.uncertaintyNode = logic._loadUncertainty(uncertainty, volume)
-                target.SetAttribute(UNCERTAINTY_ATTRIBUTE, self.uncertaintyNode.GetID())
+                target.SetNodeReferenceID(UNCERTAINTY_REFERENCE, self.uncertaintyNode.GetID())
             if self.surfaces:
                 target.CreateClosedSurfaceRepresentation()
         except Exception:
@@ -638,14 +734,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, runRoot: Optional[str] = None) -> None:
         """:param runRoot: folder for the runs' temporary files (default: Slicer's temporary folder,
-        or the system's outside Slicer). Folders left there by ended sessions are removed now."""
+        or the system's outside Slicer)."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.moduleDir = MODULE_DIR
         self.runRoot = Path(runRoot) if runRoot else defaultRunRoot()
-        self._keptDir: Optional[Path] = None  # this session's fitted networks (cross-sections)
-        if str(self.runRoot) not in _SWEPT_ROOTS:  # once per folder and session: start-up
-            _SWEPT_ROOTS.add(str(self.runRoot))
-            rundirs.sweep_stale(self.runRoot)
+        self._keptDir: Optional[Path] = None  # this session's copies of fitted networks (cross-sections)
+        # Folders left by a crashed session are swept at Slicer's start-up (onStartupCompleted), not here.
 
     if HAVE_GUI:
         def getParameterNode(self):
@@ -660,10 +754,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         return paths.find_weights(dims, self.moduleDir)
 
     def samplePath(self, name: str = "ecog_slice_t1.nii.gz") -> Optional[Path]:
-        for d in (self.moduleDir / "Resources" / "Sample", self.moduleDir.parent / "Resources" / "Sample"):
-            if (d / name).is_file():
-                return d / name
-        return None
+        return samplePath(name)
 
     def modelDescription(self, volumeNode) -> "tuple[str, bool]":
         """Text for the model label, and whether the volume can be segmented."""
@@ -708,17 +799,29 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                                      "Manager, restart Slicer and try again.")) from None
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             requirement = next(p.requirement for p in problems if p.name == "torch")
-            if torchLogic.installTorch(askConfirmation=askConfirmation,
-                                       torchVersionRequirement=requirement[len("torch"):]) is None:
-                return False
+            try:
+                if torchLogic.installTorch(askConfirmation=askConfirmation,
+                                           torchVersionRequirement=requirement[len("torch"):]) is None:
+                    return False
+            except Exception as e:  # offline or a failing download
+                raise MetaSegError(_("MetaSeg could not install PyTorch: {error}. Check the internet connection "
+                                     "and try again, or install PyTorch in the PyTorch Utils module.").format(
+                    error=e)) from e
         others = [p.requirement for p in dependencies.check() if p.name != "torch"]
         if others:
-            question = _("MetaSeg needs the Python packages {packages}. Install them now?").format(
+            question = _("MetaSeg needs the Python packages {packages} (deepbet finds the brain in a whole-head "
+                         "scan). Install them now? This downloads them once from the Python package index.").format(
                 packages=", ".join(others))
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MetaSeg")):
                 return False
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(" ".join(f'"{r}"' for r in others))
+            try:
+                with slicer.util.WaitCursor():
+                    slicer.util.pip_install(" ".join(f'"{r}"' for r in others))
+            except Exception as e:  # offline, proxy, permissions: guidance, not a raw CalledProcessError
+                detail = getattr(e, "output", None) or getattr(e, "stderr", None) or str(e)
+                if isinstance(detail, bytes):
+                    detail = detail.decode("utf-8", "replace")
+                raise MetaSegError(dependencies.install_failure(others, str(detail))) from e
         importlib.invalidate_caches()
         problems = dependencies.check()
         if problems:
@@ -727,6 +830,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
 
     # -------------------------------------------------------------- segment
     def segment(self, volumeNode, device: str = "cpu", steps: Optional[int] = None, seed: int = 0, wait: bool = True,
+                labels: str = "tissues",
                 outputSegmentation=None, weights: Optional[str] = None, keepLabelmap: bool = False,
                 uncertainty: bool = False, surfaces: bool = False,
                 brainExtraction: str = "auto", keepBrainMask: bool = False, quality: str = "fast",
@@ -734,9 +838,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 onProgress: Optional[Callable[[Event], None]] = None,
                 onFinished: Optional[Callable[[MetaSegJob], None]] = None,
                 timeout: Optional[float] = None):
-        """Segment `volumeNode` into one segment per tissue.
+        """Segment `volumeNode` into one segment per label; segment IDs are the segments' names, so a
+        re-run on the same input (into a new or the same output) gives the same IDs.
 
         :param device: "cpu", "auto" (GPU if available), "gpu", "cuda", "cuda:N", "mps".
+        :param labels: "tissues" (4 classes) or "structures" (FreeSurfer aseg structures, where the core
+          supports `--labels structures`). The segments' names, colours and terminology are the core's.
         :param steps: test-time fit steps; None uses the weights' own setting.
         :param wait: True: block and return the vtkMRMLSegmentationNode (raises MetaSegError on
           failure). False: return a MetaSegJob at once (`cancel()`, `wait()`, `poll()`, `state`).
@@ -745,11 +852,11 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         :param weights: weights file; default: the shipped model for the input's dimension.
         :param keepLabelmap: also create a labelmap volume of the tissues.
         :param uncertainty: 3D inputs: also create a volume of the per-voxel entropy of the class
-          probabilities (its node ID is in the segmentation's "MetaSeg.Uncertainty" attribute).
+          probabilities (`segNode.GetNodeReference(UNCERTAINTY_REFERENCE)`).
         :param surfaces: create the segments' closed surfaces (shown in 3D views).
         :param brainExtraction: 3D: "auto" (extract the brain when the scan still has its skull; the
           report's brain_extraction says what was decided and why), "on" or "off".
-        :param keepBrainMask: 3D: add the brain mask used as a hidden segment (BRAIN_MASK_SEGMENT).
+        :param keepBrainMask: 3D: add the brain mask used as a hidden segment (ID and name BRAIN_MASK_SEGMENT).
         :param quality: 3D: "fast" (one fit) or "best" (3 fits averaged in probability: about 3x the
           fit time, +0.01 validation Dice); 2D slices always fit once.
         :param livePreview: show the labels as they form (every `liveEvery` steps) in a hidden node.
@@ -762,10 +869,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError(f"unknown device {device!r}: use auto, cpu, gpu, cuda, cuda:N or mps")
         if steps is not None and int(steps) < 1:
             raise MetaSegError(f"steps must be at least 1 (got {steps})")
-        if brainExtraction not in ("auto", "on", "off"):
+        if brainExtraction not in BRAIN_EXTRACTION:
             raise MetaSegError(f"brainExtraction must be auto, on or off (got {brainExtraction!r})")
-        if quality not in ("fast", "best"):
+        if quality not in QUALITIES:
             raise MetaSegError(f"quality must be fast or best (got {quality!r})")
+        if labels not in LABEL_SETS:
+            raise MetaSegError(f"labels must be one of {', '.join(LABEL_SETS)} (got {labels!r})")
         dims = self.inputDimension(volumeNode)
         if weights is None:
             weights = self.weightsPath(dims)
@@ -786,7 +895,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                                      save_inr=dims == 3, uncertainty=uncertainty and dims == 3,
                                      brain_extraction=brainExtraction if dims == 3 else "auto",
                                      brain_mask=keepBrainMask and dims == 3,
-                                     quality=quality if dims == 3 else "fast",
+                                     quality=quality if dims == 3 else "fast", labels=labels,
                                      python_path=[str(corePath)], temp_root=str(self.runRoot))
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
@@ -806,9 +915,19 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         return job
 
     def hasFittedNetwork(self, segmentationNode) -> bool:
-        """True if cross-sections can be rendered for this segmentation (a 3D result of this session)."""
-        path = segmentationNode.GetAttribute(FITTED_ATTRIBUTE) if segmentationNode is not None else None
-        return bool(path) and Path(path).is_file()
+        """True if cross-sections can be rendered for this segmentation (a 3D result, also of a reloaded scene)."""
+        if segmentationNode is None or segmentationNode.GetScene() is None:
+            return False
+        textNode = segmentationNode.GetNodeReference(FITTED_REFERENCE)
+        return textNode is not None and bool(textNode.GetText())
+
+    def fittedNetworkPath(self, segmentationNode) -> Path:
+        """The fitted network of a result as a file the child process can read (made from the scene's text
+        node once per session and content)."""
+        textNode = segmentationNode.GetNodeReference(FITTED_REFERENCE) if segmentationNode is not None else None
+        if textNode is None or not textNode.GetText():
+            raise MetaSegError("this segmentation has no fitted network: cross-sections need a 3D MetaSeg result")
+        return fitted.materialize(textNode.GetText(), self._keptFolder())
 
     def crossSection(self, segmentationNode, sliceNode, superResolution: int = 4, what: str = "labels",
                      show: bool = True, device: str = "cpu", timeout: Optional[float] = 600):
@@ -827,8 +946,11 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         if int(superResolution) < 1:
             raise MetaSegError(f"superResolution must be at least 1 (got {superResolution})")
         if not self.hasFittedNetwork(segmentationNode):
-            raise MetaSegError("this segmentation has no fitted network: cross-sections need a 3D MetaSeg result "
-                               "computed in this session")
+            raise MetaSegError("this segmentation has no fitted network: cross-sections need a 3D MetaSeg result")
+        try:
+            fittedPath = self.fittedNetworkPath(segmentationNode)
+        except fitted.FittedError as e:
+            raise MetaSegError(f"the fitted network kept with '{segmentationNode.GetName()}' is unusable: {e}") from e
         info = json.loads(segmentationNode.GetAttribute(FITTED_INFO_ATTRIBUTE) or "{}")
         try:
             # world -> the segmentation's frame -> the network's (the input volume's untransformed) frame
@@ -844,7 +966,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         try:
             centre, u, v, extent, step = planes.plane_from_slice(
                 sliceToNetwork, (side, side), float(spacing.min()) / int(superResolution), diagonal)
-            process = ResliceProcess(segmentationNode.GetAttribute(FITTED_ATTRIBUTE), centre, u, v, extent[0], step,
+            process = ResliceProcess(str(fittedPath), centre, u, v, extent[0], step,
                                      what=what, device=device, python=python_executable(IN_SLICER_APP),
                                      python_path=[str(self._corePath())], temp_root=str(self.runRoot))
         except (ProcessError, ValueError) as e:
@@ -855,12 +977,14 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             error = process.error_message()
             if error is not None:
                 raise MetaSegError(error)
+            if segmentationNode.GetScene() is None:  # the scene was closed while the process ran
+                raise MetaSegCancelled("the scene was closed: the cross-section was not added")
             node = self._loadPlane(process.output_path, segmentationNode, sliceNode, what, info,
                                    np.linalg.inv(np.array(info.get("toNetwork", np.eye(4)))))
         finally:
             process.cleanup()
         if show and IN_SLICER_APP:
-            widget = views.slice_widget(slicer.app.layoutManager(), sliceNode.GetLayoutName())
+            widget = views.slice_widget(layoutManager(), sliceNode.GetLayoutName())
             if widget is not None:  # a view outside the current layout: the node is made, not shown
                 composite = widget.sliceLogic().GetSliceCompositeNode()
                 if what == "labels":
@@ -907,13 +1031,15 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _tissueColors(scene, labels: List[Dict[str, Any]]):
-        """The colour table of the tissue labels (created once per scene, found again by its attribute)."""
+        """The colour table of a result's labels, as the core wrote them (one per label set and scene,
+        found again by its attribute: tissues and structures results get different tables)."""
+        key = json.dumps([[lab["value"], lab["name"]] for lab in labels])
         tables = scene.GetNodesByClass("vtkMRMLColorTableNode")
         for i in range(tables.GetNumberOfItems()):
             node = tables.GetItemAsObject(i)
-            if node.GetAttribute("MetaSeg.TissueColors") == "1":
+            if node.GetAttribute("MetaSeg.LabelColors") == key:
                 return node
-        table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", scene.GenerateUniqueName("MetaSeg tissues"))
+        table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", scene.GenerateUniqueName("MetaSeg labels"))
         table.SetTypeToUser()
         table.SetNumberOfColors(max([lab["value"] for lab in labels] + [4]) + 1)
         table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
@@ -921,7 +1047,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             if lab["value"] > 0:
                 r, g, b = lab["color"]
                 table.SetColor(lab["value"], lab["name"], r, g, b, 1.0)
-        table.SetAttribute("MetaSeg.TissueColors", "1")
+        table.SetAttribute("MetaSeg.LabelColors", key)
         return table
 
     def _corePath(self) -> Path:
@@ -931,26 +1057,41 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                                f"({', '.join(str(d) for d in paths.core_search_dirs(self.moduleDir))})")
         return corePath
 
-    def _keepFitted(self, segmentationNode, source: Path, volumeNode, toNetwork: np.ndarray) -> None:
-        """Copy the fitted network out of the run's folder, for cross-sections, with what they need to know:
-        the input's voxel size, the tissue labels, and the matrix from the segmentation's frame to the network's."""
-        import shutil
-
+    def _keptFolder(self) -> Path:
+        """This session's folder for fitted networks made from the scene's text nodes (removed at exit)."""
         if self._keptDir is None or not self._keptDir.is_dir():
             self._keptDir = rundirs.make_run_dir(self.runRoot, prefix="kept-")
             _KEPT_DIRS.add(self._keptDir)
-        target = self._keptDir / f"{segmentationNode.GetID()}-{int(time.time() * 1000)}.pt"
-        shutil.copyfile(source, target)
-        shutil.copyfile(str(source) + ".sha256", str(target) + ".sha256")
+        return self._keptDir
+
+    def _keepFitted(self, segmentationNode, source: Path, volumeNode, toNetwork: np.ndarray) -> None:
+        """Keep the fitted network with the result, for cross-sections: a text node in the scene (saved with
+        it, see MetaSegLib.fitted) referenced by the segmentation, and what cross-sections need to know
+        (the input's voxel size, the labels as the core wrote them, the segmentation-to-network matrix)."""
+        try:
+            text = fitted.encode(Path(source))
+        except (OSError, fitted.FittedError) as e:
+            raise MetaSegError(f"could not keep the fitted network: {e}") from e
+        scene = segmentationNode.GetScene()
+        textNode = segmentationNode.GetNodeReference(FITTED_REFERENCE)
+        if textNode is None:
+            textNode = scene.AddNewNodeByClass("vtkMRMLTextNode",
+                                               scene.GenerateUniqueName(f"{segmentationNode.GetName()} fitted network"))
+            textNode.SetHideFromEditors(True)  # an implementation detail of the result, saved with the scene
+        textNode.SetForceCreateStorageNode(slicer.vtkMRMLTextNode.CreateStorageNodeAlways)
+        textNode.SetText(text)
         segmentation = segmentationNode.GetSegmentation()
         labels = []
         for i in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(i)
+            if segmentation.GetNthSegmentID(i) == BRAIN_MASK_SEGMENT:
+                continue
             labels.append({"value": segment.GetLabelValue(), "name": segment.GetName(), "color": list(segment.GetColor())})
         info = {"spacing": list(volumeNode.GetSpacing()), "size": list(volumeNode.GetImageData().GetDimensions()),
                 "toNetwork": np.asarray(toNetwork).tolist(), "labels": labels}
-        segmentationNode.SetAttribute(FITTED_ATTRIBUTE, str(target))
+        segmentationNode.SetNodeReferenceID(FITTED_REFERENCE, textNode.GetID())
         segmentationNode.SetAttribute(FITTED_INFO_ATTRIBUTE, json.dumps(info))
+        segmentationNode.SetAttribute(CROSS_SECTIONS_ATTRIBUTE, "1")
 
     @staticmethod
     def _checkInput(volumeNode, outputSegmentation) -> None:
@@ -1050,8 +1191,10 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         self._placeBesideVolume(node, volumeNode)
         return node
 
-    def _addBrainMaskSegment(self, segmentationNode, path: Path) -> None:
-        """The run's brain mask as one more segment of the result, hidden (the tissues stay what is shown)."""
+    @staticmethod
+    def _addBrainMaskSegment(segmentationNode, path: Path) -> None:
+        """The run's brain mask as one more segment (ID and name BRAIN_MASK_SEGMENT) of the result read
+        from the core's file; it is hidden once in the output, where the labels stay what is shown."""
         private = slicer.vtkMRMLScene()
         mask = private.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         storage = private.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -1064,10 +1207,8 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         segment.SetColor(0.9, 0.9, 0.5)
         segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
         segmentation = segmentationNode.GetSegmentation()
-        segmentation.RemoveSegment(BRAIN_MASK_SEGMENT)  # an existing output keeps one brain mask, not two
+        segmentation.RemoveSegment(BRAIN_MASK_SEGMENT)
         segmentation.AddSegment(segment, BRAIN_MASK_SEGMENT)
-        segmentationNode.CreateDefaultDisplayNodes()
-        segmentationNode.GetDisplayNode().SetSegmentVisibility(BRAIN_MASK_SEGMENT, False)
 
     def _exportLabelmap(self, segmentationNode, volumeNode):
         """A labelmap volume of the segments on the input's exact grid (values 1..N in segment order)."""
@@ -1109,6 +1250,8 @@ class MetaSegTest(ScriptedLoadableModuleTest):
     """The module's scenarios inside Slicer: "Reload and Test" in the module panel, ctest
     (slicer_add_python_unittest in CMakeLists.txt), or
       Slicer --no-splash --testing --python-code "import slicer.testing; slicer.testing.runUnitTest(['<folder of MetaSeg.py>'], 'MetaSeg')"
+    The samples come through Sample Data, as a user gets them. No path needs a main window
+    (`--no-main-window`): slice nodes are made in the scene, views are used only when present.
     The same scenarios, and more, run outside Slicer with slicer-core in Testing/slicer/.
     """
 
@@ -1126,21 +1269,23 @@ class MetaSegTest(ScriptedLoadableModuleTest):
             except unittest.SkipTest as e:
                 self.delayDisplay(f"{test.__name__} skipped: {e}")
 
-    def _loadSample(self):
-        logic = MetaSegLogic()
-        path = logic.samplePath()
-        self.assertIsNotNone(path, "the sample Resources/Sample/ecog_slice_t1.nii.gz is not installed")
-        return logic, slicer.util.loadVolume(str(path))
+    def _loadSample(self, sampleName: str = "MetaSegSlice"):
+        import SampleData
 
-    def _weightsOrSkip(self, logic):
-        if logic.weightsPath(2) is None:
-            self.skipTest("no shipped 2D weights (Resources/Weights/metaseg2d.pt)")
+        registerSampleData()
+        volume = SampleData.downloadSample(sampleName)
+        self.assertIsNotNone(volume, f"the sample {sampleName} is not installed (Resources/Sample)")
+        return MetaSegLogic(), volume
+
+    def _weightsOrSkip(self, logic, dims: int = 2):
+        if logic.weightsPath(dims) is None:
+            self.skipTest(f"no shipped {dims}D weights (Resources/Weights)")
         if logic.missingPackages():
             self.skipTest("missing Python packages: " + ", ".join(logic.missingPackages()))
 
     def test_segment_sample(self):
         self.delayDisplay("MetaSeg: segment the sample slice")
-        logic, volume = self._loadSample()
+        logic, volume = self._loadSample("MetaSegSlice")
         self._weightsOrSkip(logic)
         events = []
         segmentation = logic.segment(volume, device="cpu", steps=3, seed=0, onProgress=events.append)
@@ -1150,6 +1295,7 @@ class MetaSegTest(ScriptedLoadableModuleTest):
         names = [c["name"] for c in report["classes"] if c["value"] != 0]
         segments = [segmentation.GetSegmentation().GetNthSegment(i) for i in range(4)]
         self.assertEqual([s.GetName() for s in segments], names)
+        self.assertEqual(list(segmentation.GetSegmentation().GetSegmentIDs()), names)  # stable IDs: the names
         self.assertEqual(len({tuple(round(c, 3) for c in s.GetColor()) for s in segments}), 4)
         for s in segments:
             tag = vtk.reference("")
@@ -1164,7 +1310,7 @@ class MetaSegTest(ScriptedLoadableModuleTest):
 
     def test_cancel_leaves_scene_unchanged(self):
         self.delayDisplay("MetaSeg: cancel a run")
-        logic, volume = self._loadSample()
+        logic, volume = self._loadSample("MetaSegSlice")
         self._weightsOrSkip(logic)
         before = slicer.mrmlScene.GetNumberOfNodes()
         job = logic.segment(volume, device="cpu", steps=200, wait=False, livePreview=True)
@@ -1182,7 +1328,7 @@ class MetaSegTest(ScriptedLoadableModuleTest):
 
     def test_bad_weights_is_an_error(self):
         self.delayDisplay("MetaSeg: a bogus weights file is a clear error")
-        logic, volume = self._loadSample()
+        logic, volume = self._loadSample("MetaSegSlice")
         if logic.missingPackages():
             self.skipTest("missing Python packages")
         before = slicer.mrmlScene.GetNumberOfNodes()
@@ -1192,22 +1338,27 @@ class MetaSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
     def test_cross_section_of_3d_sample(self):
-        self.delayDisplay("MetaSeg: 3D sample, then labels on an oblique slice plane at 4x")
-        logic = MetaSegLogic()
-        path = logic.samplePath("ecog_t1.nii.gz")
-        self.assertIsNotNone(path, "the sample Resources/Sample/ecog_t1.nii.gz is not installed")
-        if logic.weightsPath(3) is None or logic.missingPackages():
-            self.skipTest("no shipped 3D weights or missing Python packages")
-        volume = slicer.util.loadVolume(str(path))
+        self.delayDisplay("MetaSeg: whole-head sample, then labels on an oblique plane at 4x")
+        logic, volume = self._loadSample("MetaSegHead")
+        self._weightsOrSkip(logic, 3)
         segmentation = logic.segment(volume, device="cpu", steps=5)
         self.assertTrue(logic.hasFittedNetwork(segmentation))
-        sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        sliceNode.SetOrientation("Coronal")
-        tilt = vtk.vtkTransform()  # an oblique reformat: the coronal plane tilted by 20 degrees
+        # a slice node of our own: a coronal plane through the volume's centre, tilted by 20 degrees
+        sliceNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode", "MetaSegTestSlice")
+        sliceNode.SetLayoutName("MetaSegTestSlice")
+        bounds = [0.0] * 6
+        volume.GetRASBounds(bounds)
+        coronal = vtk.vtkMatrix4x4()
+        for i, row in enumerate(((-1, 0, 0), (0, 0, 1), (0, 1, 0))):
+            for j in range(3):
+                coronal.SetElement(i, j, row[j])
+            coronal.SetElement(i, 3, (bounds[2 * i] + bounds[2 * i + 1]) / 2)
+        tilt = vtk.vtkTransform()
         tilt.RotateX(20)
         oblique = vtk.vtkMatrix4x4()
-        vtk.vtkMatrix4x4.Multiply4x4(sliceNode.GetSliceToRAS(), tilt.GetMatrix(), oblique)
+        vtk.vtkMatrix4x4.Multiply4x4(coronal, tilt.GetMatrix(), oblique)
         sliceNode.GetSliceToRAS().DeepCopy(oblique)
+        sliceNode.SetFieldOfView(160.0, 160.0, 1.0)
         sliceNode.UpdateMatrices()
         before = slicer.mrmlScene.GetNumberOfNodes()
         node = logic.crossSection(segmentation, sliceNode, superResolution=4)
@@ -1216,5 +1367,3 @@ class MetaSegTest(ScriptedLoadableModuleTest):
         self.assertAlmostEqual(node.GetSpacing()[0], volume.GetSpacing()[0] / 4, places=4)
         labels = slicer.util.arrayFromVolume(node)
         self.assertTrue((labels == 3).any(), "no white matter on the plane")
-        composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
-        self.assertEqual(composite.GetLabelVolumeID(), node.GetID())

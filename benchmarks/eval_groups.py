@@ -3,12 +3,16 @@
 Run by hand (not a test), e.g. on the 2-core CPU:
   .venv/bin/python benchmarks/eval_groups.py 3d --split validation --weights Resources/Weights/metaseg3d.pt
   .venv/bin/python benchmarks/eval_groups.py 2d --split test --pack pack/all.npz
+  .venv/bin/python benchmarks/eval_groups.py 3d --labels structures --weights Resources/Weights/metaseg3d_structures.pt
 3D: each subject's `native_t1.nii.gz` (scanner geometry, registered automatically) through
 `segment_volume`, scored against `native_seg4.nii.gz` on the scan's own voxels.
 2D: slice 109 of the aligned volume: `slice_norm` for the FreeSurfer subjects (the paper's task file),
 the subject's coronal slice 109 in a `metaseg prepare` pack for the OASIS subjects (they have no
 aligned files). Subjects come from `metaseg/splits.json`; both label groups are reported separately
 (FreeSurfer: brains/, manual Neuromorphometrics: oasis-nmm/). Appends a JSON record to --json.
+With `--labels structures` the reference is `native_structures.nii.gz` (3D) or slice 109 of a structures
+pack (2D, both groups: `metaseg prepare --label-set structures`); every structure gets its Dice and volume
+error, and the structures merged into the 4 tissues are scored against the tissue labels too.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 
 from metaseg.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
 from metaseg.io import read_image
+from metaseg.labelsets import TISSUES, LabelSet, label_set
 from metaseg.metrics import dice_per_class, foreground_dice
 from metaseg.segment import segment_array
 from metaseg.runtime import Model
@@ -34,36 +39,58 @@ from metaseg.weights import load_weights
 CLASSES = {1: "cortex", 2: "subcortical", 3: "wm", 4: "csf"}
 
 
-def scores(pred: np.ndarray, ref: np.ndarray, voxel_ml: float) -> dict:
-    """fg-Dice, Dice and absolute volume error (%) per class."""
-    d = dice_per_class(pred, ref)
-    out = {"fg_dice": round(foreground_dice(pred, ref), 4)}
-    for c, name in CLASSES.items():
-        vp, vr = float((pred == c).sum()) * voxel_ml, float((ref == c).sum()) * voxel_ml
-        out[f"dice_{name}"] = round(d[c], 4)
+def scores(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, labels: LabelSet = TISSUES) -> dict:
+    """fg-Dice (mean over the foreground labels present), Dice and absolute volume error (%) per label."""
+    d = dice_per_class(pred, ref, max(labels.values) + 1)
+    out = {"fg_dice": round(foreground_dice(pred, ref, labels.foreground), 4)}
+    for lab in labels.labels[1:]:
+        name = CLASSES[lab.value] if labels is TISSUES else lab.name
+        vp, vr = float((pred == lab.value).sum()) * voxel_ml, float((ref == lab.value).sum()) * voxel_ml
+        out[f"dice_{name}"] = round(d[lab.value], 4)
         out[f"volerr_{name}_pct"] = round(100.0 * abs(vp - vr) / vr, 1) if vr else None
+    if labels is not TISSUES:  # the structures merged into tissues, and the figures a clinic reads
+        present = [out[f"dice_{lab.name}"] for lab in labels.labels[1:] if not np.isnan(out[f"dice_{lab.name}"])]
+        out["min_structure_dice"] = round(min(present), 4)
+        out["dice_hippocampus"] = round((out["dice_Left-Hippocampus"] + out["dice_Right-Hippocampus"]) / 2, 4)
     return out
 
 
-def eval_3d(w, net, subject: str, data: Path, seed: int) -> dict:
+def tissue_scores(pred_values: np.ndarray, tissue_ref: np.ndarray, labels: LabelSet) -> dict:
+    """Structures merged into the 4 tissue classes, scored against the tissue labels."""
+    merged = np.asarray(labels.tissue_lut(), np.uint8)[pred_values]
+    return {"tissue_fg_dice": round(foreground_dice(merged, tissue_ref), 4)}
+
+
+def eval_3d(w, net, subject: str, data: Path, seed: int, labels: LabelSet) -> dict:
     d = subject_dir(data, subject)
     img = read_image(d / "native_t1.nii.gz")
-    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "native_seg4.nii.gz")))
+    ref_name = "native_seg4.nii.gz" if labels is TISSUES else "native_structures.nii.gz"
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / ref_name)))
     t0 = time.perf_counter()
     res = segment_volume(img, Model(w, net, next(net.parameters()).device, w.plan), VolumeSettings(seed=seed))
     dt = time.perf_counter() - t0
-    row = scores(sitk.GetArrayFromImage(res.labels), ref, float(np.prod(img.GetSpacing())) / 1000.0)
+    pred = sitk.GetArrayFromImage(res.labels)
+    row = scores(pred, ref, float(np.prod(img.GetSpacing())) / 1000.0, labels)
+    if labels is not TISSUES:
+        row.update(tissue_scores(pred, sitk.GetArrayFromImage(sitk.ReadImage(str(d / "native_seg4.nii.gz"))), labels))
     return {**row, "ncc": round(res.registration["ncc"], 3), "ncc_interior": round(res.registration["ncc_interior"], 3),
             "psnr": round(res.psnr, 2), "seconds": round(dt, 1), "warnings": res.warnings}
 
 
-def eval_2d(w, net, subject: str, data: Path, pack: Path, seed: int) -> dict:
+def eval_2d(w, net, subject: str, data: Path, pack: Path, seed: int, labels: LabelSet) -> dict:
     d = subject_dir(data, subject)
-    sl = load_slice(d) if (d / "slice_norm.nii.gz").is_file() else coronal_slices(pack / subject, [PAPER_SLICE])[0]
+    if labels is TISSUES and (d / "slice_norm.nii.gz").is_file():
+        sl = load_slice(d)
+    else:
+        sl = coronal_slices(pack / subject, [PAPER_SLICE])[0]
     t0 = time.perf_counter()
     res = segment_array(net, w.log_lr, w.plan, sl.image, w.canvas, seed=seed)
     dt = time.perf_counter() - t0
-    return {**scores(res.labels, sl.labels, 0.001), "psnr": round(res.psnr, 2), "seconds": round(dt, 2)}
+    row = scores(res.labels, sl.labels, 0.001, labels)
+    if labels is not TISSUES:
+        row["tissue_fg_dice_vs_merged_ref"] = round(foreground_dice(
+            *(np.asarray(labels.tissue_lut(), np.uint8)[x] for x in (res.labels, sl.labels))), 4)
+    return {**row, "psnr": round(res.psnr, 2), "seconds": round(dt, 2)}
 
 
 def main() -> int:
@@ -78,22 +105,28 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="docs/eval_groups.json")
     ap.add_argument("--label", default="", help="a name for this record (e.g. 'old weights')")
+    ap.add_argument("--labels", default="tissues", choices=("tissues", "structures"), help="the weights' label set")
     a = ap.parse_args()
+    labels = label_set(a.labels)
     torch.set_num_threads(a.threads)
     w = load_weights(Path(a.weights or f"Resources/Weights/metaseg{a.dims}.pt"))
     net = w.build()
     subjects = a.subjects or load_splits()[a.split]
     rows = []
     for s in subjects:
-        r = eval_3d(w, net, s, Path(a.data), a.seed) if a.dims == "3d" else eval_2d(w, net, s, Path(a.data), Path(a.pack), a.seed)
+        r = eval_3d(w, net, s, Path(a.data), a.seed, labels) if a.dims == "3d" \
+            else eval_2d(w, net, s, Path(a.data), Path(a.pack), a.seed, labels)
         r = {"subject": s, "group": label_group(subject_dir(Path(a.data), s)), **r}
         rows.append(r)
         print(json.dumps(r), file=sys.stderr)
-    keys = ["fg_dice"] + [f"dice_{n}" for n in CLASSES.values()] + [f"volerr_{n}_pct" for n in CLASSES.values()]
+    names = list(CLASSES.values()) if labels is TISSUES else [lab.name for lab in labels.labels[1:]]
+    extra = [k for k in ("min_structure_dice", "dice_hippocampus", "tissue_fg_dice", "tissue_fg_dice_vs_merged_ref")
+             if k in rows[0]]
+    keys = ["fg_dice"] + extra + [f"dice_{n}" for n in names] + [f"volerr_{n}_pct" for n in names]
     groups = {}
     for g in sorted({r["group"] for r in rows}):
         sel = [r for r in rows if r["group"] == g]
-        groups[g] = {k: round(float(np.mean([r[k] for r in sel if r[k] is not None])), 4) for k in keys}
+        groups[g] = {k: round(float(np.nanmean([r[k] for r in sel if r[k] is not None] or [np.nan])), 4) for k in keys}
         groups[g]["min_fg_dice"] = min(r["fg_dice"] for r in sel)
         groups[g]["n"] = len(sel)
     print(f"# {a.dims} {a.split if not a.subjects else 'subjects'} — {w.sha256[:12]} {a.label}")
@@ -103,7 +136,7 @@ def main() -> int:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     for g, v in groups.items():
         print(f"| **mean {g}** (n={v['n']}) | | " + " | ".join(str(v[k]) for k in keys) + " |  |" + (" |" if a.dims == "3d" else ""))
-    rec = {"dims": a.dims, "split": a.split, "subjects": subjects, "weights": a.weights, "sha256": w.sha256, "label": a.label,
+    rec = {"dims": a.dims, "labels": a.labels, "split": a.split, "subjects": subjects, "weights": a.weights, "sha256": w.sha256, "label": a.label,
            "rows": rows, "groups": groups, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "command": "benchmarks/eval_groups.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M")}

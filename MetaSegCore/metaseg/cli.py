@@ -49,6 +49,7 @@ def _add_train(sub) -> None:
     p.add_argument("--head-lr", type=float, help="stage-2 head learning rate (1e-3)")
     p.add_argument("--head-fits", type=int, help="stage-2 fits per training image (2D 1, 3D 4)")
     p.add_argument("--head-steps", type=int, help="stage-2 head fine-tuning steps (4000)")
+    p.add_argument("--head-points", type=int, help="stage-2 points per fit whose features train the head (2D 8192, 3D 16384)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
@@ -59,6 +60,8 @@ def _add_train(sub) -> None:
     p.add_argument("--val-every", type=int, help="validate every N outer steps (100)")
     p.add_argument("--meta-batch", type=int, help="tasks per outer step; under torchrun they are split over the processes (1)")
     p.add_argument("--seed", type=int, help="random seed (0)")
+    p.add_argument("--label-set", choices=("tissues", "structures"), help="what the head outputs; the pack's "
+                   "labels must hold it (`metaseg prepare --label-set`) (tissues)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_train)
 
@@ -68,8 +71,9 @@ _TRAIN_FIELDS = {
     "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
     "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
-    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "focal_gamma": "focal_gamma",
+    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "focal_gamma": "focal_gamma",
     "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",
+    "label_set": "label_set",
 }
 
 
@@ -122,8 +126,8 @@ def _add_prepare(sub) -> None:
         help="make a training pack from labelled scans in any geometry (for `metaseg train --data`)",
         description="Register each subject's scan to the model's template exactly as `segment` does, resample "
         "its image (linear) and labels (nearest neighbour) onto the model grid with that one transform, and write "
-        "one .npz pack for `metaseg train --data`. Labels must use the model's classes: 0 background, 1 cortical "
-        "GM, 2 subcortical GM, 3 WM, 4 CSF. Prints a QC table (registration NCC, class volumes before and after "
+        "one .npz pack for `metaseg train --data`. Labels must use the label set's values: tissues 0 background, "
+        "1 cortical GM, 2 subcortical GM, 3 WM, 4 CSF; structures FreeSurfer's aseg numbers (31 structures). Prints a QC table (registration NCC, class volumes before and after "
         "resampling). A subject that fails (unreadable, no labels, wrong grid, registration below the gate) is "
         "refused with the reason, and then no pack is written unless --skip-refused.",
         epilog="exit codes: 0 done, 2 bad input or a refused subject (no pack written), 1 unexpected error",
@@ -132,6 +136,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="pack to write (.npz)")
     p.add_argument("--image-glob", default="native_t1.nii*", help="the image file in each folder (default: %(default)s)")
     p.add_argument("--labels-glob", default="native_seg4.nii*", help="the label file in each folder (default: %(default)s)")
+    p.add_argument("--label-set", default="tissues", choices=("tissues", "structures"),
+                   help="what the label files hold (default: %(default)s)")
     p.add_argument("--qc", help="also write the QC table here (.tsv)")
     p.add_argument("--skip-refused", action="store_true", help="write the pack without the refused subjects")
     p.add_argument("--force", action="store_true", help="replace an existing pack or QC table")
@@ -142,6 +148,7 @@ def _prepare(a: argparse.Namespace) -> int:
     from .atomic import write_all
     from .data import pack_writer
     from .io import InputError
+    from .labelsets import label_set
     from .meta_train import settings_for
     from .output_paths import check_output
     from .prepare import find_subjects, prepare_subjects, qc_row, qc_table
@@ -154,16 +161,16 @@ def _prepare(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     canvas = settings_for(3).canvas
-    print(f"{'subject':<14} {'status':<8} {'NCC':>5} {'inner':>5}  mL before -> after (cortex, subcortical, WM, CSF)",
+    labels = label_set(a.label_set)
+    print(f"{'subject':<14} {'status':<8} {'NCC':>5} {'inner':>5}  largest change of a label's volume by resampling",
           file=sys.stderr)
 
     def show(p) -> None:
-        r = qc_row(p)
-        vols = "  ".join(f"{r[c + '_ml_before']}->{r[c + '_ml_after']}" for c in ("cgm", "sgm", "wm", "csf"))
+        r = qc_row(p, labels)
         print(f"{p.id:<14} {r['status']:<8} {r['ncc']!s:>5} {r['ncc_interior']!s:>5}  "
-              f"{p.error if p.error else vols}", file=sys.stderr)
+              f"{p.error if p.error else str(r['max_change_pct']) + ' %'}", file=sys.stderr)
 
-    done = prepare_subjects(subjects, canvas, on_done=show)
+    done = prepare_subjects(subjects, canvas, on_done=show, label_set=labels)
     refused = [p for p in done if p.error]
     kept = [p for p in done if not p.error]
     if refused and not a.skip_refused:
@@ -173,11 +180,11 @@ def _prepare(a: argparse.Namespace) -> int:
     if not kept:
         print("error: no subject could be prepared; no pack written", file=sys.stderr)
         return 2
-    meta = {"canvas": list(canvas), "command": "metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+    meta = {"canvas": list(canvas), "label_set": labels.name, "command": "metaseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
             "subjects": {p.id: p.qc for p in kept}, "refused": {p.id: p.error for p in refused}}
     writers = [(out, pack_writer({p.id: p.volume for p in kept}, meta))]  # pack and table appear together
     if qc is not None:
-        table = qc_table(done)
+        table = qc_table(done, labels)
         writers.append((qc, lambda tmp: Path(tmp).write_text(table, encoding="utf-8")))
     write_all(writers)
     print(f"wrote {out}: {len(kept)} subject(s){f', {len(refused)} refused' if refused else ''}", file=sys.stderr)

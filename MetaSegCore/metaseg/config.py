@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,27 @@ class ModelConfig:
     n_classes: int = 5
     head_all_layers: bool = False
     head_intensity: bool = False
+    # The label value each output class stands for, in class order (a label set's values, e.g. FreeSurfer's
+    # aseg numbers for structures); empty: class i is label value i (the tissue models).
+    label_values: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_values", tuple(int(v) for v in self.label_values))  # JSON gives a list
+        if self.label_values and len(self.label_values) != self.n_classes:
+            raise ValueError(f"{len(self.label_values)} label values for {self.n_classes} classes")
+
+    @property
+    def values(self) -> Tuple[int, ...]:
+        """The label value of every output class, in class order."""
+        return self.label_values or tuple(range(self.n_classes))
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.label_values:  # files of tissue models stay as they were
+            d.pop("label_values")
+        else:
+            d["label_values"] = list(self.label_values)
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":

@@ -164,12 +164,18 @@ class FittedINR:
         return torch.cat(out)
 
     def decode(self, coords: torch.Tensor) -> tuple:
-        """(labels uint8, intensity float32) in one pass: what segmentation needs."""
+        """(label values uint8, intensity float32) in one pass: what segmentation needs."""
         packed = self._map(coords, lambda i, z: torch.stack([z.argmax(-1).float(), i], -1), head=True).cpu()
-        return packed[:, 0].to(torch.uint8), packed[:, 1].contiguous()
+        return self.values[packed[:, 0].long()], packed[:, 1].contiguous()
 
     def labels(self, coords: torch.Tensor) -> torch.Tensor:
-        return self._map(coords, lambda i, z: z.argmax(-1).to(torch.uint8), head=True).cpu()
+        """Label values (uint8): the argmax class mapped to its value (`ModelConfig.values`)."""
+        return self.values[self._map(coords, lambda i, z: z.argmax(-1), head=True).cpu()]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The label value of each class (uint8), indexed by class."""
+        return torch.tensor(self.model.config.values, dtype=torch.uint8)
 
     def probabilities(self, coords: torch.Tensor) -> torch.Tensor:
         return self._map(coords, lambda i, z: torch.softmax(z, -1), head=True).cpu()

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List
@@ -44,7 +44,8 @@ from .model import MetaSegNet
 from .preprocess import add_noise, augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
 from .segment import segment_array
 from .atomic import write_all
-from .weights import FORMAT as WEIGHTS_FORMAT, LABELS, Weights, WeightsError, load_weights, save_weights
+from .labelsets import LabelSet, label_set as get_label_set
+from .weights import FORMAT as WEIGHTS_FORMAT, Weights, WeightsError, load_weights, save_weights
 
 
 @dataclass
@@ -82,6 +83,7 @@ class TrainSettings:
     head_fits_per_image: int = 1
     head_points: int = 8192
     seed: int = 0
+    label_set: str = "tissues"  # what the head outputs (metaseg.labelsets): tissues or structures
     splits: str = ""  # a splits JSON like metaseg/splits.json (train/validation lists); "" = the package's
     init: str = ""  # a best_stage1.pt to start from instead of the SIREN init (with outer_steps 0: stage 2 only)
     device: str = "auto"
@@ -98,6 +100,10 @@ class TrainSettings:
         if self.test_lr > 0:
             return torch.full((1, log_lr.shape[1]), math.log(self.test_lr))
         return log_lr.detach().clone()
+
+    @property
+    def labels(self) -> LabelSet:
+        return get_label_set(self.label_set)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -127,7 +133,10 @@ def settings_for(dims: int, **overrides) -> TrainSettings:
         base = dict(plan=FitPlan(steps=10, batch_size=2048), outer_points=8192)
     else:
         raise ValueError(f"dims must be 2 or 3, got {dims}")
-    return TrainSettings(**{**base, **overrides})
+    s = TrainSettings(**{**base, **overrides})
+    labels = s.labels  # the head's classes follow the label set (tissue models keep value = class index)
+    values = labels.values if labels.values != tuple(range(len(labels))) else ()
+    return replace(s, model=replace(s.model, n_classes=len(labels), label_values=values))
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -141,11 +150,17 @@ def prepare_tasks(root: Path, subjects: List[str], s: "TrainSettings", slices=()
     out = []
     for subj in subjects:
         images = coronal_slices(root / subj, slices) if s.dims == 2 else [load_volume(root / subj)]
+        lut = np.asarray(s.labels.index_lut(), np.int16)
         for im in images:
             if not (im.image > 0).any():
                 continue
+            classes = lut[im.labels]  # label values -> the network's class indices
+            if (classes < 0).any():
+                bad = sorted(set(np.unique(im.labels[classes < 0]).tolist()))
+                raise SystemExit(f"{im.name}: label values {bad[:5]} are not in the {s.label_set} label set; "
+                                 "prepare the pack with the matching --label-set")
             img, _ = pad_to_canvas(normalize_intensity(im.image), s.canvas)
-            lab, _ = pad_to_canvas(im.labels, s.canvas)
+            lab, _ = pad_to_canvas(classes.astype(np.uint8), s.canvas)
             out.append(LabeledImage(im.name, torch.from_numpy(img), torch.from_numpy(lab)))
     return out
 
@@ -185,12 +200,17 @@ class TaskPoints:
 
 
 def validate(net: MetaSegNet, log_lr: torch.Tensor, plan: FitPlan, tasks, canvas, seed: int = 0) -> Dict[str, float]:
-    """Segment each task exactly as at test time and return mean fg-Dice and paper-GDS."""
+    """Segment each task exactly as at test time and return mean fg-Dice (over the label set's
+    foreground labels present) and paper-GDS (on class indices)."""
     fg, gds = [], []
+    values = np.asarray(net.config.values)
+    index = np.zeros(256, np.int64)
+    index[values] = np.arange(len(values))
     for t in tasks:
         r = segment_array(net, log_lr.detach(), plan, t.image.numpy(), canvas, seed=seed, normalize=False)
-        fg.append(foreground_dice(r.labels, t.labels.numpy()))
-        gds.append(generalized_dice(r.labels, t.labels.numpy()))
+        ref = t.labels.numpy()
+        fg.append(foreground_dice(r.labels, values[ref], classes=tuple(values[1:])))
+        gds.append(generalized_dice(index[r.labels], ref, len(values)))
     return {"fg_dice": float(np.mean(fg)), "gds": float(np.mean(gds)), "per_image": [round(x, 4) for x in fg]}
 
 
@@ -347,7 +367,7 @@ def meta_train(s: TrainSettings) -> Path:
 
     net, log_lr, opt = build_model(s, dev)
     gen = torch.Generator().manual_seed(s.seed)  # draws the task indices (and stage 2's randomness)
-    state = {"step": 0, "best": -1.0, "best_step": 0}
+    state = {"step": 0, "best": -1.0, "best_step": 0, "head_loaded": True}
 
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
@@ -365,7 +385,7 @@ def meta_train(s: TrainSettings) -> Path:
             print(f"resumed from step {state['step']}", file=sys.stderr)
     else:
         if s.init:
-            load_init(net, log_lr, Path(s.init))
+            state["head_loaded"] = load_init(net, log_lr, Path(s.init))
         if lead:
             log.write(event="start", settings=s.to_dict(), n_train=len(train), n_val=len(val), version=__version__,
                       device=str(dev), torch=torch.__version__)
@@ -417,8 +437,8 @@ def meta_train(s: TrainSettings) -> Path:
     log_lr.data.copy_(best["log_lr"])
     test_lr = s.test_log_lr(log_lr)
     stage1 = {"step": state["best_step"]}
-    if not s.image_only and (s.outer_steps > 0 or s.init):
-        stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))
+    if not s.image_only and (s.outer_steps > 0 or (s.init and state.get("head_loaded", True))):
+        stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))  # a new head untrained: nothing to score
     head_metrics = train_head(net, test_lr.to(dev), s, train, points, gen, log)
     stage2 = validate(net, test_lr, s.test_plan, val, s.canvas)
     log.write(event="stage2", **stage2)
@@ -428,9 +448,10 @@ def meta_train(s: TrainSettings) -> Path:
     else:
         chosen = "stage2"
     card = {
-        "name": f"MetaSeg {s.dims}D, 5 tissue classes",
+        "name": f"MetaSeg {s.dims}D, {s.labels.title}",
         "metaseg_version": __version__,
-        "labels": LABELS,
+        "label_set": s.label_set,
+        "labels": s.labels.card_labels(),
         "input": {
             "dims": s.dims,
             "canvas": list(s.canvas),
@@ -455,13 +476,14 @@ def meta_train(s: TrainSettings) -> Path:
     return path
 
 
-def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
+def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> bool:
     """Start from another run's stage-1 result (`best_stage1.pt`) or from a weights file (e.g. the
     shipped `metaseg3d.pt`, checked by its sha256: fine-tuning on new data). A paper head
     (penultimate features only) becomes this model's wider head (`head_all_layers`,
     `head_intensity`) with zero weights for the new inputs: it starts as the old head, and stage 2
-    teaches it the rest. A weights file holds the test-time learning rates only, so the inner
-    loop's per-step rates keep their initial value (`--inner-lr`) and are meta-learned again."""
+    teaches it the rest. A head for another label set is not loaded: the trunk is, and the head starts
+    afresh. A weights file holds the test-time learning rates only, so the inner loop's per-step rates
+    keep their initial value (`--inner-lr`) and are meta-learned again. Returns whether the head was loaded."""
     if not path.is_file():
         raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.pt or a weights file")
     blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -472,6 +494,15 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
             raise SystemExit(f"--init: {e}") from None
         blob = {"net": w.state, "log_lr": None}
     state = dict(blob["net"])
+    head_shapes = {k: v.shape for k, v in net.state_dict().items() if k.startswith("head.")}
+    if state.get("head.2.weight") is not None and state["head.2.weight"].shape != head_shapes["head.2.weight"]:
+        # another label set: keep the trunk, start a new head (stage 2 trains it)
+        print(f"--init: {path} has a head for {state['head.2.weight'].shape[0]} classes, this model "
+              f"{head_shapes['head.2.weight'][0]}: its trunk is used, the head starts afresh", file=sys.stderr)
+        state.update({k: v for k, v in net.state_dict().items() if k.startswith("head.")})
+        head_loaded = False
+    else:
+        head_loaded = True
     w = state.get("head.0.weight")
     if w is not None and w.shape[1] == net.config.width != net.head_in_features:
         state["head.0.weight"] = net.widen_head_weight(w)
@@ -480,11 +511,12 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> None:
     except RuntimeError as e:
         raise SystemExit(f"--init {path} does not fit this model ({e}); use the same --width, --dims and head options") from None
     if blob["log_lr"] is None:
-        return
+        return head_loaded
     if blob["log_lr"].shape != log_lr.shape:
         raise SystemExit(f"--init {path} has learning rates for {blob['log_lr'].shape[0]} inner steps, this run "
                          f"{log_lr.shape[0]}: use the same --fit-steps")
     log_lr.data.copy_(blob["log_lr"])
+    return head_loaded
 
 
 def _core(s: TrainSettings) -> str:

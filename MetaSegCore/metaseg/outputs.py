@@ -14,19 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .glyphs import draw_text
-
-
-# Codes of Slicer's terminology "Segmentation category and type - DICOM master list"
-# (SegmentationCategoryTypeModifier-DICOM-Master.json, identical in Slicer 5.6-5.10; a copy is in
-# Testing/slicer/data and a test checks every code against it): (category), (type) per label value
-# as (scheme, code, meaning). The list has no subcortical grey matter: it is filed as grey matter
-# (its segment name says which); cortex includes cerebellar cortex, white matter the brainstem.
-TERMINOLOGY = {
-    1: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "40146001", "Cerebral cortex")),
-    2: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "389081007", "Gray Matter")),
-    3: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "389080008", "White Matter")),
-    4: (("SCT", "123037004", "Anatomical Structure"), ("SCT", "65216001", "Cerebrospinal Fluid")),
-}
+from .labelsets import TISSUE_NAMES, from_card, terminology
 
 
 def overlay_rgb(image: np.ndarray, labels: np.ndarray, colors: Dict[int, List[int]], alpha: float = 0.45) -> np.ndarray:
@@ -87,7 +75,7 @@ def write_preview(panels, label_info: List[Dict[str, Any]], path: Path, scale: i
     text = 2 * scale if width >= 1000 else scale  # font scale: larger letters on the wide 3D picture
     line = 9 * text  # text line height
     height = max(t.shape[0] for t in tiles) + line
-    legend = [lab for lab in label_info if lab["value"] != 0]
+    legend = legend_entries(label_info)
     slot = (max(len(lab["name"]) for lab in legend) * 6 + 14) * text
     per_row = max(1, width // slot)
     legend_rows = -(-len(legend) // per_row)
@@ -110,6 +98,23 @@ def write_preview(panels, label_info: List[Dict[str, Any]], path: Path, scale: i
     sitk.WriteImage(sitk.GetImageFromArray(out, isVector=True), str(path))
 
 
+def legend_entries(label_info: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The preview's legend: one entry per foreground colour and name. A left/right pair drawn in one
+    colour is one entry without its side ("Hippocampus"), so 31 structures need 18 entries, not 31."""
+    out: List[Dict[str, Any]] = []
+    for lab in label_info:
+        if lab["value"] == 0:
+            continue
+        name = str(lab["name"])
+        base = name.split("-", 1)[1] if name.startswith(("Left-", "Right-")) else name
+        twins = [x for x in label_info if x is not lab and x["value"] != 0 and str(x["name"]).endswith("-" + base)
+                 and list(x["color"]) == list(lab["color"])]
+        entry = {"value": lab["value"], "name": base if twins else name, "color": lab["color"]}
+        if not any(e["name"] == entry["name"] and list(e["color"]) == list(entry["color"]) for e in out):
+            out.append(entry)
+    return out
+
+
 def write_seg_nrrd(labels_img: sitk.Image, label_info: List[Dict[str, Any]], path: Path) -> None:
     """Slicer's native segmentation file: one segment per tissue with name, colour and terminology."""
     import slicerio  # imported here: only this output needs it
@@ -129,30 +134,21 @@ def write_seg_nrrd(labels_img: sitk.Image, label_info: List[Dict[str, Any]], pat
     ijk_to_lps[:3, :3] = direction * spacing[None, :]
     ijk_to_lps[:3, 3] = origin
     segments = []
+    labels = from_card(label_info)  # the label set's codes: cards written before label sets carry none
     for lab in label_info:
         if lab["value"] == 0:
             continue
         segments.append({
             "labelValue": lab["value"], "name": lab["name"], "color": [c / 255.0 for c in lab["color"]],
-            "terminology": _terminology_dict(lab["value"]),
+            "terminology": terminology(labels.by_value(int(lab["value"]))),
         })
     seg = {"voxels": voxels, "ijkToLPS": ijk_to_lps, "encoding": "gzip", "segments": segments}
     slicerio.write_segmentation(str(path), seg)
 
 
-def _terminology_dict(value: int) -> Dict[str, Any]:
-    category, kind = TERMINOLOGY[value]
-    return {
-        "contextName": "Segmentation category and type - DICOM master list",
-        "category": list(category),
-        "type": list(kind),
-        "anatomicContextName": "Anatomic codes - DICOM master list",
-    }
-
-
 def class_sizes(labels: np.ndarray, spacing, label_info: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per-class pixel counts and physical size (mm^2 for 2D, mL for 3D)."""
-    counts = np.bincount(labels.ravel(), minlength=len(label_info))
+    counts = np.bincount(labels.ravel(), minlength=256)
     cell = float(np.prod(spacing))
     out = []
     for lab in label_info:
@@ -164,6 +160,30 @@ def class_sizes(labels: np.ndarray, spacing, label_info: List[Dict[str, Any]]) -
             entry["volume_ml"] = round(n * cell / 1000.0, 3)
         out.append(entry)
     return out
+
+
+def tissue_sums(classes: List[Dict[str, Any]], label_info: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The 4 tissue classes' sizes summed over the labels of `classes` (`class_sizes`) that belong to
+    each: for a structures result, what a tissue model reports, from the same labels."""
+    labels = from_card(label_info)
+    key = "volume_ml" if classes and "volume_ml" in classes[0] else "area_mm2"
+    out = []
+    for tissue, name in TISSUE_NAMES.items():
+        parts = [c for c in classes if c["value"] != 0 and labels.by_value(c["value"]).tissue == tissue]
+        out.append({"value": tissue, "name": name, "voxels": sum(c["voxels"] for c in parts),
+                    key: round(sum(c[key] for c in parts), 3)})
+    return out
+
+
+def hippocampus_ratio(classes: List[Dict[str, Any]], intracranial_ml: float) -> Dict[str, float]:
+    """Left, right and total hippocampal volume as a fraction of the intracranial volume (brain mask):
+    the normalized figure read in memory clinics. Empty without hippocampus labels."""
+    hip = {c["name"]: c["volume_ml"] for c in classes if c["name"].endswith("-Hippocampus") and "volume_ml" in c}
+    if not hip or intracranial_ml <= 0:
+        return {}
+    left, right = hip.get("Left-Hippocampus", 0.0), hip.get("Right-Hippocampus", 0.0)
+    return {"left": round(left / intracranial_ml, 6), "right": round(right / intracranial_ml, 6),
+            "total": round((left + right) / intracranial_ml, 6), "intracranial_ml": round(intracranial_ml, 1)}
 
 
 def environment() -> Dict[str, str]:

@@ -24,11 +24,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .data import LabeledImage
+from .labelsets import TISSUES, LabelSet
 from .geometry import affine_matrix, to_model_space
 from .io import InputError, image_array_3d, read_image, same_geometry
 from .volume import is_model_grid, model_reference, register_to_template
 
-N_CLASSES = 5  # label values 0..4 (weights.LABELS)
 MIN_LABELLED_ML = 100.0  # a brain has ~1000 mL of tissue; far less means the labels are not a brain's
 
 
@@ -74,21 +74,21 @@ def find_subjects(folders: Sequence[Path], image_glob: str, labels_glob: str) ->
     return out
 
 
-def class_volumes_ml(labels: np.ndarray, voxel_ml: float) -> List[float]:
-    """Volume in mL of classes 1..4."""
-    counts = np.bincount(labels.reshape(-1), minlength=N_CLASSES)[1:N_CLASSES]
-    return [round(float(c) * voxel_ml, 1) for c in counts]
+def class_volumes_ml(labels: np.ndarray, voxel_ml: float, label_set: LabelSet = TISSUES) -> List[float]:
+    """Volume in mL of each foreground label of `label_set`, in its order."""
+    counts = np.bincount(labels.reshape(-1), minlength=256)
+    return [round(float(counts[v]) * voxel_ml, 1 if label_set is TISSUES else 2) for v in label_set.foreground]
 
 
-def prepare_subject(subj: Subject, canvas: Sequence[int]) -> PreparedSubject:
+def prepare_subject(subj: Subject, canvas: Sequence[int], label_set: LabelSet = TISSUES) -> PreparedSubject:
     """Bring one labelled scan onto the model grid; a PreparedSubject with `error` set if refused."""
     try:
-        return _prepare(subj, canvas)
+        return _prepare(subj, canvas, label_set)
     except (InputError, RuntimeError, OSError, ValueError) as e:  # ITK read errors are RuntimeErrors
         return PreparedSubject(subj.id, error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
-def _prepare(subj: Subject, canvas: Sequence[int]) -> PreparedSubject:
+def _prepare(subj: Subject, canvas: Sequence[int], label_set: LabelSet) -> PreparedSubject:
     scan = read_image(subj.image)
     labels = read_image(subj.labels)
     ok, why = same_geometry(labels, scan, tol=1e-4)
@@ -97,13 +97,14 @@ def _prepare(subj: Subject, canvas: Sequence[int]) -> PreparedSubject:
     arr = image_array_3d(scan)
     lab = sitk.GetArrayFromImage(labels)
     if not np.issubdtype(lab.dtype, np.integer) and not np.array_equal(lab, np.round(lab)):
-        raise InputError(f"{subj.labels.name} holds non-integer values: expected a label image (0..{N_CLASSES - 1})")
-    bad = sorted(int(v) for v in np.unique(lab) if not 0 <= v < N_CLASSES)
+        raise InputError(f"{subj.labels.name} holds non-integer values: expected a label image")
+    bad = sorted(int(v) for v in np.unique(lab) if int(v) not in label_set.values)
     if bad:
-        raise InputError(f"{subj.labels.name} has label values {bad[:5]} outside 0..{N_CLASSES - 1} (0 background, "
-                         "1 cortical GM, 2 subcortical GM, 3 WM, 4 CSF): map your labels to these classes first")
+        known = ", ".join(f"{lab.value} {lab.name}" for lab in label_set.labels[:6])
+        raise InputError(f"{subj.labels.name} has label values {bad[:5]} outside the {label_set.name} label set "
+                         f"({known}, ...): map your labels to these values first, or choose another --label-set")
     voxel_ml = float(np.prod(scan.GetSpacing())) / 1000.0
-    before = class_volumes_ml(lab.astype(np.uint8), voxel_ml)
+    before = class_volumes_ml(lab.astype(np.uint8), voxel_ml, label_set)
     if sum(before) < MIN_LABELLED_ML:
         raise InputError(f"only {sum(before):.0f} mL of the scan is labelled (a brain: ~1000 mL): is "
                          f"{subj.labels.name} an unlabelled or empty label image?")
@@ -131,34 +132,40 @@ def _prepare(subj: Subject, canvas: Sequence[int]) -> PreparedSubject:
         qc["model_to_scan"] = matrix.tolist()  # 4x4, LPS mm, full precision: re-applying it must give the same voxels
         det = abs(float(np.linalg.det(matrix[:3, :3])))  # scan mm^3 per model mm^3
     model_lab = np.where(model_img > 0, model_lab, 0).astype(np.uint8)  # training sees brain voxels only
-    after = class_volumes_ml(model_lab, 0.001 * det)  # model voxels are 1 mm^3, scaled back to the scan's size
+    after = class_volumes_ml(model_lab, 0.001 * det, label_set)  # model voxels are 1 mm^3, scaled back to the scan's size
     qc["ml_after"] = after
     qc["volume_change_pct"] = [round(100.0 * (a - b) / b, 1) if b > 0 else None for a, b in zip(after, before)]
     return PreparedSubject(subj.id, LabeledImage(subj.id, model_img.astype(np.float32), model_lab), qc)
 
 
 def prepare_subjects(subjects: Sequence[Subject], canvas: Sequence[int],
-                     on_done: Optional[Callable[[PreparedSubject], None]] = None) -> List[PreparedSubject]:
+                     on_done: Optional[Callable[[PreparedSubject], None]] = None,
+                     label_set: LabelSet = TISSUES) -> List[PreparedSubject]:
     """Prepare every subject (refusals included, never raised); `on_done` sees each as it finishes."""
     out = []
     for s in subjects:
-        p = prepare_subject(s, canvas)
+        p = prepare_subject(s, canvas, label_set)
         if on_done is not None:
             on_done(p)
         out.append(p)
     return out
 
 
-QC_COLUMNS = ("id", "status", "ncc", "ncc_interior") + tuple(
-    f"{c}_ml_{w}" for c in ("cgm", "sgm", "wm", "csf") for w in ("before", "after")) + ("max_change_pct", "reason")
+def qc_columns(label_set: LabelSet = TISSUES) -> tuple:
+    """The QC table's columns: registration, then each label's volume before and after resampling."""
+    names = ("cgm", "sgm", "wm", "csf") if label_set is TISSUES else tuple(lab.name for lab in label_set.labels[1:])
+    return ("id", "status", "ncc", "ncc_interior") + tuple(f"{c}_ml_{w}" for c in names for w in ("before", "after")) \
+        + ("max_change_pct", "reason")
 
 
-def qc_row(p: PreparedSubject) -> Dict[str, object]:
-    """The QC table's row for one subject (volumes before and after resampling, per class)."""
-    row: Dict[str, object] = {k: "" for k in QC_COLUMNS}
+def qc_row(p: PreparedSubject, label_set: LabelSet = TISSUES) -> Dict[str, object]:
+    """The QC table's row for one subject (volumes before and after resampling, per label)."""
+    columns = qc_columns(label_set)
+    row: Dict[str, object] = {k: "" for k in columns}
     row.update(id=p.id, status="refused" if p.error else "ok", reason=p.error,
                ncc=p.qc.get("ncc", ""), ncc_interior=p.qc.get("ncc_interior", ""))
-    for i, c in enumerate(("cgm", "sgm", "wm", "csf")):
+    names = [c[: -len("_ml_before")] for c in columns if c.endswith("_ml_before")]
+    for i, c in enumerate(names):
         for w in ("before", "after"):
             vals = p.qc.get(f"ml_{w}")
             row[f"{c}_ml_{w}"] = vals[i] if vals else ""
@@ -167,10 +174,10 @@ def qc_row(p: PreparedSubject) -> Dict[str, object]:
     return row
 
 
-def qc_table(prepared: Sequence[PreparedSubject]) -> str:
+def qc_table(prepared: Sequence[PreparedSubject], label_set: LabelSet = TISSUES) -> str:
     """The QC table as tab-separated text, one row per subject (refused ones with their reason)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, QC_COLUMNS, delimiter="\t", lineterminator="\n")
+    w = csv.DictWriter(buf, qc_columns(label_set), delimiter="\t", lineterminator="\n")
     w.writeheader()
-    w.writerows(qc_row(p) for p in prepared)
+    w.writerows(qc_row(p, label_set) for p in prepared)
     return buf.getvalue()

@@ -8,7 +8,8 @@ from typing import Dict, List
 WEIGHTS_ENV = "METASEG_WEIGHTS_DIR"
 # label set -> the shipped weights file per input dimension; a weights card names its set ("label_set",
 # "tissues" when absent) and carries the set's table (value, name, colour) under "labels"
-LABEL_SETS: Dict[str, Dict[int, str]] = {"tissues": {2: "metaseg2d.pt", 3: "metaseg3d.pt"}}
+LABEL_SETS: Dict[str, Dict[int, str]] = {"tissues": {2: "metaseg2d.pt", 3: "metaseg3d.pt"},
+                                         "structures": {2: "metaseg2d_structures.pt", 3: "metaseg3d_structures.pt"}}
 
 
 def weights_dirs() -> List[Path]:

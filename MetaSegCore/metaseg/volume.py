@@ -254,7 +254,7 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
         points = voxel_points(scan, part)
         if ent is not None or len(members) > 1:
             probs = sum(m.query(points, "probabilities") for m in members) / len(members)
-            labels[part] = probs.argmax(1)
+            labels[part] = np.asarray(net.config.values, np.uint8)[probs.argmax(1)]
             if ent is not None:
                 ent[part] = entropy_map(probs.T)
         else:

@@ -16,19 +16,14 @@ from typing import Any, Dict, Optional
 import torch
 
 from .config import ModelConfig
+from .labelsets import TISSUES
 from .fit import FitPlan
 from .atomic import write_all
 from .model import MetaSegNet
 
 FORMAT = "metaseg-weights/1"
 
-LABELS = [
-    {"value": 0, "name": "Background", "color": [0, 0, 0]},
-    {"value": 1, "name": "Cortical gray matter", "color": [230, 155, 100]},
-    {"value": 2, "name": "Subcortical gray matter", "color": [220, 50, 120]},
-    {"value": 3, "name": "White matter", "color": [245, 245, 245]},
-    {"value": 4, "name": "Cerebrospinal fluid", "color": [90, 160, 230]},
-]
+LABELS = TISSUES.card_labels()  # the tissue models' classes (metaseg.labelsets)
 
 
 class WeightsError(ValueError):
@@ -149,7 +144,7 @@ def weights_problem(w: Weights) -> Optional[str]:
     try:
         plan = w.plan
         dims, canvas = int(w.card["input"]["dims"]), [int(c) for c in w.card["input"]["canvas"]]
-        values = sorted(int(lab["value"]) for lab in w.card["labels"])
+        values = [int(lab["value"]) for lab in w.card["labels"]]
         [(str(lab["name"]), [int(c) for c in lab["color"]]) for lab in w.card["labels"]]
     except (KeyError, TypeError, ValueError) as e:
         return f"the card is malformed ({_what(e)})"
@@ -157,8 +152,8 @@ def weights_problem(w: Weights) -> Optional[str]:
         return f"the card's fit plan {plan.to_dict()} has no steps or no batch"
     if dims not in (2, 3) or dims != w.config.in_dim or len(canvas) != dims or min(canvas) < 1:
         return f"the card's input (dims {dims}, canvas {canvas}) does not match a {w.config.in_dim}D network"
-    if values != list(range(w.config.n_classes)):
-        return f"the card's labels {values} do not match the network's {w.config.n_classes} classes"
+    if values != list(w.config.values):
+        return f"the card's labels {values} do not match the network's classes {list(w.config.values)}"
     expected = MetaSegNet(w.config).state_dict()
     for name, ref in expected.items():
         got = w.state.get(name)

@@ -11,4 +11,23 @@
   (MRML); `views`: the slice views of the current layout.
 - `preview`: live labels decoded off the main thread, shown with the final names and colours (MRML).
 - `report`: human-readable text for progress and the run report.
+- `fitted`: the fitted 3D network as text (kept in the scene, saved with it); `segfile`: stable
+  segment IDs (the names) in the core's `.seg.nrrd`.
 """
+import importlib
+import sys
+
+# Every module of the package, each after the modules it imports (checked by a test). A reload in
+# this order leaves no module holding a class of an older copy of another (e.g. process.py catching
+# the old ProtocolError while protocol.py raises the new one).
+MODULES = ("protocol", "rundirs", "report", "paths", "dependencies", "frames", "planes", "views", "fitted",
+           "segfile", "preview", "process")
+
+
+def reload_all() -> None:
+    """Reload the loaded modules of this package in dependency order, then the package itself."""
+    for name in MODULES:
+        module = sys.modules.get(f"{__name__}.{name}")
+        if module is not None:
+            importlib.reload(module)
+    importlib.reload(sys.modules[__name__])

@@ -3,7 +3,11 @@
 Presence is not enough: another extension may have installed a torch 1.x, with which the child
 process would fail with a raw exit code. `check` reads the installed distributions' metadata
 (nothing is imported, so a broken torch cannot take Slicer down) and `describe` says exactly
-what to do. REQUIREMENTS equals the `dependencies` of MetaSegCore/pyproject.toml (a test checks).
+what to do. REQUIREMENTS equals the `dependencies` of MetaSegCore/pyproject.toml plus its `brain` extra
+(deepbet: whole-head scans, the default 3D path; a test checks).
+
+The messages are written for a user of the Slicer GUI: what is missing, what pressing Segment
+does about it, and what to do when the install cannot reach the package index.
 """
 from __future__ import annotations
 
@@ -14,7 +18,12 @@ from typing import Iterable, List, Optional, Sequence
 from packaging.requirements import Requirement  # shipped with Slicer's Python
 from packaging.version import InvalidVersion, Version
 
-REQUIREMENTS = ("torch>=2.0", "numpy>=1.21", "SimpleITK>=2.2", "slicerio>=1.0")
+CORE = ("torch>=2.0", "numpy>=1.21", "SimpleITK>=2.2", "slicerio>=1.0")
+BRAIN = ("deepbet==1.0.2",)  # the core's [brain] extra: brain extraction of whole-head scans
+REQUIREMENTS = CORE + BRAIN
+PURPOSE = {"slicerio": "reads and writes Slicer segmentation files",
+           "deepbet": "finds the brain in a whole-head scan (skull present)",
+           "SimpleITK": "reads and writes images", "numpy": "arrays"}
 
 
 @dataclass(frozen=True)
@@ -67,9 +76,35 @@ def describe(problems: Sequence[Problem]) -> str:
             lines.append(what + ' Open the "PyTorch Utils" module, uninstall PyTorch, install it again with the '
                          f'version requirement "{p.requirement[len("torch"):]}", then restart Slicer.')
         elif p.installed is None:
-            lines.append(f"{p.name} is not installed (MetaSeg needs {p.requirement}): press Segment to install it, "
-                         f'or run slicer.util.pip_install("{p.requirement}") in the Python console.')
+            why = f" (it {PURPOSE[p.name]})" if p.name in PURPOSE else ""
+            lines.append(f"The Python package {p.name}{why} is not installed: press Segment in the MetaSeg module "
+                         f"and confirm, and MetaSeg installs {p.requirement} (this needs an internet connection once).")
         else:
-            lines.append(f"{p.name} {p.installed} is installed, but MetaSeg needs {p.requirement}: run "
-                         f'slicer.util.pip_install("{p.requirement}") in the Python console, then restart Slicer.')
+            lines.append(f"{p.name} {p.installed} is installed, but MetaSeg needs {p.requirement}: in Slicer's "
+                         f'Python console run slicer.util.pip_install("{p.requirement}"), then restart Slicer.')
     return "\n".join(lines)
+
+
+def install_failure(requirements: Sequence[str], detail: str = "") -> str:
+    """What to tell a GUI user when installing `requirements` failed (offline, proxy, no write access...)."""
+    wanted = " ".join(f'"{r}"' for r in requirements)
+    text = (f"MetaSeg could not install {', '.join(requirements)}. Most often the computer is offline or a proxy "
+            "blocks the Python package index (pypi.org). Connect to the internet and press Segment again. "
+            "Without internet: on a connected computer run `pip download " + wanted + "`, copy the files over, and "
+            "in Slicer's Python console run slicer.util.pip_install(\"--no-index --find-links=<folder> " +
+            " ".join(requirements) + "\").")
+    if detail:
+        text += "\n\nDetails: " + detail.strip()[-1500:]
+    return text
+
+
+CORE_BRAIN_HINT = 'pip install "metaseg[brain]" (the deepbet package), or pass --brain-extraction off'
+
+
+def for_gui(message: str) -> str:
+    """A core error message with its command-line advice replaced by what to do in the MetaSeg panel."""
+    if message and CORE_BRAIN_HINT in message:
+        message = message.replace(CORE_BRAIN_HINT, "press Segment again and confirm the installation of deepbet "
+                                  "(brain extraction of whole-head scans), or set Advanced > Brain extraction to "
+                                  "off for a skull-stripped scan")
+    return message

@@ -337,7 +337,7 @@ class SegmentProcess(WorkdirProcess):
                  seed: int = 0, steps: Optional[int] = None, live_every: int = 0, save_inr: bool = False,
                  uncertainty: bool = False, brain_extraction: str = "auto", brain_mask: bool = False,
                  quality: str = "fast", env: Optional[Dict[str, str]] = None, python_path: Optional[Sequence[str]] = None,
-                 temp_root: Optional[str] = None):
+                 temp_root: Optional[str] = None, labels: str = "tissues"):
         if steps is not None and int(steps) < 1:
             raise ValueError(f"steps must be at least 1 (got {steps})")
         if live_every < 0:
@@ -345,6 +345,7 @@ class SegmentProcess(WorkdirProcess):
         self.save_inr, self.uncertainty = save_inr, uncertainty
         self.brain_extraction, self.brain_mask = brain_extraction, brain_mask  # 3D: auto/on/off; keep the mask used
         self.quality = quality  # 3D: fast (one fit) or best (3 fits averaged)
+        self.labels = labels  # tissues (the core's default) or structures (`--labels`, where the core has it)
         self.weights, self.device, self.seed, self.steps, self.live_every = weights, device, int(seed), steps, int(live_every)
         super().__init__(python, env, python_path, temp_root)
 
@@ -379,6 +380,8 @@ class SegmentProcess(WorkdirProcess):
             cmd += ["--brain-mask", str(self.brain_mask_path)]
         if self.quality != "fast":
             cmd += ["--quality", self.quality]
+        if self.labels != "tissues":  # the default is not passed: a core without --labels still runs tissues
+            cmd += ["--labels", self.labels]
         return cmd
 
     def start(self) -> "SegmentProcess":

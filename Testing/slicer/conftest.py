@@ -4,10 +4,11 @@ The MRML layer is Slicer's own, from the PyPI package `slicer-core` (Kitware): a
 vtkMRMLScene, real volume/segmentation/storage nodes, the real Segmentations logic. The
 segmentation runs in a real child process (`python -m metaseg segment`). Nothing is mocked.
 
-What is missing is only the Qt application (slicer.app, qt, ctk): the widget is not exercised
-here. Without Qt, MetaSeg.py itself defines inert stand-ins for the Qt-based
-ScriptedLoadableModule/Widget/Test base classes, which is what lets the Logic import; the
-in-Slicer scenario is MetaSeg.MetaSegTest.
+Without Qt, MetaSeg.py itself defines inert stand-ins for the Qt-based
+ScriptedLoadableModule/Widget/Test base classes, which is what lets the Logic import. The panel
+(MetaSegWidget) runs in test_slicer_panel.py on real Qt widgets (PySide6, offscreen) through the
+harness in slicer_gui.py, which imports its own copy of MetaSeg.py with Qt and puts everything back
+afterwards. The in-Slicer scenario is MetaSeg.MetaSegTest.
 
 Needs: pip install -r Testing/slicer/requirements.txt (slicer-core; the MRML tests skip without it).
 

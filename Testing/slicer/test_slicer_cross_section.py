@@ -46,7 +46,7 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
     seg = logic.segment(volume, device="cpu", steps=5, wait=True, uncertainty=True, surfaces=True)
     assert logic.hasFittedNetwork(seg)
     # the uncertainty volume: on the input's grid, values in [0, 1]
-    entropy = scene.GetNodeByID(seg.GetAttribute(MetaSeg.UNCERTAINTY_ATTRIBUTE))
+    entropy = seg.GetNodeReference(MetaSeg.UNCERTAINTY_REFERENCE)  # a node reference, not an ID string
     assert entropy is not None and entropy.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     np.testing.assert_allclose(matrix(_ijk(entropy)), matrix(_ijk(volume)), atol=1e-4)
     values = vtk_to_numpy(entropy.GetImageData().GetPointData().GetScalars())
@@ -89,7 +89,7 @@ def test_cross_section_of_a_3d_result(scene, MetaSeg):
         got = plane[jj.ravel()[inside], ii.ravel()[inside]]
         tissue = (want > 0) | (got > 0)
         assert tissue.sum() > 100 and np.mean(want[tissue] == got[tissue]) > 0.95
-        tables = [n for n in scene_state(scene)[0] if n[1] == "vtkMRMLColorTableNode" and n[2].startswith("MetaSeg tissues")]
+        tables = [n for n in scene_state(scene)[0] if n[1] == "vtkMRMLColorTableNode" and n[2].startswith("MetaSeg labels")]
         assert len(tables) == 1  # the tissue colour table is made once and reused
         # only the new node (its display node and the colour table) was added; nothing else changed
         after_nodes = {n[0]: n for n in scene_state(scene)[0]}

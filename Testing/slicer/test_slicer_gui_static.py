@@ -1,7 +1,10 @@
-"""The GUI glue that CI can check without Qt (issue 14, points 5, 7 and 11).
+"""The GUI glue that CI can check without Qt (issue 14, points 5, 7 and 11; issue 19).
 
 - MetaSeg.ui against MetaSeg.py: every `self.ui.X` exists with a class that has what the code
-  uses of it, and every parameter-node field is bound to a widget of a fitting class.
+  uses of it, and every parameter-node field is bound to a widget under Slicer's binding rules
+  (parameter_node_rules.refusal, restated from Slicer's guiConnectors: a QComboBox takes a str
+  only with a Choice annotation; the rule here used to accept a plain str, which Slicer refuses).
+  The panel itself runs in test_slicer_panel.py (real Qt).
 - The widget's own decisions, with stand-ins for Qt widgets and the layout manager (no Qt
   application exists here; the stand-ins only record what the widget sets): a Segment click
   delivered while an install pumps events starts nothing, the button is disabled during the
@@ -25,17 +28,15 @@ WIDGET = {"enabled", "toolTip", "show", "hide", "connect", "setMRMLScene"}
 ALLOWED = {
     "QComboBox": WIDGET | {"addItem", "clear", "findData", "findText", "currentIndex", "setCurrentIndex",
                            "currentText", "currentData", "itemData"},
+    "qMRMLNodeComboBox": WIDGET | {"currentNode", "setCurrentNode", "addAttribute"},
     "QPushButton": WIDGET | {"text", "checked"},
     "QLabel": WIDGET | {"text"},
     "QProgressBar": WIDGET | {"value", "setFormat"},
     "QSpinBox": WIDGET | {"value"},
     "QCheckBox": WIDGET | {"checked"},
     "QPlainTextEdit": WIDGET | {"plainText"},
-    "qMRMLNodeComboBox": WIDGET | {"currentNode", "setCurrentNode"},
     "ctkCollapsibleButton": WIDGET | {"collapsed"},
 }
-BINDABLE = {"vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}, "vtkMRMLSegmentationNode": {"qMRMLNodeComboBox"},
-            "bool": {"QCheckBox"}, "int": {"QSpinBox", "ctkSliderWidget"}, "str": {"QComboBox", "QLineEdit"}}
 
 
 def ui_widgets():
@@ -51,10 +52,20 @@ def ui_widgets():
 
 
 def parameter_fields():
+    """field -> annotation source, read from MetaSeg.py's text (no Slicer needed)."""
     body = CODE[CODE.index("class MetaSegParameterNode"):]
     body = body[:body.index("\n\n")]
-    return {name: re.sub(r"Annotated\[(\w+),.*", r"\1", kind).strip()
-            for name, kind in re.findall(r"^        (\w+): ([^=#\n]+)", body, re.M)}
+    return {name: kind.strip() for name, kind in re.findall(r"^        (\w+): ([^=#\n]+)", body, re.M)}
+
+
+def annotation(text):
+    """The annotation source evaluated with the rules' Choice/WithinRange and stand-in node classes."""
+    from typing import Annotated
+
+    import parameter_node_rules as rules
+
+    nodes = {name: type(name, (), {}) for name in re.findall(r"vtkMRML\w+", text)}
+    return eval(text, {"Annotated": Annotated, "Choice": rules.Choice, "WithinRange": rules.WithinRange, **nodes})
 
 
 def test_every_ui_widget_the_module_uses_exists_with_a_fitting_class():
@@ -69,18 +80,32 @@ def test_every_ui_widget_the_module_uses_exists_with_a_fitting_class():
         assert member in ALLOWED[cls], f"self.ui.{name}.{member}: a {cls} has no '{member}'"
 
 
-def test_every_parameter_node_field_is_bound():
+def test_every_parameter_node_field_is_bound_under_slicers_rules(monkeypatch):
+    import parameter_node_rules as rules
+
     widgets = ui_widgets()
     fields = parameter_fields()
-    assert set(fields) >= {"inputVolume", "outputSegmentation", "steps", "seed", "livePreview"}
+    assert set(fields) >= {"inputVolume", "outputSegmentation", "device", "labels", "steps", "seed", "livePreview",
+                           "brainExtraction", "quality"}
     bound = {b: (name, cls) for name, (cls, b) in widgets.items() if b}
-    assert set(bound) <= set(fields), f"bound to no parameter: {set(bound) - set(fields)}"
-    # device is bound by code: the combo box's item data (auto/cpu/gpu) is the value, not its text
-    assert set(fields) - set(bound) == {"device"}
-    assert "self._parameterNode.device = self.ui.deviceComboBox.itemData(index)" in CODE
-    assert "self.ui.deviceComboBox.findData(pn.device)" in CODE
+    assert set(bound) == set(fields), f"unbound: {set(fields) - set(bound)}; no field: {set(bound) - set(fields)}"
+    monkeypatch.setattr(rules, "node_types", lambda t: [t.__name__] if getattr(t, "__name__", "").startswith("vtkMRML")
+                        else None)
     for field, (name, cls) in bound.items():
-        assert cls in BINDABLE[fields[field]], f"{field} ({fields[field]}) is bound to {name}, a {cls}"
+        why = rules.refusal(cls, annotation(fields[field]))
+        assert why is None, f"{field} ({fields[field]}) on {name} ({cls}): {why}"
+
+
+def test_the_rules_refuse_a_plain_str_on_a_combo_box():
+    """The rule this file used to hold was wrong: Slicer refuses `str` on a QComboBox without Choice."""
+    from typing import Annotated
+
+    import parameter_node_rules as rules
+
+    assert "requires the Choice annotation" in rules.refusal("QComboBox", str)
+    assert rules.refusal("QComboBox", Annotated[str, rules.Choice(["a", "b"])]) is None
+    assert rules.refusal("QLabel", str) is not None  # only from Slicer 5.8 on
+    assert rules.refusal("QSlider", int) is not None and rules.refusal("QSpinBox", int) is None
 
 
 class Stub:
@@ -116,11 +141,13 @@ def widget(slicer_core):
     import MetaSeg
 
     w = object.__new__(MetaSeg.MetaSegWidget)  # the Qt base class cannot be built without Qt
-    names = ("inputSelector", "outputSelector", "deviceComboBox", "advancedCollapsibleButton", "modelLabel",
-             "crossSectionButton", "segmentButton", "statusLabel", "sliceViewComboBox")
+    names = ("inputSelector", "outputSelector", "deviceComboBox", "labelsComboBox", "advancedCollapsibleButton",
+             "crossSectionCollapsibleButton", "modelLabel", "crossSectionButton", "segmentButton", "statusLabel",
+             "sliceViewComboBox")
     w.ui = SimpleNamespace(**{n: Stub() for n in names})
-    w._job, w._installing, w._lastSegmentation = None, False, None
-    w._parameterNode = SimpleNamespace(device="auto", inputVolume=None, outputSegmentation=None)
+    w._job, w._busy = None, None
+    w._parameterNode = SimpleNamespace(device="auto", inputVolume=None, outputSegmentation=None,
+                                       crossSectionSegmentation=None)
     return w
 
 
@@ -140,14 +167,14 @@ def test_segment_is_disabled_and_not_reentered_during_an_install(widget):
     widget.logic = InstallingLogic()
     widget.onSegmentButton()
     assert seen == [("button enabled during install", False), ("nested click started", False)]
-    assert widget._installing is False and widget._job is None
+    assert widget._busy is None and widget._job is None
     assert widget.ui.statusLabel.text.startswith("Missing Python packages")
     src = CODE[CODE.index("    def _ensureDependencies"):CODE.index("    def onCrossSectionButton")]
     assert "waitCursor" not in src, "install confirmations must not show under the wait cursor"
 
 
 class Layout:
-    """Stand-in for Slicer's layout manager: a layout with non-standard view names."""
+    """Stand-in for Slicer's layout manager: a layout with non-standard view names (all visible)."""
 
     def __init__(self, names):
         self.names = names
@@ -156,7 +183,8 @@ class Layout:
         return list(self.names)
 
     def sliceWidget(self, name):
-        return SimpleNamespace(mrmlSliceNode=lambda: f"node of {name}") if name in self.names else None
+        return SimpleNamespace(mrmlSliceNode=lambda: f"node of {name}", isVisible=lambda: True) \
+            if name in self.names else None
 
 
 def test_slice_views_come_from_the_layout(slicer_core):
@@ -170,3 +198,14 @@ def test_slice_views_come_from_the_layout(slicer_core):
     with pytest.raises(ValueError, match="switch to a layout with a slice view"):
         views.slice_node(Layout([]), "Red")
     assert "sliceWidget(view)" not in CODE and '("Red", "Yellow", "Green")' not in CODE
+    assert views.slice_view_names(None) == []  # no main window: no views, no error
+
+
+def test_every_layout_manager_call_is_guarded():
+    """`Slicer --no-main-window` has no layout manager: the module reaches it only through layoutManager(),
+    which returns None there, and every use checks for None (views.* take None)."""
+    assert "slicer.app.layoutManager()" not in CODE and CODE.count("app.layoutManager()") == 1  # in layoutManager()
+    for line in CODE.splitlines():
+        if "layoutManager()" in line and "def layoutManager" not in line and "app.layoutManager()" not in line:
+            assert ("manager = layoutManager()" in line or "views." in line or "is not None" in line
+                    or line.strip().startswith(("#", '"""', "(`"))), line

@@ -108,7 +108,7 @@ def test_segment_sample_slice(scene, any_weights, card_labels, MetaSeg):
     assert not segmentation.GetHideFromEditors()
     seg = segmentation.GetSegmentation()
     assert seg.GetNumberOfSegments() == 4 == len(card_labels)
-    from metaseg.outputs import TERMINOLOGY
+    from metaseg.labelsets import TISSUES
 
     for i, lab in enumerate(card_labels):
         segment = seg.GetNthSegment(i)
@@ -116,7 +116,7 @@ def test_segment_sample_slice(scene, any_weights, card_labels, MetaSeg):
         assert np.allclose(segment.GetColor(), np.array(lab["color"]) / 255.0, atol=1e-6)
         tag = vtk.reference("")
         assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
-        assert TERMINOLOGY[lab["value"]][1][1] in str(tag)  # the tissue's code is in the terminology
+        assert TISSUES.by_value(lab["value"]).code[1] in str(tag)  # the tissue's code is in the terminology
 
     # reference geometry = the input volume's, and the labelmaps lie on the input's grid
     converter = slicer.vtkSegmentationConverter

@@ -52,7 +52,7 @@ def test_abandoned_run_leaves_no_patient_data(ending, tmp_path, any_weights, Met
         assert [p.name for p in root.iterdir()] == []
         return
     assert os.path.exists(os.path.join(workdir, "input.nrrd")), "the crash should have left the input behind"
-    MetaSeg.MetaSegLogic(runRoot=str(root))  # the next session's start-up sweeps it
+    MetaSeg.sweepStaleRuns(str(root))  # the next session's start-up (startupCompleted) sweeps it
     assert list(root.iterdir()) == []
 
 
@@ -92,11 +92,20 @@ def test_dependency_versions_are_checked(tmp_path, MetaSeg):
     plant(tmp_path, "torch", "1.13.1")
     plant(tmp_path, "numpy", "1.26.4")
     plant(tmp_path, "SimpleITK", "2.3.1")
+    plant(tmp_path, "deepbet", "1.0.1")
     problems = dependencies.check(path=[str(tmp_path)])
-    assert [(p.name, p.installed) for p in problems] == [("torch", "1.13.1"), ("slicerio", None)]
+    assert [(p.name, p.installed) for p in problems] == [("torch", "1.13.1"), ("slicerio", None), ("deepbet", "1.0.1")]
     text = dependencies.describe(problems)
     assert "PyTorch 1.13.1 is installed, but MetaSeg needs torch>=2.0" in text and "PyTorch Utils" in text
-    assert "restart Slicer" in text and 'pip_install("slicerio>=1.0")' in text
+    assert "restart Slicer" in text and 'pip_install("deepbet==1.0.2")' in text
+    # written for a GUI user: what is missing, what pressing Segment does; no pip command line, no "metaseg[brain]"
+    missing = dependencies.describe([dependencies.Problem("deepbet==1.0.2", None)])
+    assert "finds the brain in a whole-head scan" in missing and "press Segment" in missing
+    assert "metaseg[brain]" not in text + missing and "pip install" not in missing
+    core = "the scan needs brain extraction, which needs deepbet: " + dependencies.CORE_BRAIN_HINT
+    assert "metaseg[brain]" not in dependencies.for_gui(core) and "Brain extraction to off" in dependencies.for_gui(core)
+    offline = dependencies.install_failure(["deepbet==1.0.2"], "ERROR: Could not find a version (no network)")
+    assert "offline" in offline and "--no-index --find-links" in offline and "no network" in offline
     plant(tmp_path / "cuda", "torch", "2.5.1+cu121")  # a local version label is fine
     assert dependencies.check(["torch>=2.0"], path=[str(tmp_path / "cuda")]) == []
     assert dependencies.check(path=None) == []  # this environment meets them all
@@ -109,7 +118,10 @@ def test_requirements_equal_the_cores(MetaSeg):
 
     text = (MODULE_DIR.parent / "MetaSegCore" / "pyproject.toml").read_text(encoding="utf-8")
     block = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1)
-    assert sorted(re.findall(r'"([^"]+)"', block)) == sorted(dependencies.REQUIREMENTS)
+    brain = re.search(r"^brain = \[(.*?)\]", text, re.S | re.M).group(1)
+    assert sorted(re.findall(r'"([^"]+)"', block)) == sorted(dependencies.CORE)
+    assert sorted(re.findall(r'"([^"]+)"', brain)) == sorted(dependencies.BRAIN)  # deepbet: whole heads
+    assert dependencies.REQUIREMENTS == dependencies.CORE + dependencies.BRAIN
 
 
 def test_replacing_an_existing_segmentation_changes_only_its_segments(scene, any_weights, MetaSeg):

@@ -20,25 +20,35 @@ DATA = Path(__file__).resolve().parent / "data" / "SegmentationCategoryTypeModif
 @pytest.fixture(scope="module")
 def master():
     d = json.loads(DATA.read_text(encoding="utf-8"))
-    types = {}
+    types, modifiers = {}, {}
     for category in d["SegmentationCodes"]["Category"]:
         key = (category["CodingSchemeDesignator"], category["CodeValue"])
         for t in category.get("Type", []):
-            types[key + (t["CodingSchemeDesignator"], t["CodeValue"])] = (category["CodeMeaning"], t["CodeMeaning"])
-    return d["SegmentationCategoryTypeContextName"], types
+            k = key + (t["CodingSchemeDesignator"], t["CodeValue"])
+            types[k] = (category["CodeMeaning"], t["CodeMeaning"])
+            modifiers[k] = {(m["CodingSchemeDesignator"], m["CodeValue"], m["CodeMeaning"]) for m in t.get("Modifier", [])}
+    return d["SegmentationCategoryTypeContextName"], types, modifiers
 
 
-def test_every_code_is_in_slicers_dicom_master_list(master):
-    from metaseg.outputs import TERMINOLOGY, _terminology_dict
-    from metaseg.weights import LABELS
+@pytest.mark.parametrize("name", ["tissues", "structures"])
+def test_every_code_is_in_slicers_dicom_master_list(master, name):
+    """Every label of every label set: category/type pair, meanings and Left/Right modifier as Slicer lists them."""
+    from metaseg.labelsets import label_set, terminology
 
-    context, types = master
-    assert sorted(TERMINOLOGY) == [lab["value"] for lab in LABELS if lab["value"] != 0]
-    for value, (category, kind) in TERMINOLOGY.items():
-        key = (category[0], category[1], kind[0], kind[1])
-        assert key in types, f"label {value}: category {category} / type {kind} is not in Slicer's list"
-        assert types[key] == (category[2], kind[2]), f"label {value}: meanings differ from Slicer's list"
-        assert _terminology_dict(value)["contextName"] == context
+    context, types, modifiers = master
+    labels = label_set(name)
+    for lab in labels.labels[1:]:
+        t = terminology(lab)
+        key = (t["category"][0], t["category"][1], t["type"][0], t["type"][1])
+        assert key in types, f"{lab.name}: category {t['category']} / type {t['type']} is not in Slicer's list"
+        assert types[key] == (t["category"][2], t["type"][2]), f"{lab.name}: meanings differ from Slicer's list"
+        assert t["contextName"] == context
+        if "typeModifier" in t:
+            assert tuple(t["typeModifier"]) in modifiers[key], f"{lab.name}: modifier not offered for this type"
+        elif lab.name.startswith(("Left-", "Right-")):  # a side without a modifier: the list offers none
+            assert not modifiers[key], f"{lab.name}: the list offers a Left/Right modifier: use it"
+    if name == "structures":
+        assert len(labels) == 32 and sum(1 for lab in labels.labels if lab.modifier) >= 20
 
 
 def test_seg_nrrd_written_by_the_core_carries_those_codes(master, tmp_path, slicer_core):
@@ -57,7 +67,7 @@ def test_seg_nrrd_written_by_the_core_carries_those_codes(master, tmp_path, slic
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
-    context, types = master
+    context, types, _ = master
     segmentation = node.GetSegmentation()
     assert segmentation.GetNumberOfSegments() == 4
     for i in range(4):

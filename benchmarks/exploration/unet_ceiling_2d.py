@@ -3,7 +3,9 @@ learnt from the same training slices) scored like the MetaSeg heads, on the brai
 validation slices 105/109/113 of ws01 and ecog. Not MetaSeg; a reference for the Dice target.
 Mode `volumes`: trained on every coronal slice of the training volumes (each volume normalized
 once, as the 3D model does) and scored on the whole validation volumes, slice by slice: a
-reference for the 3D target. Usage: unet_ceiling_2d.py [threads] [iterations] [slices|volumes] [data].
+reference for the 3D target. Usage: unet_ceiling_2d.py [threads] [iterations] [slices|volumes] [data] [labels].
+`labels`: tissues (default) or structures (the 31 structures of a `metaseg prepare --label-set structures`
+pack; no left-right mirroring then, since it would swap the sides).
 `data`: a `metaseg prepare` pack holding every subject of splits.json (both label groups; default: the
 FreeSurfer subjects' aligned files in ../shared/data/brains, the split of the earlier rounds)."""
 import sys
@@ -21,7 +23,10 @@ from metaseg.metrics import dice_per_class, foreground_dice, generalized_dice
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
 torch.manual_seed(0)
-s = settings_for(2)
+LABELS = sys.argv[5] if len(sys.argv) > 5 else "tissues"
+s = settings_for(2, label_set=LABELS)
+N = s.model.n_classes
+FG = tuple(range(1, N))
 root, sp = Path(sys.argv[4] if len(sys.argv) > 4 else "../shared/data/brains"), load_splits()
 volumes = len(sys.argv) > 3 and sys.argv[3] == "volumes"
 
@@ -31,7 +36,7 @@ def volume_slices(subj):
     v = load_volume(root / subj)
     img = normalize_intensity(v.image)
     pad = lambda a: torch.from_numpy(np.stack([pad_to_canvas(x, s.canvas)[0] for x in a]))
-    return pad(img), pad(v.labels)
+    return pad(img), pad(np.asarray(s.labels.index_lut(), np.uint8)[v.labels])  # label values -> class indices
 
 
 if volumes:
@@ -61,7 +66,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList([block(1 if k == 0 else ch[k - 1], ch[k]) for k in range(levels)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(ch[k], ch[k - 1], 2, stride=2) for k in range(levels - 1, 0, -1)])
         self.dec = nn.ModuleList([block(2 * ch[k - 1], ch[k - 1]) for k in range(levels - 1, 0, -1)])
-        self.out = nn.Conv2d(c, 5, 1)
+        self.out = nn.Conv2d(c, N, 1)
 
     def forward(self, x):
         skips = []
@@ -88,8 +93,8 @@ def evaluate():
             p = torch.cat([net(img[k:k + 16, None]).argmax(1) for k in range(0, img.shape[0], 16)]).reshape(-1).numpy()
             lab = lab.reshape(-1).numpy()
             p[(img.reshape(-1) <= 0).numpy()] = 0  # brain pixels only, as the MetaSeg heads
-            ds.append(foreground_dice(p, lab)); gd.append(generalized_dice(p, lab))
-            d = dice_per_class(p, lab); pc.append([d[c] for c in range(1, 5)])
+            ds.append(foreground_dice(p, lab, FG)); gd.append(generalized_dice(p, lab, N))
+            d = dice_per_class(p, lab, N); pc.append([d[c] for c in FG])
     net.train()
     names = [n for n in sp["validation"] for _ in range(1 if volumes else len(s.val_slices))]
     by = {g: round(float(np.mean([d for d, n in zip(ds, names) if n.startswith("oas1-") == (g == "manual")])), 4)
@@ -101,7 +106,7 @@ for i in range(1, iters + 1):
     idx = torch.randint(0, X.shape[0], (8,))
     r, c = (int(v) for v in torch.randint(0, X.shape[-1] - CROP + 1, (2,)))  # one random 112x112 crop per batch: CPU time
     x, y = X[idx, :, r:r + CROP, c:c + CROP], Y[idx, r:r + CROP, c:c + CROP]
-    flip = torch.rand(8) < 0.5  # left-right mirror half of each batch
+    flip = (torch.rand(8) < 0.5) & (LABELS == "tissues")  # left-right mirror half of each batch (not L/R labels)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x); y = torch.where(flip[:, None, None], y.flip(-1), y)
     loss = nn.functional.cross_entropy(net(x), y)
     opt.zero_grad(); loss.backward(); opt.step(); sched.step()
