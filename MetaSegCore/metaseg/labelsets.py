@@ -171,8 +171,24 @@ def label_set(name: str) -> LabelSet:
 def from_card(labels: Sequence[Dict[str, object]]) -> LabelSet:
     """The label set a weights card (or a fitted file's info) describes; a card written before label sets
     existed (values 0-4) is the tissues set."""
-    values = tuple(int(lab["value"]) for lab in labels)
+    return for_values(tuple(int(lab["value"]) for lab in labels))
+
+
+def for_values(values: Sequence[int]) -> LabelSet:
+    """The label set whose classes have these label values (a model's `ModelConfig.values`)."""
+    values = tuple(int(v) for v in values)
     for s in LABEL_SETS.values():
         if s.values == values:
             return s
     raise ValueError(f"the labels {list(values)[:8]}... match no known label set ({', '.join(LABEL_SETS)})")
+
+
+def as_tissues(labels, values: Sequence[int]):
+    """A labelmap (numpy, label values of the set with `values`) as the 4 tissue classes: the plausibility
+    checks, calibrated on tissue proportions, read any label set through this."""
+    import numpy as np
+
+    labels_set = for_values(values)
+    if labels_set is TISSUES:
+        return labels
+    return np.asarray(labels_set.tissue_lut(), np.uint8)[labels]

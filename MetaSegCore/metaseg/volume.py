@@ -29,6 +29,7 @@ from .fit import FitCancelled
 from .fitted import FittedVolume
 from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
 from .io import InputError, image_array_3d, same_geometry
+from .labelsets import as_tissues
 from .plausibility import registration_problem, tissue_warnings
 from .preprocess import normalize_intensity
 from .registration import register_affine, registration_ok
@@ -270,7 +271,7 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     if psnr < MIN_PSNR_3D:
         warnings.append(f"the fit reproduced the scan poorly (PSNR {psnr:.1f} dB on brain voxels): is this a "
                         "skull-stripped T1 brain MRI?")
-    warnings += tissue_warnings(labels, 3)
+    warnings += tissue_warnings(as_tissues(labels, net.config.values), 3)
     t3 = time.perf_counter()
     return VolumeResult(labels_img, fitted, psnr, entropy_img, reg_info, warnings,
                         {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2})
