@@ -191,6 +191,9 @@ def _prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+LABEL_SETS = ("tissues", "structures")
+LABELS_HELP = ("tissues: background, cortical GM, subcortical GM, WM, CSF (values 0-4); structures: 31 brain structures "
+               "in FreeSurfer's aseg numbering (hippocampus 17/53, ventricles, thalamus, ...) (default: %(default)s)")
 QUALITY_HELP = ("3D: best = an ensemble of 3 fits averaged in probability, +0.010 validation Dice for 3x the fit "
                 "time; 2D slices have no accuracy mode (an ensemble gained < 0.01 there) (default: %(default)s)")
 
@@ -234,6 +237,7 @@ def _add_segment(sub) -> None:
                    help="segment even an input that is refused as not matching the model (3D: registration far "
                    "below the gate; 2D: not an aligned coronal slice); the result is then likely wrong")
     p.add_argument("--quality", choices=QUALITIES, default="fast", help=QUALITY_HELP)
+    p.add_argument("--labels", choices=LABEL_SETS, default="tissues", help=LABELS_HELP)
     p.set_defaults(func=_segment)
 
 
@@ -286,6 +290,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--accept-poor-match", action="store_true",
                    help="segment even scans refused as not matching the model (see `segment`); they get a warning")
     p.add_argument("--quality", choices=QUALITIES, default="fast", help=QUALITY_HELP)
+    p.add_argument("--labels", choices=LABEL_SETS, default="tissues", help=LABELS_HELP)
     p.add_argument("--force", action="store_true", help="redo and replace every scan, finished or not")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                    help="bar on stderr, json lines on stdout (for programs), or none (default: %(default)s)")
@@ -394,11 +399,19 @@ def _check_plane_numbers(a: argparse.Namespace) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="Dice table of the 2D task for subjects with reference labels",
-        description="Segment slice_norm.nii.gz of each subject folder in DATA and compare with slice_seg4.nii.gz: "
-        "per-class Dice, mean foreground Dice (classes 1-4) and the paper's generalized Dice.",
+        help="Dice and volume error of every label against reference labels, per label-protocol group",
+        description="Segment --image of each subject folder in DATA as `segment` does (2D slice or 3D scan, any "
+        "geometry) and compare with --reference on the image's grid: Dice and absolute volume error of every "
+        "label, mean foreground Dice, and for structures the tissues they merge into. Subjects are grouped by "
+        "label protocol (FreeSurfer: brains/, manual: oasis-nmm/ of ../shared/data) and each group is summarized.",
+        epilog="e.g. metaseg evaluate ../shared/data --labels structures --image native_t1.nii.gz "
+        "--reference native_structures.nii.gz",
     )
-    p.add_argument("data", help="folder of subject folders (neurite-oasis layout)")
+    p.add_argument("data", help="folder of subject folders, or ../shared/data (its brains/ and oasis-nmm/ folders)")
+    p.add_argument("--image", default="slice_norm.nii.gz", help="image file in each subject folder (default: %(default)s)")
+    p.add_argument("--reference", default="slice_seg4.nii.gz", help="reference labels on the image's grid "
+                   "(default: %(default)s)")
+    p.add_argument("--labels", choices=LABEL_SETS, default="tissues", help=LABELS_HELP)
     p.add_argument("--subjects", nargs="+", help="subject folder names (default: --split)")
     p.add_argument("--split", default="validation", help="split of metaseg/splits.json (default: %(default)s)")
     p.add_argument("--weights", help="weights file (default: the shipped 2D model)")
@@ -413,7 +426,7 @@ def _add_evaluate(sub) -> None:
 def _evaluate(a: argparse.Namespace) -> int:
     from .pipeline import evaluate_folder
 
-    return evaluate_folder(a.data, _options(a), a.subjects, a.split, a.json, a.force)
+    return evaluate_folder(a.data, _options(a), a.subjects, a.split, a.json, a.force, a.image, a.reference)
 
 
 def _add_info(sub) -> None:

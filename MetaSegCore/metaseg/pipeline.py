@@ -15,19 +15,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import SimpleITK as sitk
 
 from .atomic import OutputExistsError, write_all
 from .data import load_splits
 from .fit import FitCancelled
 from .images import InputImage
-from .io import InputError, image_array_2d, image_dims, read_image, write_image
-from .metrics import dice_per_class, foreground_dice, generalized_dice
+from .io import InputError, image_dims, read_image, write_image
 from .options import Outputs, PathLike, SegmentOptions
 from .output_paths import check_output, check_output_dir
 from .progress import Reporter
-from .segment import segment_array
 from .segmentation import check_outputs, check_volume_outputs
 from .segmenter import Segmenter, reporter_hooks
 from .weights import WeightsError
@@ -126,49 +123,37 @@ def _live_writer(outputs: Outputs, rep: Reporter, segments: List[Dict[str, Any]]
 
 
 def evaluate_folder(data: PathLike, options: SegmentOptions, subjects: Optional[Sequence[str]] = None,
-                    split: str = "validation", json_path: Optional[PathLike] = None, force: bool = False) -> int:
-    """`metaseg evaluate`: the 2D Dice table of subject folders with reference labels; returns the exit code."""
+                    split: str = "validation", json_path: Optional[PathLike] = None, force: bool = False,
+                    image: str = "slice_norm.nii.gz", reference: str = "slice_seg4.nii.gz") -> int:
+    """`metaseg evaluate`: each subject segmented as `segment` does, scored per label and per label group
+    (`evaluate.py`); returns the exit code."""
+    from .evaluate import evaluate, format_row, label_table, summarize
+
     try:
         json_out = check_output(Path(json_path), "json", force, [Path(data)], "--json") if json_path else None
         subjects = subjects or load_splits()[split]
-        model = Segmenter(options.device, options.weights, options.labels).model(2).with_steps(options.checked().steps)
+        segmenter = Segmenter(options.device, options.weights, options.labels)
+        print(f"{len(subjects)} subject(s), label set {options.labels}, device {segmenter.device}")
+        rows = evaluate(str(data), subjects, segmenter, options.checked(), image, reference,
+                        on_row=lambda r: print(format_row(r), flush=True))
     except KeyError:
         print(f"error: no split {split!r} in metaseg/splits.json", file=sys.stderr)
         return EXIT_USAGE
     except (InputError, WeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    w, wpath, plan, dev = model.weights, model.path, model.plan, model.device
-    rows = []
-    names = {lab["value"]: lab["name"] for lab in w.card["labels"]}
-    print(f"weights {wpath.name} ({w.sha256[:12]}), {plan.steps} steps, device {dev}")
-    print(f"{'subject':<10} {'fg-Dice':>8} " + " ".join(f"{names[c][:10]:>10}" for c in range(1, 5)) + f" {'GDS':>6} {'PSNR':>6} {'s':>6}")
-    for s in subjects:
-        d = Path(data) / s
-        try:
-            img = read_image(d / "slice_norm.nii.gz")
-            ref = image_array_2d(read_image(d / "slice_seg4.nii.gz")).astype(np.uint8)
-            arr = image_array_2d(img)
-        except InputError as e:
-            print(f"error: subject {s}: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        t0 = time.perf_counter()
-        res = segment_array(model.net, w.log_lr, plan, arr, w.canvas, seed=options.seed)
-        dt = time.perf_counter() - t0
-        per = dice_per_class(res.labels, ref)
-        row = {"subject": s, "fg_dice": foreground_dice(res.labels, ref), "gds": generalized_dice(res.labels, ref),
-               "dice": {names[c]: per[c] for c in range(1, 5)}, "psnr_db": res.psnr, "seconds": dt}
-        rows.append(row)
-        print(f"{s:<10} {row['fg_dice']:8.4f} " + " ".join(f"{per[c]:10.4f}" for c in range(1, 5)) + f" {row['gds']:6.4f} {res.psnr:6.1f} {dt:6.2f}")
-    fg = np.array([r["fg_dice"] for r in rows])
-    gds = np.array([r["gds"] for r in rows])
-    print(f"{'mean':<10} {fg.mean():8.4f} (sd {fg.std():.4f})  GDS {gds.mean():.4f} (sd {gds.std():.4f})")
+    groups = summarize(rows)
+    print(label_table(groups))
+    for g, v in groups.items():
+        extra = f", tissues merged {v['tissue_fg_dice']:.4f}" if "tissue_fg_dice" in v else ""
+        print(f"mean {g} (n={v['n']}): fg-Dice {v['fg_dice']:.4f} (lowest {v['min_fg_dice']:.4f}){extra}")
     if json_out is not None:
-        summary = {"weights": str(wpath), "weights_sha256": w.sha256, "steps": plan.steps, "device": str(dev),
-                   "rows": rows, "mean_fg_dice": float(fg.mean()), "mean_gds": float(gds.mean())}
+        summary = {"weights": rows[0]["weights"], "weights_sha256": rows[0]["weights_sha256"], "label_set": options.labels,
+                   "image": image, "reference": reference, "device": str(segmenter.device), "rows": rows,
+                   "groups": groups}
         try:
-            write_all([(json_out, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))],
-                      overwrite=force)
+            write_all([(json_out, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n",
+                                                                   encoding="utf-8"))], overwrite=force)
         except OutputExistsError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE

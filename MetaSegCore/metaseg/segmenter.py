@@ -26,7 +26,8 @@ from .device import pick_device
 from .images import InputImage, as_input_image
 from .io import InputError, image_array_2d, image_array_3d, image_dims, labels_like, sitk_array
 from .options import PathLike, SegmentOptions
-from .outputs import class_sizes, environment
+from .labelsets import TISSUES, as_tissues, from_card
+from .outputs import class_sizes, environment, hippocampus_ratio, tissue_sums
 from .plausibility import slice_check, tissue_warnings
 from .progress import Reporter
 from .resources import check_label_set, default_weights
@@ -180,14 +181,13 @@ def _segment_slice(inp: InputImage, model: Model, options: SegmentOptions, hooks
     res = segment_array(model.net, model.log_lr, model.plan, array, model.canvas, seed=options.seed,
                         progress=hooks.progress, cancel=hooks.cancel, live=live, live_every=hooks.live_every)
     labels = labels_like(res.labels, img)
-    found = plausibility_warnings(res.labels, res.psnr)
+    found = plausibility_warnings(as_tissues(res.labels, model.net.config.values), res.psnr)
     for msg in found:
         hooks.warn(msg)
     spacing = img.GetSpacing()[: res.labels.ndim] if img.GetDimension() == res.labels.ndim else _inplane_spacing(img)
     report = {**_base_report(inp, model, options, res.psnr, 1),
               "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
-              "classes": class_sizes(res.labels, spacing, model.labels),
-              "warnings": warnings + found, "versions": environment()}
+              **sizes(res.labels, spacing, model.labels), "warnings": warnings + found, "versions": environment()}
     return Segmentation(labels, report, model.labels, img, nibabel_order=inp.nibabel_order, source=inp.path)
 
 
@@ -211,10 +211,27 @@ def _segment_volume(inp: InputImage, model: Model, options: SegmentOptions, hook
               "timings_s": {"load": round(t_load - t_start, 3),
                             **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                             **{k: round(v, 3) for k, v in res.timings.items()}},
-              "classes": class_sizes(sitk_array(res.labels), img.GetSpacing(), model.labels),
+              **sizes(sitk_array(res.labels), img.GetSpacing(), model.labels, brain_mask),
               "warnings": res.warnings, "versions": environment()}
     return Segmentation(res.labels, report, model.labels, img, res.entropy, res.fitted, brain_mask,
                         inp.nibabel_order, inp.path)
+
+
+def sizes(labels: np.ndarray, spacing: Sequence[float], label_info: List[Dict[str, Any]],
+          brain_mask: Optional[sitk.Image] = None) -> Dict[str, Any]:
+    """The report's sizes: the label set's name and each label's size (mL; 2D: mm^2); for a set finer than the
+    tissues also the 4 tissue sums, and with a brain mask the hippocampus-to-intracranial volume ratio."""
+    classes = class_sizes(labels, spacing, label_info)
+    labels_set = from_card(label_info)
+    out: Dict[str, Any] = {"label_set": labels_set.name, "classes": classes}
+    if labels_set is not TISSUES:
+        out["tissues"] = tissue_sums(classes, label_info)
+        if brain_mask is not None:
+            icv = float((sitk_array(brain_mask) > 0).sum()) * float(np.prod(brain_mask.GetSpacing())) / 1000.0
+            ratio = hippocampus_ratio(classes, icv)
+            if ratio:
+                out["hippocampus_to_intracranial"] = ratio
+    return out
 
 
 def _brain_mask(inp: InputImage, mask: Any, mode: str, model: Model, hooks: Hooks
