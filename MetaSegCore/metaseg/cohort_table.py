@@ -43,6 +43,8 @@ def ok_row(scan: Scan, report: Dict[str, Any]) -> Row:
         row[f"{_slug(c['name'])}_{unit}"] = value
         total += value
     row[f"brain_{unit}"] = round(total, 3)
+    for t in report.get("tissues", []):  # a structures run: the tissues they make up, beside them
+        row[f"tissue_{_slug(t['name'])}_{unit}"] = t.get("volume_ml", t.get("area_mm2"))
     reg = report.get("registration") or {}
     return {**row, "registration_ncc": _rounded(reg.get("ncc")), "registration_ncc_interior": _rounded(reg.get("ncc_interior")),
             "psnr_db": report["fit"]["psnr_db"], "warnings": " | ".join(report["warnings"]),
