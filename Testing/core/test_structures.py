@@ -100,7 +100,7 @@ def test_report_gives_structure_volumes_and_tissue_sums(run3d):
 def test_reslice_of_a_structures_fit_gives_structure_values(run3d, tmp_path):
     out = tmp_path / "plane.nii.gz"
     assert main(["reslice", str(run3d / "fitted.pt"), "-o", str(out), "--orientation", "coronal"]) == 0
-    values = set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(out)))).tolist())
+    values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out)))).tolist())
     assert values <= set(STRUCTURES.values) and len(values - {0}) >= 10
 
 
@@ -114,5 +114,5 @@ def test_2d_batch_writes_a_column_per_structure(tmp_path):
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert rows[0]["status"] == "ok"
     assert "left_hippocampus_mm2" in rows[0] and float(rows[0]["left_hippocampus_mm2"]) > 0
-    labels = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / "ecog_slice_t1" / "labels.nii.gz")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ecog_slice_t1" / "labels.nii.gz")))
     assert set(np.unique(labels).tolist()) <= set(STRUCTURES.values)
