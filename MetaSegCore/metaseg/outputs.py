@@ -77,6 +77,7 @@ def write_preview(panels, label_info: List[Dict[str, Any]], path: Path, scale: i
     height = max(t.shape[0] for t in tiles) + line
     legend = legend_entries(label_info)
     slot = (max(len(lab["name"]) for lab in legend) * 6 + 14) * text
+    width = max(width, slot)  # a narrow slice still shows its longest label name whole
     per_row = max(1, width // slot)
     legend_rows = -(-len(legend) // per_row)
     out = np.zeros((height + legend_rows * line + text, width, 3), np.uint8)
