@@ -9,7 +9,7 @@
 3D network. Errors a caller may catch: InputError (the input or an argument; the command line's message),
 WeightsError, OutputExistsError (a file appeared meanwhile), Cancelled.
 """
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 # Imported here, not on first use: the functions `segment` and `reslice` share their names with the modules
 # segment.py and reslice.py, and binding them after those modules load keeps `metaseg.segment` the function.
