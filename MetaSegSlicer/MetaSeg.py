@@ -366,7 +366,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._job is not None and self._job.running
         idle = not running and self._busy is None
         volume = pn.inputVolume if pn else None
-        text, ok = self.logic.modelDescription(volume)
+        text, ok = self.logic.modelDescription(volume, pn.labels if pn else "tissues")
         self.ui.modelLabel.text = text
         for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.labelsComboBox,
                   self.ui.advancedCollapsibleButton, self.ui.crossSectionCollapsibleButton):
@@ -749,24 +749,25 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     def inputDimension(self, volumeNode) -> int:
         return paths.input_dimension(volumeNode.GetImageData().GetDimensions())
 
-    def weightsPath(self, dims: int) -> Optional[Path]:
-        """The shipped weights for `dims`-D inputs (module resources, or the source checkout)."""
-        return paths.find_weights(dims, self.moduleDir)
+    def weightsPath(self, dims: int, labels: str = "tissues") -> Optional[Path]:
+        """The shipped weights of label set `labels` for `dims`-D inputs (module resources, or the source checkout)."""
+        return paths.find_weights(dims, self.moduleDir, labels)
 
     def samplePath(self, name: str = "ecog_slice_t1.nii.gz") -> Optional[Path]:
         return samplePath(name)
 
-    def modelDescription(self, volumeNode) -> "tuple[str, bool]":
-        """Text for the model label, and whether the volume can be segmented."""
+    def modelDescription(self, volumeNode, labels: str = "tissues") -> "tuple[str, bool]":
+        """Text for the model label, and whether the volume can be segmented with label set `labels`."""
         if volumeNode is None or volumeNode.GetImageData() is None:
             return _("Select an input volume."), False
         if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
             return _("The input is a labelmap; select a grey-level MRI volume."), False
         dims = self.inputDimension(volumeNode)
         size = "×".join(str(n) for n in volumeNode.GetImageData().GetDimensions())
-        weights = self.weightsPath(dims)
+        weights = self.weightsPath(dims, labels)
         if weights is None:
-            return _("No {dims}D model is installed for this {size} input.").format(dims=dims, size=size), False
+            return _("No {dims}D {labels} model is installed for this {size} input.").format(
+                dims=dims, labels=labels, size=size), False
         digest = paths.weights_sha256(weights)
         return (_("MetaSeg {dims}D ({name}{sha}) for this {size} input").format(
             dims=dims, name=weights.name, sha=f", sha256 {digest[:8]}…" if digest else "", size=size), True)
@@ -877,10 +878,11 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError(f"labels must be one of {', '.join(LABEL_SETS)} (got {labels!r})")
         dims = self.inputDimension(volumeNode)
         if weights is None:
-            weights = self.weightsPath(dims)
+            weights = self.weightsPath(dims, labels)
             if weights is None:
                 searched = ", ".join(str(d) for d in paths.weights_dirs(self.moduleDir))
-                raise MetaSegError(f"no {dims}D MetaSeg weights ({paths.WEIGHTS_FILES.get(dims, '?')}) are installed "
+                raise MetaSegError(f"no {dims}D MetaSeg {labels} weights ({paths.WEIGHTS_FILES.get((labels, dims), '?')}) "
+                                   f"are installed "
                                    f"(searched {searched}); pass weights=FILE")
         problems = dependencies.check()
         if problems:

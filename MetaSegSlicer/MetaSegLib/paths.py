@@ -15,7 +15,9 @@ import importlib.util
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
-WEIGHTS_FILES = {2: "metaseg2d.pt", 3: "metaseg3d.pt"}
+# (label set, dims) -> shipped weights file (the core's resources.LABEL_SETS, for the module's own lookups)
+WEIGHTS_FILES = {("tissues", 2): "metaseg2d.pt", ("tissues", 3): "metaseg3d.pt",
+                 ("structures", 2): "metaseg2d_structures.pt", ("structures", 3): "metaseg3d_structures.pt"}
 CORE_PACKAGE = "metaseg"
 
 
@@ -25,9 +27,9 @@ def weights_dirs(module_dir: Path) -> List[Path]:
     return [module_dir / "Resources" / "Weights", module_dir.parent / "Resources" / "Weights"]
 
 
-def find_weights(dims: int, module_dir: Path) -> Optional[Path]:
-    """The shipped weights file for `dims`-D inputs, or None if not installed."""
-    name = WEIGHTS_FILES.get(dims)
+def find_weights(dims: int, module_dir: Path, labels: str = "tissues") -> Optional[Path]:
+    """The shipped weights file of label set `labels` for `dims`-D inputs, or None if not installed."""
+    name = WEIGHTS_FILES.get((labels, dims))
     if name is None:
         return None
     for d in weights_dirs(module_dir):

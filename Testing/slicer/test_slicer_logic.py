@@ -308,3 +308,25 @@ def _image3d():
     image.SetDimensions(6, 5, 4)
     image.AllocateScalars(vtk.VTK_FLOAT, 1)
     return image
+
+
+def test_structures_give_a_31_segment_node(scene, MetaSeg):
+    """labels="structures": the shipped 2D structures model through the child process; one segment per
+    structure (named and coloured as FreeSurfer's table, ID = name), also those absent from this slice."""
+    from metaseg.labelsets import STRUCTURES
+    from metaseg.resources import default_weights
+
+    try:
+        default_weights(2, "structures")
+    except FileNotFoundError:
+        pytest.skip("shipped 2D structures weights not built yet")
+    volume = load_volume(scene, SAMPLE_T1, "T1 slice")
+    node = MetaSeg.MetaSegLogic().segment(volume, device="cpu", steps=3, seed=0, labels="structures", timeout=300)
+    seg = node.GetSegmentation()
+    assert seg.GetNumberOfSegments() == 31
+    for lab in STRUCTURES.labels[1:]:
+        segment = seg.GetSegment(lab.name)
+        assert segment is not None, lab.name
+        assert np.allclose(segment.GetColor(), np.array(lab.color) / 255.0, atol=1e-6)
+    counts = voxel_counts(node, volume)
+    assert counts["Left-Hippocampus"] > 0 and counts["Right-Hippocampus"] > 0
