@@ -28,6 +28,7 @@ from .output_paths import check_output, check_output_dir
 from .outputs import class_sizes, environment, preview_panels, write_preview, write_report, write_seg_nrrd
 from .plausibility import slice_check, tissue_warnings
 from .progress import Reporter
+from .reproducibility import run_record
 from .resources import default_weights
 from .segment import segment_array
 from .volume import QUALITY_FITS, is_model_grid, load_template, segment_volume
@@ -181,7 +182,7 @@ def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, 
         "fit": {**plan.to_dict(), "seed": a.seed, "psnr_db": round(res.psnr, 2), "quality": quality, "fits": 1},
         "timings_s": {"load": round(t_load - t_start, 3), **{k: round(v, 3) for k, v in res.timings.items()}},
         "classes": class_sizes(res.labels, spacing, w.card["labels"]),
-        "warnings": warnings, "versions": environment(),
+        "warnings": warnings, "versions": environment(), "reproducibility": run_record(a.seed, dev),
     }
     writers = [(outs["labels"], lambda tmp: write_image(labels_img, tmp))]
     if "seg_nrrd" in outs:
@@ -239,7 +240,7 @@ def _segment_volume_file(a, rep: Reporter, cancel: threading.Event, img, outs: D
         "timings_s": {"load": round(t_load - t_start, 3), **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                       **{k: round(v, 3) for k, v in res.timings.items()}},
         "classes": class_sizes(labels, img.GetSpacing(), w.card["labels"]),
-        "warnings": res.warnings, "versions": environment(),
+        "warnings": res.warnings, "versions": environment(), "reproducibility": run_record(a.seed, dev),
     }
     writers = [(outs["labels"], lambda tmp: write_image(res.labels, tmp))]
     if "seg_nrrd" in outs:
