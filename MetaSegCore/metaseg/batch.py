@@ -34,11 +34,13 @@ from typing import Any, Callable, Dict, List, Optional
 from . import __version__
 from .batch_progress import BatchProgress, ScanReporter
 from .cohort import Scan, find_scans, parse_shard, shard_of
-from .cohort_table import Row, failed_row, merge_shards, ok_row, pending_row, status_counts, table_name, write_table
+from .cohort_table import (Row, failed_row, lock_table, merge_shards, merge_warnings, ok_row, pending_row, status_counts,
+                           table_name, write_table)
 from .device import pick_device
 from .atomic import OutputExistsError
 from .fit import FitCancelled
 from .io import InputError
+from .output_paths import check_output_dir
 from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, Models, segment_scan
 from .progress import Reporter
 from .weights import WeightsError
@@ -70,11 +72,10 @@ def run_batch(a: argparse.Namespace) -> int:
     try:
         shard = parse_shard(a.shard)
         scans = shard_of(find_scans(a.inputs, a.path_column, a.id_column), shard)
-        out = Path(a.output)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"output {out} is a file; batch outputs go into a folder")
+        out = check_output_dir(Path(a.output), "-o")
         wanted = ["labels", "report"] + [k for k, opt in OPTIONAL_OUTPUTS.items() if getattr(a, opt[2:].replace("-", "_"))]
         devices = worker_devices(a.device, a.devices, a.jobs)
+        lock = lock_table(out / table_name(shard))  # noqa: F841 - held until this run returns
         rows: Dict[int, Row] = {}
         jobs: List[Job] = []
         for s in scans:
@@ -135,10 +136,12 @@ def _merge(a: argparse.Namespace, rep: Reporter) -> int:
     try:
         if a.inputs:
             raise InputError("--merge joins the shard tables in the output folder (-o); it takes no inputs")
-        path, rows = merge_shards(Path(a.output))
+        path, rows = merge_shards(Path(a.output), a.force)
     except InputError as e:
         rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
         return EXIT_USAGE
+    for msg in merge_warnings(rows):
+        rep.emit("warning", message=msg)
     counts = status_counts(rows)
     if counts["pending"]:
         rep.emit("warning", message=f"{counts['pending']} scan(s) are still pending: rerun their shards, then merge again")

@@ -1,7 +1,7 @@
 """Dice scores: per class, mean foreground (our primary figure) and the paper's generalized Dice."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -44,3 +44,15 @@ def generalized_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int = 5) -> f
     size = np.array([(pred == c).sum() for c in range(n_classes)]) + counts
     den = float((w * size).sum())
     return float(2.0 * (w * inter).sum() / den) if den else float("nan")
+
+
+def check_evaluation_pair(image: np.ndarray, reference: np.ndarray, canvas: Sequence[int]) -> None:
+    """`metaseg evaluate`: the slice fits the model's canvas and its reference labels cover exactly its pixels;
+    ValueError naming the sizes otherwise (no Dice of misaligned arrays, no crash in the fit)."""
+    if image.shape != reference.shape:
+        raise ValueError(f"the slice is {image.shape[1]}x{image.shape[0]} pixels but its reference "
+                         f"labels are {reference.shape[1]}x{reference.shape[0]}: they must be the same grid")
+    if any(s > c for s, c in zip(image.shape, canvas)):
+        raise ValueError(f"the slice is {image.shape[1]}x{image.shape[0]} pixels, larger than the "
+                         f"model's canvas {canvas[1]}x{canvas[0]}: evaluate takes aligned coronal slices like "
+                         "neurite-oasis (160x192)")

@@ -22,11 +22,13 @@ from .device import pick_device
 from .fit import FitCancelled
 from .atomic import OutputExistsError, write_all
 from .brain import prepare_brain
-from .io import InputError, sitk_array, image_array_2d, image_array_3d, image_dims, labels_like, read_image, write_image
-from .metrics import dice_per_class, foreground_dice, generalized_dice
-from .output_paths import check_output, check_output_dir
+from .io import (InputError, sitk_array, image_array_2d, image_array_3d, image_dims, input_warnings, labels_like,
+                 read_image, write_image)
+from .metrics import check_evaluation_pair, dice_per_class, foreground_dice, generalized_dice
+from .output_paths import check_output
 from .outputs import class_sizes, environment, preview_panels, write_preview, write_report, write_seg_nrrd
 from .plausibility import slice_check, tissue_warnings
+from .live import check_live_dir, snapshot_path, write_snapshot
 from .progress import Reporter
 from .reproducibility import run_record
 from .resources import default_weights
@@ -131,7 +133,7 @@ def _output_paths(a: argparse.Namespace) -> Dict[str, Path]:
     if a.live_every < 0:
         raise InputError(f"--live-every must be 0 (off) or more (got {a.live_every})")
     if a.live_dir and a.live_every > 0:
-        check_output_dir(Path(a.live_dir), "--live-dir")
+        check_live_dir(Path(a.live_dir), inputs, a.force)
     return outs
 
 
@@ -154,7 +156,7 @@ def segment_scan(a: argparse.Namespace, rep: Reporter, cancel: threading.Event, 
     if dims == 3:
         return _segment_volume_file(a, rep, cancel, img, outs, (w, wpath, net, plan, dev), t_start, live_files)
     array = image_array_2d(img)
-    warnings = check_slice(array, w.canvas, a.accept_poor_match)
+    warnings = input_warnings(img) + check_slice(array, w.canvas, a.accept_poor_match)
     quality = getattr(a, "quality", "fast")
     if quality != "fast":
         warnings.append("--quality best applies to 3D volumes; this 2D slice was segmented as with fast (an ensemble "
@@ -274,16 +276,15 @@ def _brain_mask(a, img, canvas, dev, stage, cancel: threading.Event):
 
 
 def _live_writer(a, rep: Reporter, segments, to_image, written: List[Path]):
-    """The `live` callback of --live-dir: each snapshot written as a NIfTI file, announced and listed in
-    `written` (so that a failed run can remove them); None if off."""
+    """The `live` callback of --live-dir: each snapshot written as a NIfTI file (live.py's rules) and announced;
+    those this run created are listed in `written` (a failed run removes them); None if off."""
     if not (a.live_dir and a.live_every > 0):
         return None
     live_dir = Path(a.live_dir)
 
     def live(step: int, labels) -> None:
-        path = live_dir / f"live_{step:05d}.nii.gz"
-        write_all([(path, lambda tmp: write_image(to_image(labels), tmp))])
-        written.append(path)
+        path = snapshot_path(live_dir, step)
+        write_snapshot(path, lambda tmp: write_image(to_image(labels), tmp), a.force, (a.input, a.mask, a.weights), written)
         rep.emit("labels", step=step, path=str(path), segments=segments)
 
     return live
@@ -353,7 +354,8 @@ def evaluate_folder(a: argparse.Namespace) -> int:
             img = read_image(d / "slice_norm.nii.gz")
             ref = image_array_2d(read_image(d / "slice_seg4.nii.gz")).astype(np.uint8)
             arr = image_array_2d(img)
-        except InputError as e:
+            check_evaluation_pair(arr, ref, w.canvas)
+        except (InputError, ValueError) as e:
             print(f"error: subject {s}: {e}", file=sys.stderr)
             return EXIT_USAGE
         t0 = time.perf_counter()

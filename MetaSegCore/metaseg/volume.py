@@ -30,7 +30,7 @@ from .data import load_volume
 from .fit import FitCancelled, FitPlan, FitProgress
 from .fitted import FittedVolume
 from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
-from .io import InputError, image_array_3d, same_geometry
+from .io import InputError, image_array_3d, input_warnings, same_geometry
 from .model import MetaSegNet
 from .plausibility import registration_problem, tissue_warnings
 from .preprocess import normalize_intensity
@@ -185,7 +185,7 @@ def segment_volume(
         say("bias", "correcting the bias field (N4)")
         work = n4_correct(work, work > 0)
         arr = sitk.GetArrayFromImage(work)
-    warnings: List[str] = spacing_warnings(scan)
+    warnings: List[str] = input_warnings(scan) + spacing_warnings(scan)
     reg_info = None
     transform = None
     if register is None:
