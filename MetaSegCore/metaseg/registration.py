@@ -132,6 +132,18 @@ def register_affine(
     return transform, quality
 
 
+def quality_as_is(scan: sitk.Image, template: sitk.Image, working_mm: Optional[float] = 2.0) -> RegistrationQuality:
+    """How well a scan already in the template's space matches it where it lies (no registration): the same
+    NCC figures as `register_affine`'s, so that the same gates apply to it."""
+    fixed = normalized(_coarsened(template, working_mm))
+    moving = normalized(_coarsened(scan, working_mm))
+    brain = _brain_mask(fixed, None)
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    return RegistrationQuality(metric=float("nan"), ncc=masked_ncc(moving, fixed, identity, brain),
+                               ncc_interior=masked_ncc(moving, fixed, identity, interior(brain)), iterations=0,
+                               stop="not registered: the scan lies on the model's training grid")
+
+
 def masked_ncc(
     scan: sitk.Image, template: sitk.Image, transform: sitk.Transform, template_mask: Optional[sitk.Image] = None
 ) -> float:
