@@ -347,7 +347,8 @@ def _reslice(a: argparse.Namespace) -> int:
         else:
             raise InputError("with --origin give --normal, or both --u and --v")
         if plane.size[0] * plane.size[1] > 64_000_000:
-            raise InputError(f"the plane would have {plane.size[0]}x{plane.size[1]} pixels; use a larger --spacing or a smaller --extent")
+            raise InputError(f"the plane would have {plane.size[0]:.3g}x{plane.size[1]:.3g} pixels; use a larger --spacing or "
+                             "a smaller --extent")
         img = reslice(vol, plane, a.what)
         write_all([(out, lambda tmp: write_image(img, tmp))], overwrite=a.force)
     except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:

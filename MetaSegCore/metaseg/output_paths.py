@@ -36,13 +36,13 @@ def check_output(path: Path, kind: str, force: bool, inputs: Iterable[Optional[P
     name = path.name.lower()
     if not name.endswith(SUFFIXES[kind]):
         raise InputError(f"{option} {path}: {WHAT[kind]} must be named {' or '.join(SUFFIXES[kind])}")
+    check_name_lengths(path, option)  # first: a name over the limit makes even is_dir() fail
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file name")
     for inp in inputs:
         if inp is not None and same_file(path, Path(inp)):
             raise InputError(f"{option} {path} is an input of this run ({inp}); writing it would destroy the input: "
                              "choose another name")
-    check_name_lengths(path, option)
     if path.exists() and not force:
         raise InputError(f"output {path} exists; pass --force to overwrite it")
     check_creatable(path.parent, f"{option} {path}")
@@ -68,7 +68,7 @@ def check_name_lengths(path: Path, option: str, temporary: bool = True) -> None:
     """Every part of `path` within the file system's name limit (255 bytes on most), the whole within its path
     limit: refused here by name, not as an OSError after minutes of fitting."""
     anc = Path(os.path.abspath(path))
-    while not anc.exists():
+    while not os.path.exists(anc):  # os.path: False, not OSError, for a name over the limit
         anc = anc.parent
     try:
         name_max, path_max = os.pathconf(anc, "PC_NAME_MAX"), os.pathconf(anc, "PC_PATH_MAX")
@@ -78,8 +78,9 @@ def check_name_lengths(path: Path, option: str, temporary: bool = True) -> None:
     for k, part in enumerate(parts):
         limit = name_max - (TEMPORARY_EXTRA if temporary and k == len(parts) - 1 else 0)
         if len(os.fsencode(part)) > limit:
+            extra = f"; an output file at most {limit}, for its temporary copy" if limit != name_max else ""
             raise InputError(f"{option}: the name {part[:40]}... is {len(os.fsencode(part))} bytes long; this file system "
-                             f"allows {name_max} per name (outputs at most {limit}): choose a shorter name")
+                             f"allows {name_max} per name{extra}: choose a shorter name")
     if len(os.fsencode(os.path.abspath(path))) + TEMPORARY_EXTRA > path_max:
         raise InputError(f"{option}: the path is {len(os.fsencode(os.path.abspath(path)))} bytes long; this file system "
                          f"allows {path_max}: choose a shorter path")
