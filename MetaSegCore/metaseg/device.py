@@ -31,7 +31,8 @@ def pick_device(requested: Optional[str] = "auto") -> torch.device:
     if kind not in SUPPORTED:
         # torch knows more device types (meta, xpu, ...): they either hold no data (meta) or are untested here
         # and fail deep in the fit; refuse them by name
-        raise ValueError(f"device '{requested}' is not supported: use auto, cpu, cuda, cuda:N, mps or gpu")
+        raise ValueError(f"unknown device '{requested}' (MetaSeg runs on CPUs, CUDA GPUs and Apple MPS): use auto, cpu, "
+                         "cuda, cuda:N, mps or gpu")
     if req.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device '{requested}' requested but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     if kind == "mps" and not _mps_available():

@@ -106,6 +106,13 @@ def count_nonfinite_nifti(path: Path) -> int:
     if not name.endswith((".nii", ".nii.gz")):
         return 0
     opener = gzip.open if name.endswith(".gz") else open
+    try:
+        return _count_nonfinite(path, opener)
+    except (OSError, EOFError, zlib.error):  # not gzip, cut short...: the image reader then says what is wrong
+        return 0
+
+
+def _count_nonfinite(path: Path, opener) -> int:
     with opener(path, "rb") as f:
         header = f.read(540)
     kind = _datatype(header)
