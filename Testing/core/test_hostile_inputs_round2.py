@@ -21,18 +21,8 @@ from metaseg.cli import main
 from metaseg.cohort_table import lock_table
 from metaseg.live import snapshot_path, write_snapshot
 from metaseg.pipeline import _remove
-from testdata import SAMPLE, WEIGHTS_3D, small_fitted_file
-
-SLICE = SAMPLE / "ecog_slice_t1.nii.gz"
-
-
-def files_in(folder: Path) -> list:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
-
-
-def run(args, capsys):
-    rc = main([str(a) for a in args])
-    return rc, capsys.readouterr().err
+from test_hostile_inputs import SLICE, files_in, run
+from testdata import WEIGHTS_3D, small_fitted_file
 
 
 # ---- inputs the readers must refuse or flag ----
