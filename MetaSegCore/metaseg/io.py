@@ -11,7 +11,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .nifti_check import TruncatedError, check_nifti_complete, count_nonfinite_nifti
+from .nifti_check import (FORM_DISAGREEMENT_MM, TruncatedError, check_nifti_complete, corners, count_nonfinite_nifti,
+                          nifti_forms)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -54,7 +55,36 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
         raise InputError(f"cannot read {path} as an image ({first}); supported: {INPUT_FORMATS}") from e
-    return _finite(img, path, nonfinite)
+    img = _finite(img, path, nonfinite)
+    note = form_disagreement(path, img)
+    if note:
+        img.SetMetaData(HEADER_NOTE_KEY, note)
+    return img
+
+
+HEADER_NOTE_KEY = "metaseg_header_note"
+
+
+def form_disagreement(path: Path, img: sitk.Image) -> Optional[str]:
+    """A warning if the NIfTI header's qform and sform put the voxels more than FORM_DISAGREEMENT_MM apart,
+    saying which one ITK used (the brain's position, hence the registration's start, depends on it)."""
+    forms = nifti_forms(path)
+    if forms is None:
+        return None
+    q, s, size = forms
+    cq, cs = corners(q, size), corners(s, size)
+    apart = float(np.linalg.norm(cq - cs, axis=1).max())
+    if apart <= FORM_DISAGREEMENT_MM:
+        return None
+    lps = np.array([img.TransformIndexToPhysicalPoint([int(i), int(j), int(k)]) for i in (0, size[0] - 1)
+                    for j in (0, size[1] - 1) for k in (0, size[2] - 1)]) if img.GetDimension() == 3 else None
+    used = "one of them"
+    if lps is not None:
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        used = "the sform" if np.abs(ras - cs).max() <= np.abs(ras - cq).max() else "the qform"
+    return (f"the NIfTI header's qform and sform disagree (the voxels lie up to {apart:.1f} mm apart under the two); "
+            f"{used} was used. If the brain's position or orientation looks wrong, fix the header (e.g. make both "
+            "forms equal in Slicer or with nibabel) and run again")
 
 
 def image_dims(img: sitk.Image) -> int:
@@ -115,13 +145,16 @@ def _finite(img: sitk.Image, path: Path, nonfinite: int = 0) -> sitk.Image:
 
 
 def input_warnings(img: sitk.Image) -> List[str]:
-    """What reading the file changed that the user must know (NaN/Inf voxels read as background)."""
-    if not img.HasMetaDataKey(NONFINITE_KEY):
-        return []
-    n = int(img.GetMetaData(NONFINITE_KEY))
-    share = 100.0 * n / max(1, int(np.prod(img.GetSize())))
-    return [f"the input has {n} NaN or infinite voxels ({share:.2g}% of the image); they were treated as background "
-            "(0): they get no label and the fit does not see them. If they lie inside the brain, fix the scan"]
+    """What reading the file decided that the user must know: NaN/Inf voxels read as background, which of two
+    disagreeing header geometries was used."""
+    out = [img.GetMetaData(HEADER_NOTE_KEY)] if img.HasMetaDataKey(HEADER_NOTE_KEY) else []
+    if img.HasMetaDataKey(NONFINITE_KEY):
+        n = int(img.GetMetaData(NONFINITE_KEY))
+        share = 100.0 * n / max(1, int(np.prod(img.GetSize())))
+        out.append(f"the input has {n} NaN or infinite voxels ({share:.2g}% of the image); they were treated as "
+                   "background (0): they get no label and the fit does not see them. If they lie inside the brain, "
+                   "fix the scan")
+    return out
 
 
 def _check_voxel_type(img: sitk.Image, path: Optional[Path] = None) -> None:

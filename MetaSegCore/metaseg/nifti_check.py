@@ -144,3 +144,50 @@ def _datatype(header: bytes) -> Optional[Tuple[str, int]]:
         if size == 540 and len(header) >= 540:
             return endian, struct.unpack(endian + "h", header[12:14])[0]
     return None
+
+
+# qform and sform may both be set and disagree (e.g. one edited by a tool, the other not): the brain then lies in
+# one of two places, and ITK silently picks one. Beyond this distance (mm, at the volume's corners) the user hears which.
+FORM_DISAGREEMENT_MM = 1.0
+
+
+def nifti_forms(path: Path) -> Optional[Tuple[np.ndarray, np.ndarray, Tuple[int, int, int]]]:
+    """(qform, sform) voxel -> RAS 4x4 matrices and the grid size of a NIfTI-1 file whose header sets both; else None."""
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            h = f.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(h) < 348:
+        return None
+    endian = next((e for e in "<>" if struct.unpack(e + "i", h[:4])[0] == 348), None)
+    if endian is None:
+        return None
+    u = lambda fmt, at: struct.unpack(endian + fmt, h[at : at + struct.calcsize(endian + fmt)])  # noqa: E731
+    qcode, scode = u("2h", 252)
+    if qcode <= 0 or scode <= 0:
+        return None
+    dims = u("8h", 40)
+    pix = u("8f", 76)
+    b, c, d = u("3f", 256)
+    a = float(np.sqrt(max(0.0, 1.0 - b * b - c * c - d * d)))
+    r = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                  [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                  [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    qfac = -1.0 if pix[0] < 0 else 1.0
+    q = np.eye(4)
+    q[:3, :3] = r @ np.diag([pix[1], pix[2], qfac * pix[3]])
+    q[:3, 3] = u("3f", 268)
+    s = np.eye(4)
+    s[:3] = np.array(u("12f", 280)).reshape(3, 4)
+    if not (np.isfinite(q).all() and np.isfinite(s).all()):
+        return None
+    return q, s, (max(1, dims[1]), max(1, dims[2]), max(1, dims[3]))
+
+
+def corners(affine: np.ndarray, size: Tuple[int, int, int]) -> np.ndarray:
+    """RAS positions (8, 3) of a grid's corner voxels under a voxel -> RAS matrix."""
+    idx = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    return (idx @ affine.T)[:, :3]

@@ -319,3 +319,18 @@ def test_no_traceback_reaches_the_terminal(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and "Traceback" not in p.stderr and lines[-1].startswith("error: "), p.stderr
     assert sum(x.startswith("error: ") for x in lines) == 1
+
+
+def test_disagreeing_qform_and_sform_are_named(tmp_path):
+    """Two geometries in one NIfTI header put the brain in two places: the warning says which one was used."""
+    from metaseg.io import input_warnings, read_image
+
+    img = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32) + 0.1)
+    sitk.WriteImage(img, str(tmp_path / "a.nii"))
+    h = bytearray((tmp_path / "a.nii").read_bytes())
+    assert struct.unpack("<2h", h[252:256]) >= (1, 1)  # ITK writes both forms
+    assert input_warnings(read_image(tmp_path / "a.nii")) == []
+    h[292:296] = struct.pack("<f", struct.unpack("<f", h[292:296])[0] + 6.0)  # srow_x offset: the sform moved 6 mm
+    (tmp_path / "b.nii").write_bytes(bytes(h))
+    (msg,) = input_warnings(read_image(tmp_path / "b.nii"))
+    assert "qform and sform disagree" in msg and "6.0 mm" in msg and ("the sform was used" in msg or "the qform was used" in msg)
