@@ -280,7 +280,8 @@ def match_gate(reg_info: Dict[str, Any], work: sitk.Image, accept_poor_match: bo
     if diagnose:
         say("diagnose", "the scan does not match the model's template: looking for the cause")
     cause = registration_problem(work, load_template(), reg_info["ncc_interior"], try_flips=diagnose)
-    what = (f"the scan matches the model's template poorly after registration (NCC {reg_info['ncc']:.2f} in "
+    how = "as it lies on the training grid" if reg_info.get("iterations") == 0 else "after registration"
+    what = (f"the scan matches the model's template poorly {how} (NCC {reg_info['ncc']:.2f} in "
             f"the brain, {reg_info['ncc_interior']:.2f} in its interior; skull-stripped T1s score about "
             f"0.90-0.95 / 0.79-0.89): {cause}")
     if diagnose:
