@@ -4,7 +4,9 @@ Kept free of SimpleITK so that meta-training and weights handling run where only
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
@@ -12,6 +14,37 @@ from typing import Callable, List, Sequence, Tuple
 
 class OutputExistsError(FileExistsError):
     """An output file appeared while the run was working (another run?) and may not be replaced."""
+
+
+class OutputWriteError(ValueError):
+    """An output could not be written for a reason the user can fix (disk full, quota, read-only, permissions);
+    nothing was written. A ValueError, so that every subcommand reports it as bad input/arguments (exit 2)."""
+
+
+# OSError numbers of writes that fail for a reason outside the program: reported as OutputWriteError
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM}
+LOW_SPACE = 1 << 20  # bytes free below which a writer's failure (SimpleITK says only "could not write") is a full disk
+
+
+def write_failure(path: Path, e: BaseException):
+    """The OutputWriteError that `e`, raised while writing `path`, stands for; None if it is a bug, not the disk."""
+    if isinstance(e, OutputWriteError):
+        return e
+    if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+        reason = e.strerror or str(e)
+    elif isinstance(e, (OSError, RuntimeError)) and _free_bytes(Path(path).parent) < LOW_SPACE:
+        reason = "no space left on the device"
+    else:
+        return None
+    return OutputWriteError(f"cannot write {path}: {reason}; nothing was written. Free some space (or fix the "
+                            "folder's permissions), or choose another output folder")
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return LOW_SPACE
 
 
 def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]], overwrite: bool = True) -> None:
@@ -28,12 +61,18 @@ def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]], overwrite: 
     try:
         for path, writer in outputs:
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + suffix(path), dir=path.parent)
-            os.close(fd)
-            temps.append((tmp, path))
-            writer(tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + suffix(path), dir=path.parent)
+                os.close(fd)
+                temps.append((tmp, path))
+                writer(tmp)
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+            except (OSError, RuntimeError) as e:
+                failure = write_failure(path, e) if not isinstance(e, FileExistsError) else None
+                if failure is None:
+                    raise
+                raise failure from e
         try:
             for tmp, path in temps:
                 if overwrite:

@@ -34,12 +34,14 @@ from typing import Any, Callable, Dict, List, Optional
 from . import __version__
 from .batch_progress import BatchProgress, ScanReporter
 from .cohort import Scan, find_scans, parse_shard, shard_of
-from .cohort_table import Row, failed_row, merge_shards, ok_row, pending_row, status_counts, table_name, write_table
+from .cohort_table import (Row, failed_row, lock_table, merge_shards, merge_warnings, ok_row, pending_row, status_counts,
+                           table_name, write_table)
 from .device import pick_device
 from .atomic import OutputExistsError
 from .fit import FitCancelled
 from .io import InputError
 from .options import OPTIONAL_OUTPUTS, BatchSettings, Outputs, SegmentOptions
+from .output_paths import check_output_dir
 from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, segment_scan
 from .progress import Reporter
 from .segmenter import Segmenter
@@ -71,11 +73,10 @@ def run_batch(b: BatchSettings) -> int:
         b.options.checked()
         shard = parse_shard(b.shard)
         scans = shard_of(find_scans(b.inputs, b.path_column, b.id_column), shard)
-        out = Path(b.output)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"output {out} is a file; batch outputs go into a folder")
+        out = check_output_dir(Path(b.output), "-o")
         wanted = ["labels", "report"] + [k for k in OPTIONAL_OUTPUTS if k in b.extras]
         devices = worker_devices(b.options.device, b.devices, b.jobs)
+        lock = lock_table(out / table_name(shard))  # noqa: F841 - held until this run returns
         rows: Dict[int, Row] = {}
         jobs: List[Job] = []
         for s in scans:
@@ -136,10 +137,12 @@ def _merge(b: BatchSettings, rep: Reporter) -> int:
     try:
         if b.inputs:
             raise InputError("--merge joins the shard tables in the output folder (-o); it takes no inputs")
-        path, rows = merge_shards(Path(b.output))
+        path, rows = merge_shards(Path(b.output), b.force)
     except InputError as e:
         rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
         return EXIT_USAGE
+    for msg in merge_warnings(rows):
+        rep.emit("warning", message=msg)
     counts = status_counts(rows)
     if counts["pending"]:
         rep.emit("warning", message=f"{counts['pending']} scan(s) are still pending: rerun their shards, then merge again")

@@ -82,12 +82,16 @@ def _train(a: argparse.Namespace) -> int:
 
     import torch
 
+    from .data import check_training_data, load_splits
+    from .device import pick_device
     from .io import InputError
     from .meta_train import meta_train, settings_for
 
     try:
         _check_train_data(a.data)
-    except InputError as e:
+        check_training_data(Path(a.data or settings_for(a.dims).data_root), load_splits(Path(a.splits)) if a.splits else load_splits())
+        pick_device(a.device or "auto")
+    except (InputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.threads:
@@ -369,7 +373,8 @@ def _reslice(a: argparse.Namespace) -> int:
         else:
             raise InputError("with --origin give --normal, or both --u and --v")
         if plane.size[0] * plane.size[1] > 64_000_000:
-            raise InputError(f"the plane would have {plane.size[0]}x{plane.size[1]} pixels; use a larger --spacing or a smaller --extent")
+            raise InputError(f"the plane would have {plane.size[0]:.3g}x{plane.size[1]:.3g} pixels; use a larger --spacing or "
+                             "a smaller --extent")
         img = reslice(vol, plane, a.what)
         write_all([(out, lambda tmp: write_image(img, tmp))], overwrite=a.force)
     except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:
@@ -471,7 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as e:  # a full disk, a quota, a read-only folder, wherever it struck: one message, exit 2
+        from .atomic import USER_ERRNOS, write_failure
+
+        failure = write_failure(Path(e.filename or "."), e) if e.errno in USER_ERRNOS else None
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from .atomic import OutputWriteError
+
+        if not isinstance(e, OutputWriteError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .atomic import write_all
 from .cohort import Scan
@@ -21,6 +21,7 @@ TABLE_NAME = "volumes.tsv"
 LEAD = ["index", "id", "input", "status", "error"]
 TAIL = ["registration_ncc", "registration_ncc_interior", "psnr_db", "warnings", "seconds", "device",
         "weights_sha256", "metaseg_version"]
+STATUSES = ("ok", "failed", "pending")
 TIMING_COLUMNS = ("seconds",)  # differ between runs of the same scans
 _SHARD_TABLE = re.compile(r"^volumes\.shard-(\d+)-of-(\d+)\.tsv$")
 
@@ -89,12 +90,17 @@ def read_table(path: Path) -> List[Row]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def merge_shards(folder: Path) -> Tuple[Path, List[Row]]:
+def merge_shards(folder: Path, force: bool = False) -> Tuple[Path, List[Row]]:
     """Join `volumes.shard-I-of-N.tsv` of all N shards in `folder` into `volumes.tsv`; (path, rows).
 
-    Refuses (InputError, nothing written) when shards are missing, disagree on N, or do not add up to one
-    cohort (an index twice or absent): signs of shards made from different inputs.
+    Refuses (InputError, nothing written) when shards are missing, disagree on N, do not add up to one
+    cohort (an index twice or absent: signs of shards made from different inputs), or a table is malformed;
+    an existing `volumes.tsv` is replaced only with `force`.
     """
+    out = Path(folder) / TABLE_NAME
+    if out.exists() and not force:
+        raise InputError(f"{out} exists (an earlier merge or an unsharded batch); pass --force to replace it with the "
+                         "merged shards")
     found: Dict[int, Path] = {}
     counts = set()
     for p in sorted(Path(folder).glob("volumes.shard-*-of-*.tsv")):
@@ -111,14 +117,61 @@ def merge_shards(folder: Path) -> Tuple[Path, List[Row]]:
     missing = [i for i in range(1, n + 1) if i not in found]
     if missing:
         raise InputError(f"shard(s) {', '.join(map(str, missing))} of {n} have no table in {folder}: run them, then merge")
-    rows = [r for i in sorted(found) for r in read_table(found[i])]
+    rows = [r for i in sorted(found) for r in checked_table(found[i])]
     indexes = sorted(int(r["index"]) for r in rows)
     if indexes != list(range(len(rows))):
         raise InputError(f"the shard tables in {folder} do not make one cohort (row indexes repeat or are missing): "
                          "were the shards run on different inputs?")
-    out = Path(folder) / TABLE_NAME
     write_table(out, rows)
     return out, sorted(rows, key=lambda r: int(r["index"]))
+
+
+def checked_table(path: Path) -> List[Row]:
+    """The rows of a shard table, refused (InputError naming the file and line) unless every row has the lead
+    columns, an integer index and a known status: an edited or cut-off table must not become a cohort's."""
+    try:
+        rows = read_table(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"cannot read the shard table {path} ({e}); rerun that shard") from e
+    for k, r in enumerate(rows, start=2):
+        missing = [c for c in ("index", "id", "status") if not r.get(c)]
+        if missing or not str(r["index"]).isdigit() or r["status"] not in STATUSES or None in r:
+            what = (f"no {', '.join(missing)}" if missing else f"index {r['index']!r}" if not str(r["index"]).isdigit()
+                    else f"status {r['status']!r}" if r["status"] not in STATUSES else "more cells than columns")
+            raise InputError(f"the shard table {path} is malformed (line {k}: {what}); rerun that shard to rewrite it, "
+                             "then merge")
+    return rows
+
+
+def merge_warnings(rows: Sequence[Row]) -> List[str]:
+    """Finished scans made by different metaseg versions or weights: one table, results not comparable."""
+    out = []
+    for column, what in (("metaseg_version", "metaseg versions"), ("weights_sha256", "weights")):
+        seen = sorted({r.get(column) for r in rows if r.get("status") == "ok" and r.get(column)})
+        if len(seen) > 1:
+            out.append(f"the merged scans were segmented with different {what} ({', '.join(s[:12] for s in seen)}): "
+                       "their volumes are not comparable; rerun the odd shards with one version and one weights file")
+    return out
+
+
+def lock_table(path: Path) -> IO[str]:
+    """Make this process the only batch writing the table `path` for as long as it holds the returned file:
+    two runs on one folder would each fail on the other's finished scans and leave a table that says they all
+    failed. The lock (`.<table>.lock` beside it, advisory) ends when the file is closed or the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path.parent / f".{path.name}.lock", "a+", encoding="utf-8")
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no guard
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        raise InputError(f"another metaseg batch is writing {path} right now; wait for it to finish (then rerun to "
+                         "continue), or use another output folder (--shard runs write separate tables)") from e
+    return f
 
 
 def _slug(name: str) -> str:

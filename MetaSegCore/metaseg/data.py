@@ -127,3 +127,30 @@ def pack_subjects(pack: Path) -> List[str]:
     """The subject names stored in a pack."""
     with np.load(pack) as z:
         return sorted({k.split("/")[0] for k in z.files if k.endswith("/image")})
+
+
+def check_training_data(root: Path, splits: Dict[str, List[str]]) -> None:
+    """Before any run folder is made: every training and validation subject must be loadable from `root` (a
+    folder of subject folders with aligned_norm/aligned_seg4, or a pack). Raises ValueError saying what is
+    missing and what to do; an unreadable pack (not a zip, pickled data, truncated) is named as such."""
+    import zipfile
+
+    root = Path(root)
+    wanted = [s for part in ("train", "validation") for s in splits.get(part, [])]
+    if not wanted:
+        raise ValueError("the splits name no 'train' or 'validation' subjects; give --splits with both lists")
+    if root.suffix == ".npz":
+        try:
+            have = set(pack_subjects(root))
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"--data {root} is not a readable training pack ({type(e).__name__}: {str(e)[:120]}); "
+                             "make it again with `metaseg prepare` or metaseg.data.pack_volumes") from e
+        where = f"the pack {root}"
+        missing = [s for s in wanted if s not in have]
+    else:
+        where = f"{root} (each needs <subject>/aligned_norm.nii.gz and aligned_seg4.nii.gz)"
+        missing = [s for s in wanted if not all((root / s / f).is_file() for f in ("aligned_norm.nii.gz", "aligned_seg4.nii.gz"))]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"{len(missing)} of the {len(wanted)} training/validation subjects are not in {where}: "
+                         f"{shown}. Give --data that holds them, or --splits naming the subjects it holds; nothing was started")

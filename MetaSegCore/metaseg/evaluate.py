@@ -56,10 +56,13 @@ def evaluate(data: str, subjects: Sequence[str], segmenter: Segmenter, options: 
         for name in (image, reference):
             if not (d / name).is_file():
                 raise InputError(f"subject {s}: no {name} in {d} (set --image / --reference)")
+        img, ref_img = read_image(d / image), read_image(d / reference)
+        if img.GetSize() != ref_img.GetSize():  # before the fit: no Dice of misaligned arrays
+            raise InputError(f"subject {s}: {image} is {'x'.join(map(str, img.GetSize()))} voxels but {reference} "
+                             f"is {'x'.join(map(str, ref_img.GetSize()))}: the reference must lie on the image's grid")
         t0 = time.perf_counter()
-        seg = segmenter(str(d / image), steps=options.steps, seed=options.seed, quality=options.quality,
+        seg = segmenter(img, steps=options.steps, seed=options.seed, quality=options.quality,
                         brain_extraction=options.brain_extraction, accept_poor_match=options.accept_poor_match)
-        ref_img = read_image(d / reference)
         pred, ref = sitk.GetArrayFromImage(seg.labels), sitk.GetArrayFromImage(ref_img).astype(np.int64)
         if ref.size and (ref.min() < 0 or ref.max() > 255):
             raise InputError(f"subject {s}: {reference} holds values outside 0..255: not a label image")

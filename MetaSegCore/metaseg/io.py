@@ -11,7 +11,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .nifti_check import TruncatedError, check_nifti_complete
+from .nifti_check import (FORM_DISAGREEMENT_MM, TruncatedError, check_nifti_complete, corners, count_nonfinite_nifti,
+                          nifti_forms)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -31,7 +32,7 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
-        return _read_dicom_series(path, series_id)
+        return _finite(_read_dicom_series(path, series_id), path)
     if path.stat().st_size == 0:
         raise InputError(f"input {path} is an empty file")
     name = path.name.lower()
@@ -39,20 +40,51 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
         from .mgz import MGHError, read_mgh
 
         try:
-            return read_mgh(path)
+            return _finite(read_mgh(path), path)
         except MGHError as e:
             raise InputError(str(e)) from e
     if name.endswith(".dcm") or series_id is not None:
-        return _read_dicom_series(path.parent, series_id, member=path)
+        return _finite(_read_dicom_series(path.parent, series_id, member=path), path)
     try:
         check_nifti_complete(path)  # ITK would fill a cut-off NIfTI with zeros
+        nonfinite = count_nonfinite_nifti(path)  # ITK reads NaN in a NIfTI as 0, without a word
     except TruncatedError as e:
         raise InputError(str(e)) from e
     try:
-        return sitk.ReadImage(str(path))
+        img = sitk.ReadImage(str(path))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
         raise InputError(f"cannot read {path} as an image ({first}); supported: {INPUT_FORMATS}") from e
+    img = _finite(img, path, nonfinite)
+    note = form_disagreement(path, img)
+    if note:
+        img.SetMetaData(HEADER_NOTE_KEY, note)
+    return img
+
+
+HEADER_NOTE_KEY = "metaseg_header_note"
+
+
+def form_disagreement(path: Path, img: sitk.Image) -> Optional[str]:
+    """A warning if the NIfTI header's qform and sform put the voxels more than FORM_DISAGREEMENT_MM apart,
+    saying which one ITK used (the brain's position, hence the registration's start, depends on it)."""
+    forms = nifti_forms(path)
+    if forms is None:
+        return None
+    q, s, size = forms
+    cq, cs = corners(q, size), corners(s, size)
+    apart = float(np.linalg.norm(cq - cs, axis=1).max())
+    if apart <= FORM_DISAGREEMENT_MM:
+        return None
+    lps = np.array([img.TransformIndexToPhysicalPoint([int(i), int(j), int(k)]) for i in (0, size[0] - 1)
+                    for j in (0, size[1] - 1) for k in (0, size[2] - 1)]) if img.GetDimension() == 3 else None
+    used = "one of them"
+    if lps is not None:
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        used = "the sform" if np.abs(ras - cs).max() <= np.abs(ras - cq).max() else "the qform"
+    return (f"the NIfTI header's qform and sform disagree (the voxels lie up to {apart:.1f} mm apart under the two); "
+            f"{used} was used. If the brain's position or orientation looks wrong, fix the header (e.g. make both "
+            "forms equal in Slicer or with nibabel) and run again")
 
 
 def image_dims(img: sitk.Image) -> int:
@@ -89,7 +121,52 @@ def image_array_2d(img: sitk.Image) -> np.ndarray:
     return arr
 
 
+# NaN/Inf voxels read from a file become 0 (background: no label there), and the count travels with the image
+# under this key so that the run warns about it (`input_warnings`): a NaN background (common after resampling
+# by other tools) is harmless, NaN inside the brain leaves a hole that the user must hear about.
+NONFINITE_KEY = "metaseg_nonfinite_voxels"
+
+
+def _finite(img: sitk.Image, path: Path, nonfinite: int = 0) -> sitk.Image:
+    """`img` with NaN/Inf voxels set to 0 and their count recorded; complex voxels refused first."""
+    _check_voxel_type(img, path)
+    if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayFromImage(img)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            nonfinite += int(bad.sum())
+            arr[bad] = 0
+            clean = sitk.GetImageFromArray(arr)
+            clean.CopyInformation(img)
+            img = clean
+    if nonfinite:
+        img.SetMetaData(NONFINITE_KEY, str(nonfinite))
+    return img
+
+
+def input_warnings(img: sitk.Image) -> List[str]:
+    """What reading the file decided that the user must know: NaN/Inf voxels read as background, which of two
+    disagreeing header geometries was used."""
+    out = [img.GetMetaData(HEADER_NOTE_KEY)] if img.HasMetaDataKey(HEADER_NOTE_KEY) else []
+    if img.HasMetaDataKey(NONFINITE_KEY):
+        n = int(img.GetMetaData(NONFINITE_KEY))
+        share = 100.0 * n / max(1, int(np.prod(img.GetSize())))
+        out.append(f"the input has {n} NaN or infinite voxels ({share:.2g}% of the image); they were treated as "
+                   "background (0): they get no label and the fit does not see them. If they lie inside the brain, "
+                   "fix the scan")
+    return out
+
+
+def _check_voxel_type(img: sitk.Image, path: Optional[Path] = None) -> None:
+    """Complex voxels (MR raw data, phase images) cannot be cast to intensities: refuse them by name."""
+    if "complex" in img.GetPixelIDTypeAsString().lower():
+        what = f"input {path}" if path is not None else "the input"
+        raise InputError(f"{what} has complex voxels ({img.GetPixelIDTypeAsString()}): expected a magnitude T1 image "
+                         "with real grey levels; take the magnitude (abs) of the complex image first")
+
+
 def _check_scalar(img: sitk.Image) -> None:
+    _check_voxel_type(img)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"the input has {img.GetNumberOfComponentsPerPixel()} components per pixel (vector/RGB); "
@@ -230,6 +307,7 @@ def _read_dicom_series(folder: Path, series_id: Optional[str], member: Optional[
         series_id = series[0][0]
     if series_id not in files:
         raise InputError(f"input {folder}: no DICOM series {series_id!r}; found: {', '.join(files)}")
+    check_slice_positions(files[series_id], f"the DICOM series {series_id} in {folder}")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[series_id])
     try:
@@ -238,3 +316,52 @@ def _read_dicom_series(folder: Path, series_id: Optional[str], member: Optional[
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
         raise InputError(f"cannot read the DICOM series {series_id} in {folder} ({first})") from e
+
+
+# Slice positions of a DICOM series may deviate from even spacing by this share of the median step (scanners
+# round positions to ~1e-4 mm); beyond it ITK would still stack the slices evenly, stretching the anatomy.
+SLICE_STEP_TOLERANCE = 0.02
+
+
+def check_slice_positions(files: List[str], what: str) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal: missing slices (a file absent,
+    or one GDCM skipped as unreadable or truncated), uneven spacing, or two slices at one position."""
+    if len(files) < 3:
+        return
+    positions, normal = [], None
+    with _QuietITK():
+        for f in files:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(f)
+            try:
+                reader.ReadImageInformation()
+                ipp = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+                if normal is None:
+                    iop = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+                    normal = np.cross(iop[:3], iop[3:6])
+            except (RuntimeError, ValueError, IndexError):
+                return  # no usable position tags (e.g. secondary captures): ITK's own reading decides
+            positions.append(float(np.dot(ipp, normal)))
+    order = np.argsort(positions)
+    steps = np.diff(np.asarray(positions)[order])
+    step = float(np.median(steps))
+    if step <= 1e-6:
+        raise InputError(f"{what}: most of its {len(files)} slices share one position (a multi-volume series, e.g. "
+                         "several echoes or time points?); export one volume per series")
+    off = np.abs(steps - step) > SLICE_STEP_TOLERANCE * step
+    if not off.any():
+        return
+    gaps = steps[off]
+    names = lambda k: f"{Path(files[order[k]]).name} and {Path(files[order[k + 1]]).name}"  # noqa: E731
+    k = int(np.flatnonzero(off)[0])
+    if (gaps <= 1e-6).any():
+        raise InputError(f"{what}: two slices at the same position ({names(k)}): a duplicate file or two series "
+                         "mixed? Remove the extra files")
+    missing = np.round(gaps / step) - 1
+    if (missing >= 1).all() and np.allclose(gaps, (missing + 1) * step, rtol=SLICE_STEP_TOLERANCE):
+        raise InputError(f"{what}: about {int(missing.sum())} slice(s) are missing (the slices are {step:.3g} mm apart, "
+                         f"but {len(gaps)} gap(s) are wider, the first {gaps[0]:.3g} mm between {names(k)}; a file "
+                         "absent, or one unreadable or truncated). Nothing was segmented: get the complete series")
+    raise InputError(f"{what}: its slices are unevenly spaced ({steps.min():.3g} to {steps.max():.3g} mm, median "
+                     f"{step:.3g} mm; first at {names(k)}). Reading it as evenly spaced would distort the anatomy: "
+                     "resample it onto a regular grid (e.g. dcm2niix, then segment the NIfTI)")

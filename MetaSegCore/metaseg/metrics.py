@@ -1,7 +1,7 @@
 """Dice scores: per class, mean foreground (our primary figure) and the paper's generalized Dice."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -44,3 +44,4 @@ def generalized_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int = 5) -> f
     size = np.array([(pred == c).sum() for c in range(n_classes)]) + counts
     den = float((w * size).sum())
     return float(2.0 * (w * inter).sum() / den) if den else float("nan")
+

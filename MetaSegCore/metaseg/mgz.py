@@ -22,6 +22,9 @@ import numpy as np
 import SimpleITK as sitk
 
 HEADER_BYTES = 284
+# A 0.25 mm whole-head volume has ~1e9 voxels; a header claiming more is corrupt, and reading it would end in
+# a MemoryError (a 10^12-voxel header was tried) instead of a message.
+MAX_VOXELS = 2**31
 # MGH type code -> big-endian numpy dtype
 MGH_TYPES = {0: ">u1", 1: ">i4", 3: ">f4", 4: ">i2"}
 MGH_TYPE_NAMES = {0: "uchar", 1: "int", 3: "float", 4: "short"}
@@ -76,6 +79,10 @@ def _parse_header(header: bytes, path: Path):
     dims = (width, height, depth)
     if min(dims) < 1:
         raise MGHError(f"{path}: invalid dimensions {dims}")
+    if width * height * depth > MAX_VOXELS:
+        raise MGHError(f"{path}: its header claims {width}x{height}x{depth} = {width * height * depth:.3g} voxels, more "
+                       f"than any MRI volume (at most {MAX_VOXELS:.3g} are read): the header is corrupt or this is not "
+                       "an MGH/MGZ volume")
     if nframes != 1:
         raise MGHError(
             f"{path}: has {nframes} frames (4D); expected a single-frame 3D volume — extract one frame first"

@@ -36,6 +36,7 @@ def check_output(path: Path, kind: str, force: bool, inputs: Iterable[Optional[P
     name = path.name.lower()
     if not name.endswith(SUFFIXES[kind]):
         raise InputError(f"{option} {path}: {WHAT[kind]} must be named {' or '.join(SUFFIXES[kind])}")
+    check_name_lengths(path, option)  # first: a name over the limit makes even is_dir() fail
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file name")
     for inp in inputs:
@@ -51,10 +52,38 @@ def check_output(path: Path, kind: str, force: bool, inputs: Iterable[Optional[P
 def check_output_dir(folder: Path, option: str) -> Path:
     """A folder outputs will be written into: a folder (or creatable as one), writable."""
     folder = Path(folder)
+    check_name_lengths(folder, option, temporary=False)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{option} {folder} is a file, not a folder")
     check_creatable(folder, f"{option} {folder}")
     return folder
+
+
+# atomic.write_all writes `.<name>.<8 random>.part<suffix>` beside each output first: a name this much shorter
+# than the file system's limit is the longest that can be published
+TEMPORARY_EXTRA = len(".") + len(".XXXXXXXX") + len(".part") + len(".seg.nrrd")
+
+
+def check_name_lengths(path: Path, option: str, temporary: bool = True) -> None:
+    """Every part of `path` within the file system's name limit (255 bytes on most), the whole within its path
+    limit: refused here by name, not as an OSError after minutes of fitting."""
+    anc = Path(os.path.abspath(path))
+    while not os.path.exists(anc):  # os.path: False, not OSError, for a name over the limit
+        anc = anc.parent
+    try:
+        name_max, path_max = os.pathconf(anc, "PC_NAME_MAX"), os.pathconf(anc, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows): the usual limits
+        name_max, path_max = 255, 4096
+    parts = Path(os.path.abspath(path)).parts
+    for k, part in enumerate(parts):
+        limit = name_max - (TEMPORARY_EXTRA if temporary and k == len(parts) - 1 else 0)
+        if len(os.fsencode(part)) > limit:
+            extra = f"; an output file at most {limit}, for its temporary copy" if limit != name_max else ""
+            raise InputError(f"{option}: the name {part[:40]}... is {len(os.fsencode(part))} bytes long; this file system "
+                             f"allows {name_max} per name{extra}: choose a shorter name")
+    if len(os.fsencode(os.path.abspath(path))) + TEMPORARY_EXTRA > path_max:
+        raise InputError(f"{option}: the path is {len(os.fsencode(os.path.abspath(path)))} bytes long; this file system "
+                         f"allows {path_max}: choose a shorter path")
 
 
 def check_creatable(folder: Path, what: str) -> None:

@@ -22,8 +22,9 @@ from .data import load_splits
 from .fit import FitCancelled
 from .images import InputImage
 from .io import InputError, image_dims, read_image, write_image
+from .live import check_live_dir, snapshot_path, write_snapshot
 from .options import Outputs, PathLike, SegmentOptions
-from .output_paths import check_output, check_output_dir
+from .output_paths import check_output
 from .progress import Reporter
 from .segmentation import check_outputs, check_volume_outputs
 from .segmenter import Segmenter, reporter_hooks
@@ -79,14 +80,15 @@ def segment_scan(source: PathLike, outputs: Outputs, options: SegmentOptions, se
     options.checked()
     if outputs.live_every < 0:
         raise InputError(f"--live-every must be 0 (off) or more (got {outputs.live_every})")
+    inputs = (source, mask, options.weights)
     if outputs.live_dir and outputs.live_every > 0:
-        check_output_dir(Path(outputs.live_dir), "--live-dir")
+        check_live_dir(Path(outputs.live_dir), inputs, outputs.force)
     rep.emit("stage", stage="read", message=f"reading {source}")
     img = read_image(Path(source))
     dims = image_dims(img)
     check_volume_outputs(files, dims == 3, mask is not None)
     hooks = reporter_hooks(rep, segmenter.device, cancel)
-    live = _live_writer(outputs, rep, segmenter.model(dims).labels, live_files)
+    live = _live_writer(outputs, rep, segmenter.model(dims).labels, inputs, live_files)
     if live is not None:
         hooks = dataclasses.replace(hooks, live=live, live_every=outputs.live_every)
     options = dataclasses.replace(options, uncertainty="uncertainty" in files)
@@ -105,18 +107,17 @@ def segment_scan(source: PathLike, outputs: Outputs, options: SegmentOptions, se
     return report
 
 
-def _live_writer(outputs: Outputs, rep: Reporter, segments: List[Dict[str, Any]],
+def _live_writer(outputs: Outputs, rep: Reporter, segments: List[Dict[str, Any]], inputs: Sequence[Any],
                  written: List[Path]) -> Optional[Callable[[int, sitk.Image], None]]:
-    """The `live` hook of --live-dir: each snapshot (an image) written as a NIfTI file, announced and listed
-    in `written` (so that a failed run can remove them); None if off."""
+    """The `live` hook of --live-dir: each snapshot (an image) written as a NIfTI file under live.py's rules,
+    announced, and listed in `written` if this run created it (a failed run removes just those); None if off."""
     if not (outputs.live_dir and outputs.live_every > 0):
         return None
     live_dir = Path(outputs.live_dir)
 
     def live(step: int, labels) -> None:
-        path = live_dir / f"live_{step:05d}.nii.gz"
-        write_all([(path, lambda tmp: write_image(labels, tmp))])
-        written.append(path)
+        path = snapshot_path(live_dir, step)
+        write_snapshot(path, lambda tmp: write_image(labels, tmp), outputs.force, inputs, written)
         rep.emit("labels", step=step, path=str(path), segments=segments)
 
     return live

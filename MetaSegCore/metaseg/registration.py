@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .preprocess import normalize_intensity
+from .reproducibility import itk_threads
 
 # Thresholds of `registration_ok`, measured here with ecog's aligned T1 (on `geometry.model_grid`) as
 # template, 2 mm working grid: the same brain registered back scores NCC > 0.99 in both masks;
@@ -29,6 +30,11 @@ from .preprocess import normalize_intensity
 MIN_NCC = 0.7
 MIN_NCC_INTERIOR = 0.45
 INTERIOR_EROSION_MM = 6.0  # the brain's interior: its mask eroded by this much
+# ITK threads of the optimization. With more than one, the metric's per-thread partial sums are combined
+# in an order that varies from run to run: the same scan got affine parameters differing by up to 4e-3 and
+# 7.5-9.8 % of its labels flipped (issue 22); with one thread they are identical, and on the 3D sample one
+# thread was as fast as two (2.1 s either way on a 2-core CPU; docs/results.md).
+REGISTRATION_THREADS = 1
 
 
 @dataclass
@@ -113,7 +119,8 @@ def register_affine(
     reg.SetSmoothingSigmasPerLevel(list(smoothing_voxels))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(start, inPlace=True)
-    reg.Execute(fixed, moving)
+    with itk_threads(REGISTRATION_THREADS):  # bit-reproducible (see REGISTRATION_THREADS)
+        reg.Execute(fixed, moving)
     transform = sitk.AffineTransform(start)
     quality = RegistrationQuality(
         metric=float(reg.GetMetricValue()),
@@ -123,6 +130,18 @@ def register_affine(
         stop=reg.GetOptimizerStopConditionDescription(),
     )
     return transform, quality
+
+
+def quality_as_is(scan: sitk.Image, template: sitk.Image, working_mm: Optional[float] = 2.0) -> RegistrationQuality:
+    """How well a scan already in the template's space matches it where it lies (no registration): the same
+    NCC figures as `register_affine`'s, so that the same gates apply to it."""
+    fixed = normalized(_coarsened(template, working_mm))
+    moving = normalized(_coarsened(scan, working_mm))
+    brain = _brain_mask(fixed, None)
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    return RegistrationQuality(metric=float("nan"), ncc=masked_ncc(moving, fixed, identity, brain),
+                               ncc_interior=masked_ncc(moving, fixed, identity, interior(brain)), iterations=0,
+                               stop="not registered: the scan lies on the model's training grid")
 
 
 def masked_ncc(

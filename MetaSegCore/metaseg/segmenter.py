@@ -24,12 +24,13 @@ from .batch_progress import ScanReporter
 from .brain import prepare_brain
 from .device import pick_device
 from .images import InputImage, as_input_image
-from .io import InputError, image_array_2d, image_array_3d, image_dims, labels_like, sitk_array
+from .io import InputError, image_array_2d, image_array_3d, image_dims, input_warnings, labels_like, sitk_array
 from .options import PathLike, SegmentOptions
 from .labelsets import TISSUES, as_tissues, from_card
 from .outputs import class_sizes, environment, hippocampus_ratio, tissue_sums
 from .plausibility import slice_check, tissue_warnings
 from .progress import Reporter
+from .reproducibility import run_record
 from .resources import check_label_set, default_weights
 from .runtime import Hooks, Model
 from .segment import segment_array
@@ -161,7 +162,7 @@ def _base_report(inp: InputImage, model: Model, options: SegmentOptions, psnr: f
     return {"input": inp.source, "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
             "outputs": {}, "device": str(model.device), "weights": str(model.path), "weights_sha256": model.weights.sha256,
             "fit": {**model.plan.to_dict(), "seed": options.seed, "psnr_db": round(psnr, 2), "quality": options.quality,
-                    "fits": fits}}
+                    "fits": fits}, "reproducibility": run_record(options.seed, model.device)}
 
 
 def _segment_slice(inp: InputImage, model: Model, options: SegmentOptions, hooks: Hooks, mask: Any,
@@ -169,7 +170,7 @@ def _segment_slice(inp: InputImage, model: Model, options: SegmentOptions, hooks
     """The 2D path: one aligned coronal slice -> fit -> labels on its pixels."""
     img = inp.image
     array = image_array_2d(img)
-    warnings = check_slice(array, model.canvas, options.accept_poor_match)
+    warnings = input_warnings(img) + check_slice(array, model.canvas, options.accept_poor_match)
     if options.quality != "fast":
         warnings.append("--quality best applies to 3D volumes; this 2D slice was segmented as with fast (an ensemble "
                         "of fits gained less than 0.01 Dice on 2D slices)")

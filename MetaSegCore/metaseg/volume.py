@@ -18,7 +18,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,11 +28,11 @@ from .data import load_volume
 from .fit import FitCancelled
 from .fitted import FittedVolume
 from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
-from .io import InputError, image_array_3d, same_geometry
+from .io import InputError, image_array_3d, input_warnings, same_geometry
 from .labelsets import as_tissues
 from .plausibility import registration_problem, tissue_warnings
 from .preprocess import normalize_intensity
-from .registration import register_affine, registration_ok
+from .registration import quality_as_is, register_affine, registration_ok
 from .resources import weights_dirs
 from .runtime import Hooks, Model
 from .segment import LIVE_POINTS, segment_array
@@ -191,25 +191,14 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
         say("bias", "correcting the bias field (N4)")
         work = n4_correct(work, work > 0)
         arr = sitk.GetArrayFromImage(work)
-    warnings: List[str] = spacing_warnings(scan)
+    warnings: List[str] = input_warnings(scan) + spacing_warnings(scan)
     reg_info = None
     transform = None
     register = settings.register if settings.register is not None else not is_model_grid(scan, canvas)
     if register:
         say("register", "registering the scan to the model's template (affine, mutual information)")
         transform, reg_info = register_to_template(work)
-        if not reg_info["ok"]:
-            hopeless = not (reg_info["ncc"] >= REFUSE_NCC and reg_info["ncc_interior"] >= REFUSE_NCC_INTERIOR)
-            diagnose = hopeless and not settings.accept_poor_match
-            if diagnose:
-                say("diagnose", "the scan does not match the model's template: looking for the cause")
-            cause = registration_problem(work, load_template(), reg_info["ncc_interior"], try_flips=diagnose)
-            what = (f"the scan matches the model's template poorly after registration (NCC {reg_info['ncc']:.2f} in "
-                    f"the brain, {reg_info['ncc_interior']:.2f} in its interior; skull-stripped T1s score about "
-                    f"0.90-0.95 / 0.79-0.89): {cause}")
-            if diagnose:
-                raise InputError(f"{what}. Nothing was segmented; pass --accept-poor-match to segment it anyway")
-            warnings.append(f"{what}. Check the result")
+        warnings += match_gate(reg_info, work, settings.accept_poor_match, say)
         reference = model_reference(canvas)
         model_arr = sitk.GetArrayFromImage(to_model_space(work, reference, transform))
         model_arr[model_arr < 0] = 0
@@ -219,6 +208,13 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
             raise InputError(f"without registration the scan must be on the model grid {tuple(reversed(canvas))}, "
                              f"got {scan.GetSize()}")
         model_arr, reference, m2p = arr, scan, physical_to_model(scan, canvas)
+        # not registered, but judged by the same gate as it lies: an inverted or foreign scan that happens to have
+        # the training grid's size must not skip it (aligned validation brains: NCC 0.89-0.92 / 0.77-0.83)
+        as_is = sitk.GetImageFromArray(arr)
+        as_is.CopyInformation(model_reference(canvas))
+        quality = quality_as_is(as_is, load_template())
+        reg_info = {**quality.to_dict(), "metric": None, "ok": registration_ok(quality, TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR)}
+        warnings += match_gate(reg_info, as_is, settings.accept_poor_match, say)
     brain = model_arr > 0  # what the fit sees; the network knows tissue only there
     model_arr = normalize_intensity(model_arr, brain, denoise=True)  # noise must not darken the brain
     t1 = time.perf_counter()
@@ -275,6 +271,27 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     t3 = time.perf_counter()
     return VolumeResult(labels_img, fitted, psnr, entropy_img, reg_info, warnings,
                         {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2})
+
+
+def match_gate(reg_info: Dict[str, Any], work: sitk.Image, accept_poor_match: bool,
+               say: Callable[[str, str], None]) -> List[str]:
+    """The scan's match with the template (after registration, or as it lies on the model grid) against the
+    gate: [] if good, a warning if below it, InputError with the likely cause if far below (REFUSE_NCC) unless
+    `accept_poor_match`."""
+    if reg_info["ok"]:
+        return []
+    hopeless = not (reg_info["ncc"] >= REFUSE_NCC and reg_info["ncc_interior"] >= REFUSE_NCC_INTERIOR)
+    diagnose = hopeless and not accept_poor_match
+    if diagnose:
+        say("diagnose", "the scan does not match the model's template: looking for the cause")
+    cause = registration_problem(work, load_template(), reg_info["ncc_interior"], try_flips=diagnose)
+    how = "as it lies on the training grid" if reg_info.get("iterations") == 0 else "after registration"
+    what = (f"the scan matches the model's template poorly {how} (NCC {reg_info['ncc']:.2f} in "
+            f"the brain, {reg_info['ncc_interior']:.2f} in its interior; skull-stripped T1s score about "
+            f"0.90-0.95 / 0.79-0.89): {cause}")
+    if diagnose:
+        raise InputError(f"{what}. Nothing was segmented; pass --accept-poor-match to segment it anyway")
+    return [f"{what}. Check the result"]
 
 
 def spacing_warnings(scan: sitk.Image) -> List[str]:
