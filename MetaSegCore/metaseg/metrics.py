@@ -1,7 +1,7 @@
 """Dice scores: per class, mean foreground (our primary figure) and the paper's generalized Dice."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict
 
 import numpy as np
 
