@@ -146,7 +146,7 @@ def widget(slicer_core):
              "sliceViewComboBox")
     w.ui = SimpleNamespace(**{n: Stub() for n in names})
     w._job, w._busy = None, None
-    w._parameterNode = SimpleNamespace(device="auto", inputVolume=None, outputSegmentation=None,
+    w._parameterNode = SimpleNamespace(device="auto", labels="tissues", inputVolume=None, outputSegmentation=None,
                                        crossSectionSegmentation=None)
     return w
 
