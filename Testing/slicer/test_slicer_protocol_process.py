@@ -119,8 +119,11 @@ def drain(proc: JsonLinesProcess, timeout: float = 30.0) -> list:
 
 
 def test_runner_reads_events_without_blocking(tmp_path):
+    go = tmp_path / "go"  # the child prints nothing before the test has polled: no race with a busy CPU
     args = script(tmp_path, """
-        import json, sys, time
+        import json, os, sys, time
+        while not os.path.exists(GO):
+            time.sleep(0.01)
         print("some library chatter that is not JSON", flush=True)
         for i in range(1, 4):
             print(json.dumps({"event": "progress", "step": i, "steps": 3, "loss": 0.1, "psnr": 20.0 + i,
@@ -128,11 +131,12 @@ def test_runner_reads_events_without_blocking(tmp_path):
             time.sleep(0.2)
         sys.stderr.write("a warning on stderr\\n")
         print(json.dumps({"event": "done", "outputs": {}, "report": {"ok": True}}), flush=True)
-    """)
+    """.replace("GO", repr(str(go))))
     proc = JsonLinesProcess(args).start()
     t0 = time.monotonic()
-    assert proc.poll() == []  # returns at once while the child works
-    assert time.monotonic() - t0 < 0.2
+    assert proc.poll() == []  # returns while the child works (it waits for `go`: a blocking read would never return)
+    assert time.monotonic() - t0 < 5.0
+    go.touch()
     events = drain(proc)
     assert [e.kind for e in events] == ["progress", "progress", "progress", "done"]
     assert [e["step"] for e in events[:3]] == [1, 2, 3]
