@@ -46,7 +46,8 @@ class Segmenter:
 
     `device`: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N, mps or gpu. `weights`: a weights
     file (default: the shipped weights of `labels` for each input's dimension, 2D slice or 3D volume).
-    `labels`: the label set, "tissues" (0 background, 1 cortical GM, 2 subcortical GM, 3 WM, 4 CSF).
+    `labels`: the label set, "tissues" (0 background, 1 cortical GM, 2 subcortical GM, 3 WM, 4 CSF) or
+    "structures" (31 structures in FreeSurfer's aseg numbering; metaseg/labelsets.py).
     Raises InputError for an absent device or an unknown label set, WeightsError for damaged weights
     (on the first image of each dimension, when its weights load). Calling it gives the same result as
     `metaseg.segment` with the same settings.
@@ -132,7 +133,7 @@ def segment(image: Any, *, labels: str = "tissues", quality: str = "fast", devic
     [i, j, k] order (metaseg/images.py). A 3D T1 volume in any scanner geometry, whole head or
     skull-stripped, or one aligned coronal slice (2D model).
 
-    `labels`: the label set ("tissues"). `quality`: fast, or best (3D: 3 fits averaged). `device`: auto,
+    `labels`: the label set ("tissues" or "structures"). `quality`: fast, or best (3D: 3 fits averaged). `device`: auto,
     cpu, cuda, cuda:N, mps, gpu. `brain_extraction` (3D): auto|on|off. `bias_correction` (3D): auto|n4|off.
     `mask` (3D): a brain mask on the image's grid (path, SimpleITK image; nonzero = brain). `steps`: test-time
     fit steps (default: the weights' card). `seed`: the fit's sampling seed. `uncertainty` (3D): also the
