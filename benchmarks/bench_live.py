@@ -20,7 +20,7 @@ from metaseg.atomic import write_all
 from metaseg.io import image_array_2d, labels_like, read_image, write_image
 from metaseg.segment import segment_array
 from metaseg.runtime import Hooks, Model
-from metaseg.volume import VolumeSettings, segment_volume
+from metaseg.volume import segment_volume
 from metaseg.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent

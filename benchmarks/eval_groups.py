@@ -30,7 +30,8 @@ import torch
 from metaseg.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
 from metaseg.io import read_image
 from metaseg.labelsets import TISSUES, LabelSet, label_set
-from metaseg.metrics import dice_per_class, foreground_dice
+from metaseg.evaluate import score
+from metaseg.metrics import foreground_dice
 from metaseg.segment import segment_array
 from metaseg.runtime import Model
 from metaseg.volume import VolumeSettings, segment_volume
@@ -40,18 +41,21 @@ CLASSES = {1: "cortex", 2: "subcortical", 3: "wm", 4: "csf"}
 
 
 def scores(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, labels: LabelSet = TISSUES) -> dict:
-    """fg-Dice (mean over the foreground labels present), Dice and absolute volume error (%) per label."""
-    d = dice_per_class(pred, ref, max(labels.values) + 1)
-    out = {"fg_dice": round(foreground_dice(pred, ref, labels.foreground), 4)}
+    """`metaseg evaluate`'s scores (evaluate.score) as this benchmark's flat record: fg-Dice, Dice and absolute
+    volume error (%) per label; for structures also the lowest structure, the hippocampus (L/R mean) and the
+    structures merged into tissues against the reference merged likewise."""
+    s = score(pred, ref, labels, voxel_ml)
+    out = {"fg_dice": round(s["fg_dice"], 4)}
     for lab in labels.labels[1:]:
         name = CLASSES[lab.value] if labels is TISSUES else lab.name
-        vp, vr = float((pred == lab.value).sum()) * voxel_ml, float((ref == lab.value).sum()) * voxel_ml
-        out[f"dice_{name}"] = round(d[lab.value], 4)
-        out[f"volerr_{name}_pct"] = round(100.0 * abs(vp - vr) / vr, 1) if vr else None
-    if labels is not TISSUES:  # the structures merged into tissues, and the figures a clinic reads
-        present = [out[f"dice_{lab.name}"] for lab in labels.labels[1:] if not np.isnan(out[f"dice_{lab.name}"])]
+        err = s["volume_error_pct"][lab.name]
+        out[f"dice_{name}"] = round(s["dice"][lab.name], 4)
+        out[f"volerr_{name}_pct"] = None if np.isnan(err) else round(err, 1)
+    if labels is not TISSUES:  # the figures a clinic reads
+        present = [d for d in s["dice"].values() if not np.isnan(d)]
         out["min_structure_dice"] = round(min(present), 4)
         out["dice_hippocampus"] = round((out["dice_Left-Hippocampus"] + out["dice_Right-Hippocampus"]) / 2, 4)
+        out["tissue_fg_dice_vs_merged_ref"] = round(s["tissue_fg_dice"], 4)
     return out
 
 
@@ -87,9 +91,6 @@ def eval_2d(w, net, subject: str, data: Path, pack: Path, seed: int, labels: Lab
     res = segment_array(net, w.log_lr, w.plan, sl.image, w.canvas, seed=seed)
     dt = time.perf_counter() - t0
     row = scores(res.labels, sl.labels, 0.001, labels)
-    if labels is not TISSUES:
-        row["tissue_fg_dice_vs_merged_ref"] = round(foreground_dice(
-            *(np.asarray(labels.tissue_lut(), np.uint8)[x] for x in (res.labels, sl.labels))), 4)
     return {**row, "psnr": round(res.psnr, 2), "seconds": round(dt, 2)}
 
 

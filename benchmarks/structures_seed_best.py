@@ -3,7 +3,9 @@
 Run by hand (not a test): .venv/bin/python benchmarks/structures_seed_best.py  (validation subjects ecog, oas1-0040;
 seeds 0 and 3, so the two ensembles share no fit seed). Prints |dV| in % per structure.
 """
-import json, sys, torch, metaseg
+import torch
+
+import metaseg
 from metaseg.io import read_image
 torch.set_num_threads(2)
 seg = metaseg.Segmenter(device="cpu", labels="structures")
