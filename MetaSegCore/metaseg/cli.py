@@ -33,6 +33,9 @@ def _add_train(sub) -> None:
                    help="the head also reads the image's intensity at each point, not only the network's features")
     p.add_argument("--head-all-layers", action="store_true",
                    help="the head reads every sine layer's output, not only the penultimate layer's")
+    p.add_argument("--head-prior", action="store_true",
+                   help="the head also reads the spatial prior: each class's frequency at the point across the training "
+                   "brains (3D; each training brain reads the other brains' prior)")
     p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.pt) instead of the SIREN "
                    "initialization; with --steps 0 only stage 2 runs (e.g. a new head for the same initialization)")
     p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
@@ -40,6 +43,8 @@ def _add_train(sub) -> None:
     p.add_argument("--test-steps", type=int, help="test-time fit steps, used by stage 2 and written to the card; 0: --fit-steps (2D 100, 3D 400)")
     p.add_argument("--test-batch", type=int, help="test-time coordinates per step; 0: --fit-batch (2D 4096, 3D 8192)")
     p.add_argument("--test-lr", type=float, help="constant test-time learning rate; 0: the meta-learned per-step rates (1e-4)")
+    p.add_argument("--test-average", type=int, help="the test-time fit decodes the mean of its parameters over its "
+                   "last N steps; stage 2 and the card use it (0)")
     p.add_argument("--inner-lr", type=float, help="initial inner learning rate (3e-4)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not meta-learn the inner learning rates")
     p.add_argument("--warm-steps", type=int, help="first outer steps without the inner fit (300)")
@@ -69,7 +74,7 @@ def _add_train(sub) -> None:
 # `metaseg train` option -> TrainSettings field
 _TRAIN_FIELDS = {
     "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
-    "test_batch": "test_batch", "test_lr": "test_lr", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
+    "test_batch": "test_batch", "test_lr": "test_lr", "test_average": "test_average", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
     "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "focal_gamma": "focal_gamma",
     "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",
@@ -100,9 +105,9 @@ def _train(a: argparse.Namespace) -> int:
     plan = {"steps": a.fit_steps, "batch_size": a.fit_batch}
     if a.width:
         s = dataclasses.replace(s, model=dataclasses.replace(s.model, width=a.width))
-    if a.head_intensity or a.head_all_layers:
+    if a.head_intensity or a.head_all_layers or a.head_prior:
         s = dataclasses.replace(s, model=dataclasses.replace(
-            s.model, head_intensity=a.head_intensity, head_all_layers=a.head_all_layers))
+            s.model, head_intensity=a.head_intensity, head_all_layers=a.head_all_layers, head_prior=a.head_prior))
     s = dataclasses.replace(
         s, plan=dataclasses.replace(s.plan, **{k: v for k, v in plan.items() if v is not None}),
         learn_inner_lr=not a.fixed_inner_lr, first_order=not a.second_order, image_only=a.image_only,

@@ -25,6 +25,9 @@ class ModelConfig:
     n_classes: int = 5
     head_all_layers: bool = False
     head_intensity: bool = False
+    # The head also reads the spatial prior (metaseg.prior): each class's frequency at the point across the training
+    # brains, registered like the scan. It tells the head where the small structures lie, whatever the fit's path.
+    head_prior: bool = False
     # The label value each output class stands for, in class order (a label set's values, e.g. FreeSurfer's
     # aseg numbers for structures); empty: class i is label value i (the tissue models).
     label_values: Tuple[int, ...] = ()
@@ -43,6 +46,8 @@ class ModelConfig:
         d = asdict(self)
         if not self.label_values:  # files of tissue models stay as they were
             d.pop("label_values")
+        if not self.head_prior:  # likewise for models without a prior
+            d.pop("head_prior")
         else:
             d["label_values"] = list(self.label_values)
         return d

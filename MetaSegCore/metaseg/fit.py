@@ -30,6 +30,9 @@ class FitPlan:
     batch_size: int = 4096  # coordinates sampled per step; >= pixel count means full batch
     bg_weight: float = 1.0  # weight of the MSE on background (zero-intensity) pixels
     foreground_only: bool = False  # fit and decode only nonzero voxels; the rest is background (3D)
+    # > 0: the fitted network is the mean of the parameters over the fit's last `average_last` steps (as SWA does
+    # in training): the random batches of those steps average out, so the labels depend less on the fit's path
+    average_last: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,7 +162,7 @@ class FittedINR:
                 if head:
                     pixels = sample_grid(self.image, x) if self.image is not None else None
                     feats = functional_call(self.model.head, _sub(self.params, "head."),
-                                            (self.model.head_input(feats, pixels),))
+                                            (self.model.head_input(feats, pixels, x),))
                 out.append(fn(inten, feats))
         return torch.cat(out)
 
@@ -208,20 +211,25 @@ def fit(
     snapshot: Optional[Callable[[int, FittedINR], None]] = None,
     snapshot_every: int = 0,
     image: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> FittedINR:
     """Fit the INR to (coords, values) from `params`; return the fitted, queryable INR.
 
     `progress` is called after every step; `cancel` is checked after every step and raises
     FitCancelled promptly when set. `snapshot(step, inr)` receives the INR as it is every
     `snapshot_every` steps (live preview of the labels forming). `image`: the normalized canvas
-    image, for a head that reads intensities (`FittedINR`).
+    image, for a head that reads intensities (`FittedINR`). `generator`, if given, draws the coordinate batches
+    instead of one seeded by `seed` (training's shared random stream).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     fast = params
     if cancel is not None and cancel.is_set():
         raise FitCancelled("fit cancelled before the first step")
+    mean = _RunningMean(plan.steps - plan.average_last) if plan.average_last > 0 else None
     for step, loss, fast in adapt(model, params, coords, values, plan, log_lr, generator=gen):
+        if mean is not None:
+            mean.add(step, fast)
         if progress is not None:
             elapsed = time.perf_counter() - t0
             mse = float(loss)
@@ -230,4 +238,24 @@ def fit(
             raise FitCancelled(f"fit cancelled at step {step} of {plan.steps}")
         if snapshot is not None and snapshot_every > 0 and step % snapshot_every == 0 and step < plan.steps:
             snapshot(step, FittedINR(model, fast, image=image))
-    return FittedINR(model, fast, image=image)
+    return FittedINR(model, fast if mean is None else mean.value(), image=image)
+
+
+class _RunningMean:
+    """The mean of the fit's parameters over the steps after `after` (in place: one copy of the network)."""
+
+    def __init__(self, after: int):
+        self.after, self.n, self.sum = max(after, 0), 0, None
+
+    def add(self, step: int, params: Params) -> None:
+        if step <= self.after:
+            return
+        if self.sum is None:
+            self.sum = {k: t.detach().clone() for k, t in params.items()}
+        else:
+            for k, t in params.items():
+                self.sum[k] += t.detach()
+        self.n += 1
+
+    def value(self) -> Params:
+        return {k: t / self.n for k, t in self.sum.items()}

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -38,9 +38,10 @@ from . import __version__
 from .config import ModelConfig
 from .data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, load_volume
 from .device import pick_device
-from .fit import FitPlan, adapt, weighted_mse
+from .fit import FitPlan, adapt, fit, weighted_mse
 from .metrics import foreground_dice, generalized_dice
 from .model import MetaSegNet
+from .prior import SpatialPrior, class_fractions
 from .preprocess import add_noise, augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
 from .segment import segment_array
 from .atomic import write_all
@@ -63,6 +64,7 @@ class TrainSettings:
     test_steps: int = 100  # test-time fit steps (0: the inner loop's); stage 2 and the card use them
     test_batch: int = 4096  # coordinates per test-time step (0: the inner loop's)
     test_lr: float = 1e-4  # constant test-time learning rate (0: the meta-learned per-step rates)
+    test_average: int = 0  # the test-time fit decodes the mean of its parameters over its last N steps (FitPlan)
     inner_lr: float = 3e-4  # initial value of the meta-learned per-step learning rates
     learn_inner_lr: bool = True
     first_order: bool = True  # first-order learned faster per CPU-minute than second-order in our runs
@@ -93,7 +95,8 @@ class TrainSettings:
     def test_plan(self) -> FitPlan:
         """The fit run at test time (and for stage 2): the inner loop's unless overridden."""
         return FitPlan(steps=self.test_steps or self.plan.steps, batch_size=self.test_batch or self.plan.batch_size,
-                       bg_weight=self.plan.bg_weight, foreground_only=self.plan.foreground_only)
+                       bg_weight=self.plan.bg_weight, foreground_only=self.plan.foreground_only,
+                       average_last=self.test_average)
 
     def test_log_lr(self, log_lr: torch.Tensor) -> torch.Tensor:
         """Test-time log learning rates: a constant `test_lr`, or the meta-learned ones."""
@@ -177,6 +180,11 @@ class TaskPoints:
         self.s, self.device = s, device
         self.grid = grid_coords(s.canvas).to(device)
         self.cache: Dict[str, tuple] = {}
+        self.priors: Dict[str, SpatialPrior] = {}  # with a prior head: each training image's leave-one-out prior
+
+    def prior(self, t: LabeledImage) -> Optional[SpatialPrior]:
+        """The spatial prior this image's head reads in training: the other training brains' (None without one)."""
+        return self.priors.get(t.name)
 
     def __call__(self, t: LabeledImage, gen: torch.Generator, augment: bool) -> tuple:
         coords, values, labels = self._points(t, gen, augment)
@@ -280,7 +288,7 @@ def outer_step(net: MetaSegNet, log_lr: torch.Tensor, opt: torch.optim.Optimizer
         loss = mse
         if not s.image_only:
             logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")},
-                                                (net.head_input(feats, values[idx]),))
+                                                (net.head_input(feats, values[idx], coords[idx], points.prior(t)),))
             foc = focal_loss(logits, target[idx], s.focal_gamma)
             loss = loss + foc
             totals[1] += float(foc.detach())
@@ -366,6 +374,8 @@ def meta_train(s: TrainSettings) -> Path:
     points = TaskPoints(s, dev)
 
     net, log_lr, opt = build_model(s, dev)
+    if s.model.head_prior:
+        net.prior = build_priors(train, s, points, lead)
     gen = torch.Generator().manual_seed(s.seed)  # draws the task indices (and stage 2's randomness)
     state = {"step": 0, "best": -1.0, "best_step": 0, "head_loaded": True}
 
@@ -468,12 +478,28 @@ def meta_train(s: TrainSettings) -> Path:
         },
         "metrics": {"validation_stage1": stage1, "validation_final": stage2 if chosen == "stage2" else stage1},
     }
-    w = Weights(s.model, {k: v.cpu() for k, v in net.state_dict().items()}, test_lr.cpu(), card)
+    prior = net.prior.to_uint8() if net.prior is not None else None
+    w = Weights(s.model, {k: v.cpu() for k, v in net.state_dict().items()}, test_lr.cpu(), card, prior=prior)
     path = out / "metaseg.pt"
     digest = save_weights(w, path)
     log.write(event="done", path=str(path), sha256=digest, minutes=(time.time() - t0) / 60)
     print(f"\nwrote {path} (sha256 {digest})", file=sys.stderr)
     return path
+
+
+def build_priors(train: List[LabeledImage], s: TrainSettings, points: TaskPoints, say: bool) -> SpatialPrior:
+    """The spatial prior of all training brains (validation and the weights use it) and, in `points`, each training
+    brain's leave-one-out prior (its head must not read its own labels). 3D only."""
+    if s.dims != 3:
+        raise SystemExit("--head-prior is for 3D models (the prior lives on the 3D model grid)")
+    t0 = time.time()
+    n = len(s.labels)
+    fractions = {t.name: class_fractions(t.labels.numpy(), n) for t in train}
+    full = SpatialPrior(sum(fractions.values()) / len(fractions))
+    points.priors = {name: full.without(f, len(fractions)) for name, f in fractions.items()}
+    if say:
+        print(f"spatial prior of {len(train)} training brains ({time.time() - t0:.0f} s)", file=sys.stderr)
+    return full
 
 
 def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> bool:
@@ -506,6 +532,8 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> bool:
     w = state.get("head.0.weight")
     if w is not None and w.shape[1] == net.config.width != net.head_in_features:
         state["head.0.weight"] = net.widen_head_weight(w)
+    elif w is not None and net.config.head_prior and w.shape[1] == net.head_in_features - net.config.n_classes:
+        state["head.0.weight"] = net.widen_prior_columns(w)  # the same head, now also reading the prior
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -523,7 +551,7 @@ def _core(s: TrainSettings) -> str:
     """The settings that must match to resume (not step counts or intervals)."""
     d = s.to_dict()
     for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps", "head_lr",
-              "head_fits_per_image", "head_points", "test_steps", "test_batch", "test_lr"):
+              "head_fits_per_image", "head_points", "test_steps", "test_batch", "test_lr", "test_average"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
@@ -539,13 +567,11 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
             Log.bar(i, len(train), t0, "stage 2: fitting the training images")
         for _ in range(s.head_fits_per_image):
             coords, values, target = points(t, gen, s.augment)
-            fast = init
-            for _, _, fast in adapt(net, init, coords, values, s.test_plan, log_lr, generator=gen):
-                pass
+            fast = fit(net, init, coords, values, s.test_plan, log_lr, image=t.image, generator=gen).params
             idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen).to(coords.device)
             with torch.no_grad():
                 _, f = torch.func.functional_call(net, fast, (coords[idx],))
-            feats.append(net.head_input(f, values[idx]))
+            feats.append(net.head_input(f, values[idx], coords[idx], points.prior(t)))
             targets.append(target[idx])
     feats, targets = torch.cat(feats), torch.cat(targets)
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)

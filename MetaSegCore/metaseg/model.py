@@ -9,12 +9,13 @@ dictionary of parameters, which is how meta-training differentiates through the 
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
+from .prior import SpatialPrior
 
 Params = Dict[str, torch.Tensor]
 
@@ -56,11 +57,15 @@ class MetaSegNet(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(self.head_in_features, c.width), nn.LeakyReLU(0.01), nn.Linear(c.width, c.n_classes)
         )
+        # With `config.head_prior`: the class frequencies the head reads beside the features. Part of the weights,
+        # not a parameter: the fit never moves it, and a fitted network needs only its parameters.
+        self.prior: Optional[SpatialPrior] = None
 
     @property
     def head_in_features(self) -> int:
         c = self.config
-        return c.width * (c.hidden_layers + 1 if c.head_all_layers else 1) + int(c.head_intensity)
+        return (c.width * (c.hidden_layers + 1 if c.head_all_layers else 1) + int(c.head_intensity)
+                + (c.n_classes if c.head_prior else 0))
 
     def features(self, coords: torch.Tensor) -> torch.Tensor:
         """The head's trunk features at `coords` (N, in_dim) in [-1, 1]."""
@@ -77,10 +82,28 @@ class MetaSegNet(nn.Module):
             outs.append(x)
         return self.intensity(x).squeeze(-1), torch.cat(outs, -1)
 
-    def head_input(self, feats: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """What the head reads at N points: the features, and with `config.head_intensity` the
-        image's normalized intensity `pixels` (N,) there as one more column."""
-        return torch.cat([feats, pixels[:, None].to(feats.dtype)], 1) if self.config.head_intensity else feats
+    def head_input(self, feats: torch.Tensor, pixels: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None,
+                   prior: Optional[SpatialPrior] = None) -> torch.Tensor:
+        """What the head reads at N points: the features; with `config.head_intensity` the image's normalized
+        intensity `pixels` (N,) there as one more column; with `config.head_prior` the spatial prior's class
+        probabilities at the model coordinates `coords` (N, dims): `prior`, or the model's own (`self.prior`).
+        Training passes each brain the prior of the other brains."""
+        cols = [feats]
+        if self.config.head_intensity:
+            cols.append(pixels[:, None].to(feats.dtype))
+        if self.config.head_prior:
+            prior = prior if prior is not None else self.prior
+            if prior is None or coords is None:
+                raise ValueError("this model's head reads a spatial prior: the weights carry none, or no coordinates "
+                                 "were given")
+            cols.append(prior.at(coords).to(feats.device, feats.dtype))
+        return torch.cat(cols, 1) if len(cols) > 1 else feats
+
+    def widen_prior_columns(self, weight: torch.Tensor) -> torch.Tensor:
+        """The first head weight of a head without the prior's columns, with zero weights for them appended:
+        the head then computes the same logits, and training teaches it to use the prior."""
+        extra = self.head_in_features - weight.shape[1]
+        return torch.cat([weight, weight.new_zeros(weight.shape[0], extra)], 1)
 
     def widen_head_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The first head weight (out, width) of a paper head (penultimate features only) placed

@@ -20,6 +20,7 @@ from .labelsets import TISSUES
 from .fit import FitPlan
 from .atomic import write_all
 from .model import MetaSegNet
+from .prior import SpatialPrior, coarse_shape
 
 FORMAT = "metaseg-weights/1"
 
@@ -39,6 +40,11 @@ class Weights:
     log_lr: torch.Tensor  # (steps, n_inr_tensors) meta-learned log learning rates of the fit
     card: Dict[str, Any] = field(default_factory=dict)
     sha256: Optional[str] = None
+    prior: Optional[torch.Tensor] = None  # uint8 (classes, d, h, w): the spatial prior of a `head_prior` model
+
+    @property
+    def spatial_prior(self) -> Optional[SpatialPrior]:
+        return None if self.prior is None else SpatialPrior.from_uint8(self.prior)
 
     @property
     def plan(self) -> FitPlan:
@@ -51,6 +57,7 @@ class Weights:
     def build(self, device: torch.device = torch.device("cpu")) -> MetaSegNet:
         net = MetaSegNet(self.config)
         net.load_state_dict(self.state)
+        net.prior = None if self.spatial_prior is None else self.spatial_prior.to(device)
         return net.to(device).eval()
 
 
@@ -112,12 +119,15 @@ def load_checked(path: Path, fmt: str, expected_sha256: Optional[str] = None, wh
 def save_weights(w: Weights, path: Path) -> str:
     """Write the file and its `.sha256` sidecar atomically; return the hash."""
     card = dict(w.card, config=w.config.to_dict(), format=FORMAT)
-    return save_checked({
+    blob = {
         "format": FORMAT,
         "card_json": json.dumps(card, sort_keys=True),
         "state": {k: v.detach().cpu().contiguous() for k, v in w.state.items()},
         "log_lr": w.log_lr.detach().cpu().contiguous(),
-    }, path)
+    }
+    if w.prior is not None:
+        blob["prior"] = w.prior.detach().cpu().to(torch.uint8).contiguous()
+    return save_checked(blob, path)
 
 
 def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
@@ -126,7 +136,7 @@ def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
     try:
         card = json.loads(blob["card_json"])
         config = ModelConfig.from_dict(card.pop("config"))
-        w = Weights(config, dict(blob["state"]), blob["log_lr"], card, digest)
+        w = Weights(config, dict(blob["state"]), blob["log_lr"], card, digest, blob.get("prior"))
     except Exception as e:
         raise WeightsError(f"cannot read weights {path}: {_what(e)}") from e
     problem = weights_problem(w)
@@ -165,6 +175,12 @@ def weights_problem(w: Weights) -> Optional[str]:
     extra = set(w.state) - set(expected)
     if extra:
         return f"unexpected tensors {sorted(extra)}"
+    if w.config.head_prior:
+        want = (w.config.n_classes,) + coarse_shape(canvas)
+        if not isinstance(w.prior, torch.Tensor) or tuple(w.prior.shape) != want or w.prior.dtype != torch.uint8:
+            return f"the spatial prior has shape {tuple(getattr(w.prior, 'shape', ()))}, expected {want} (uint8)"
+    elif w.prior is not None:
+        return "the file holds a spatial prior but the network does not read one"
     n_inr = len(MetaSegNet(w.config).inr_parameter_names())
     if not isinstance(w.log_lr, torch.Tensor) or w.log_lr.dim() != 2 or w.log_lr.shape[1] != n_inr \
             or not torch.isfinite(w.log_lr).all():
