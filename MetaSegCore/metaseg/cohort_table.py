@@ -42,6 +42,8 @@ def ok_row(scan: Scan, report: Dict[str, Any]) -> Row:
             continue
         value, unit = (c["volume_ml"], "ml") if "volume_ml" in c else (c["area_mm2"], "mm2")
         row[f"{_slug(c['name'])}_{unit}"] = value
+        if "spread_pct" in c:  # several fits: how far this volume moved between them
+            row[f"{_slug(c['name'])}_spread_pct"] = c["spread_pct"]
         total += value
     row[f"brain_{unit}"] = round(total, 3)
     for t in report.get("tissues", []):  # a structures run: the tissues they make up, beside them

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -147,8 +147,10 @@ def write_seg_nrrd(labels_img: sitk.Image, label_info: List[Dict[str, Any]], pat
     slicerio.write_segmentation(str(path), seg)
 
 
-def class_sizes(labels: np.ndarray, spacing, label_info: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per-class pixel counts and physical size (mm^2 for 2D, mL for 3D)."""
+def class_sizes(labels: np.ndarray, spacing, label_info: List[Dict[str, Any]],
+                fit_counts: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+    """Per-class pixel counts and physical size (mm^2 for 2D, mL for 3D). With `fit_counts` (fits, 256: each fit's
+    own labels counted, `volume.VolumeResult`) a 3D class also gets each fit's volume and their spread."""
     counts = np.bincount(labels.ravel(), minlength=256)
     cell = float(np.prod(spacing))
     out = []
@@ -159,8 +161,38 @@ def class_sizes(labels: np.ndarray, spacing, label_info: List[Dict[str, Any]]) -
             entry["area_mm2"] = round(n * cell, 2)
         else:
             entry["volume_ml"] = round(n * cell / 1000.0, 3)
+            if fit_counts is not None:
+                per_fit = fit_counts[:, lab["value"]] * cell / 1000.0
+                entry["volume_ml_fits"] = [round(float(v), 3) for v in per_fit]
+                entry["spread_pct"] = spread_pct(per_fit)
         out.append(entry)
     return out
+
+
+def spread_pct(volumes: Sequence[float]) -> float:
+    """How far a volume moved between the run's fits: (largest - smallest) / mean, in %."""
+    v = np.asarray(volumes, float)
+    return round(float(100.0 * (v.max() - v.min()) / v.mean()), 2) if v.size and v.mean() > 0 else 0.0
+
+
+# A hippocampal volume whose fits disagree by more than this (L+R, %) cannot show a year's atrophy (1-5 %),
+# which is what a memory clinic reads it for.
+HIPPOCAMPUS_SPREAD_LIMIT_PCT = 5.0
+HIPPOCAMPI = ("Left-Hippocampus", "Right-Hippocampus")
+
+
+def hippocampus_spread(classes: List[Dict[str, Any]]) -> Tuple[Optional[float], List[str]]:
+    """The spread of the L+R hippocampal volume over the run's fits (None without fits or hippocampi) and the
+    warning when it is too large for a clinic to use."""
+    hip = [c["volume_ml_fits"] for c in classes if c["name"] in HIPPOCAMPI and "volume_ml_fits" in c]
+    if len(hip) != len(HIPPOCAMPI):
+        return None, []
+    spread = spread_pct(np.sum(hip, axis=0))
+    if spread <= HIPPOCAMPUS_SPREAD_LIMIT_PCT:
+        return spread, []
+    return spread, [f"the hippocampal volume (left + right) differs by {spread:.1f} % between this run's fits, more "
+                    f"than a year's atrophy (1-5 %): do not compare it with another scan's; segment again with more "
+                    f"fits (quality best) or check the scan's quality"]
 
 
 def tissue_sums(classes: List[Dict[str, Any]], label_info: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -27,7 +27,7 @@ from .images import InputImage, as_input_image
 from .io import InputError, image_array_2d, image_array_3d, image_dims, input_warnings, labels_like, sitk_array
 from .options import PathLike, SegmentOptions
 from .labelsets import TISSUES, as_tissues, from_card
-from .outputs import class_sizes, environment, hippocampus_ratio, tissue_sums
+from .outputs import class_sizes, environment, hippocampus_ratio, hippocampus_spread, tissue_sums
 from .plausibility import slice_check, tissue_warnings
 from .progress import Reporter
 from .reproducibility import run_record
@@ -206,24 +206,27 @@ def _segment_volume(inp: InputImage, model: Model, options: SegmentOptions, hook
                               bias_correction=n4, accept_poor_match=options.accept_poor_match)
     info = {"labels": model.labels, "weights_sha256": model.weights.sha256, "source": inp.source}
     res = segment_volume(img, model, settings, hooks, mask=brain_mask, info=info)
-    for msg in res.warnings:
+    measured = sizes(sitk_array(res.labels), img.GetSpacing(), model.labels, brain_mask, res.fit_counts)
+    warnings = res.warnings + measured.pop("warnings", [])
+    for msg in warnings:
         hooks.warn(msg)
     report = {**_base_report(inp, model, options, res.psnr, options.fits),
               "registration": res.registration, "brain_extraction": brain, "bias_correction": "n4" if n4 else "off",
               "timings_s": {"load": round(t_load - t_start, 3),
                             **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                             **{k: round(v, 3) for k, v in res.timings.items()}},
-              **sizes(sitk_array(res.labels), img.GetSpacing(), model.labels, brain_mask),
-              "warnings": res.warnings, "versions": environment()}
+              **measured, "warnings": warnings, "versions": environment()}
     return Segmentation(res.labels, report, model.labels, img, res.entropy, res.fitted, brain_mask,
                         inp.nibabel_order, inp.path)
 
 
 def sizes(labels: np.ndarray, spacing: Sequence[float], label_info: List[Dict[str, Any]],
-          brain_mask: Optional[sitk.Image] = None) -> Dict[str, Any]:
+          brain_mask: Optional[sitk.Image] = None, fit_counts: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """The report's sizes: the label set's name and each label's size (mL; 2D: mm^2); for a set finer than the
-    tissues also the 4 tissue sums, and with a brain mask the hippocampus-to-intracranial volume ratio."""
-    classes = class_sizes(labels, spacing, label_info)
+    tissues also the 4 tissue sums, and with a brain mask the hippocampus-to-intracranial volume ratio. With
+    several fits (`fit_counts`) each volume's spread over the fits, the hippocampus's, and under "warnings" the
+    warning when that is too large for a clinic."""
+    classes = class_sizes(labels, spacing, label_info, fit_counts)
     labels_set = from_card(label_info)
     out: Dict[str, Any] = {"label_set": labels_set.name, "classes": classes}
     if labels_set is not TISSUES:
@@ -233,6 +236,10 @@ def sizes(labels: np.ndarray, spacing: Sequence[float], label_info: List[Dict[st
             ratio = hippocampus_ratio(classes, icv)
             if ratio:
                 out["hippocampus_to_intracranial"] = ratio
+        spread, warnings = hippocampus_spread(classes)
+        if spread is not None:
+            out["hippocampus_spread_pct"] = spread
+            out["warnings"] = warnings
     return out
 
 

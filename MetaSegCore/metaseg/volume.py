@@ -69,6 +69,9 @@ class VolumeResult:
     registration: Optional[Dict[str, Any]] = None
     warnings: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+    # With several fits: each fit's own labels counted per label value (fits, 256): how much the volumes move
+    # from fit to fit, i.e. the spread the run measured (None for one fit)
+    fit_counts: Optional[np.ndarray] = None
 
 
 def is_model_grid(img: sitk.Image, canvas: Sequence[int]) -> bool:
@@ -242,6 +245,8 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     say("decode", "labelling the scan's voxels")
     flat = np.flatnonzero(arr.reshape(-1) > 0)
     labels = np.zeros(arr.size, np.uint8)
+    values = np.asarray(net.config.values, np.uint8)
+    fit_counts = np.zeros((len(members), 256), np.int64) if len(members) > 1 else None
     ent = np.zeros(arr.size, np.float32) if settings.uncertainty else None
     t_dec = time.perf_counter()
     for s in range(0, len(flat), DECODE_CHUNK):  # in chunks: bounded memory, and progress on big scans
@@ -250,8 +255,12 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
         part = flat[s : s + DECODE_CHUNK]
         points = voxel_points(scan, part)
         if ent is not None or len(members) > 1:
-            probs = sum(m.query(points, "probabilities") for m in members) / len(members)
-            labels[part] = np.asarray(net.config.values, np.uint8)[probs.argmax(1)]
+            each = [m.query(points, "probabilities") for m in members]
+            if fit_counts is not None:
+                for k, p in enumerate(each):
+                    fit_counts[k] += np.bincount(values[p.argmax(1)], minlength=256)
+            probs = sum(each) / len(each)
+            labels[part] = values[probs.argmax(1)]
             if ent is not None:
                 ent[part] = entropy_map(probs.T)
         else:
@@ -270,7 +279,7 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     warnings += tissue_warnings(as_tissues(labels, net.config.values), 3)
     t3 = time.perf_counter()
     return VolumeResult(labels_img, fitted, psnr, entropy_img, reg_info, warnings,
-                        {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2})
+                        {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2}, fit_counts)
 
 
 def match_gate(reg_info: Dict[str, Any], work: sitk.Image, accept_poor_match: bool,

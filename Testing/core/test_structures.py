@@ -116,3 +116,24 @@ def test_2d_batch_writes_a_column_per_structure(tmp_path):
     assert "left_hippocampus_mm2" in rows[0] and float(rows[0]["left_hippocampus_mm2"]) > 0
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ecog_slice_t1" / "labels.nii.gz")))
     assert set(np.unique(labels).tolist()) <= set(STRUCTURES.values)
+
+
+def test_each_volume_carries_its_spread_over_the_fits_and_a_wide_hippocampus_warns():
+    from metaseg.outputs import HIPPOCAMPUS_SPREAD_LIMIT_PCT, class_sizes, hippocampus_spread
+
+    info = STRUCTURES.card_labels()
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[:4], labels[4:6] = 17, 53  # 400 and 200 voxels of 1 mm^3
+    counts = np.zeros((3, 256), np.int64)
+    counts[:, 17] = (390, 400, 410)
+    counts[:, 53] = (200, 200, 200)
+    classes = {c["name"]: c for c in class_sizes(labels, (1.0, 1.0, 1.0), info, counts)}
+    left = classes["Left-Hippocampus"]
+    assert left["volume_ml"] == 0.4 and left["volume_ml_fits"] == [0.39, 0.4, 0.41]
+    assert left["spread_pct"] == 5.0 and classes["Right-Hippocampus"]["spread_pct"] == 0.0
+    spread, warnings = hippocampus_spread(list(classes.values()))
+    assert spread == round(100 * 20 / 600, 2) and warnings == []  # L+R: 590..610 voxels
+    counts[:, 53] = (150, 200, 250)
+    spread, warnings = hippocampus_spread(class_sizes(labels, (1.0, 1.0, 1.0), info, counts))
+    assert spread > HIPPOCAMPUS_SPREAD_LIMIT_PCT and "year's atrophy" in warnings[0]
+    assert hippocampus_spread(class_sizes(labels, (1.0, 1.0, 1.0), info)) == (None, [])  # one fit: nothing measured
