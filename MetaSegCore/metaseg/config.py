@@ -28,6 +28,9 @@ class ModelConfig:
     # The head also reads the spatial prior (metaseg.prior): each class's frequency at the point across the training
     # brains, registered like the scan. It tells the head where the small structures lie, whatever the fit's path.
     head_prior: bool = False
+    # > 0: the head's class probabilities are multiplied by the spatial prior to this power and renormalized (a
+    # Bayesian prior on the output: the labels lean towards where each structure lies in the training brains)
+    prior_power: float = 0.0
     # The label value each output class stands for, in class order (a label set's values, e.g. FreeSurfer's
     # aseg numbers for structures); empty: class i is label value i (the tissue models).
     label_values: Tuple[int, ...] = ()
@@ -36,6 +39,11 @@ class ModelConfig:
         object.__setattr__(self, "label_values", tuple(int(v) for v in self.label_values))  # JSON gives a list
         if self.label_values and len(self.label_values) != self.n_classes:
             raise ValueError(f"{len(self.label_values)} label values for {self.n_classes} classes")
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether the network needs the spatial prior (as the head's input or on its output)."""
+        return self.head_prior or self.prior_power > 0
 
     @property
     def values(self) -> Tuple[int, ...]:
@@ -48,6 +56,8 @@ class ModelConfig:
             d.pop("label_values")
         if not self.head_prior:  # likewise for models without a prior
             d.pop("head_prior")
+        if not self.prior_power:
+            d.pop("prior_power")
         else:
             d["label_values"] = list(self.label_values)
         return d

@@ -161,8 +161,8 @@ class FittedINR:
                 inten, feats = functional_call(self.model, self.params, (x,))
                 if head:
                     pixels = sample_grid(self.image, x) if self.image is not None else None
-                    feats = functional_call(self.model.head, _sub(self.params, "head."),
-                                            (self.model.head_input(feats, pixels, x),))
+                    feats = self.model.with_prior(functional_call(self.model.head, _sub(self.params, "head."),
+                                                                  (self.model.head_input(feats, pixels, x),)), x)
                 out.append(fn(inten, feats))
         return torch.cat(out)
 

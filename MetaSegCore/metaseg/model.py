@@ -35,6 +35,11 @@ class SineLayer(nn.Module):
         return torch.sin(self.omega0 * self.linear(x))
 
 
+# The smallest prior probability: a class never seen at a point in the training brains keeps a small chance, so a
+# clear image still wins over the prior (a scan registered a little differently, an unusual anatomy)
+PRIOR_FLOOR = 1e-3
+
+
 class MetaSegNet(nn.Module):
     """SIREN trunk -> (intensity, features); head(features) -> class logits.
 
@@ -98,6 +103,16 @@ class MetaSegNet(nn.Module):
                                  "were given")
             cols.append(prior.at(coords).to(feats.device, feats.dtype))
         return torch.cat(cols, 1) if len(cols) > 1 else feats
+
+    def with_prior(self, logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """The head's logits at `coords`, with `config.prior_power` > 0 shifted by power * log(prior): softmax then
+        gives the head's probabilities times prior^power, renormalized."""
+        if self.config.prior_power <= 0:
+            return logits
+        if self.prior is None:
+            raise ValueError("this model weighs its labels by a spatial prior, but the weights carry none")
+        p = self.prior.at(coords).to(logits.device, logits.dtype)
+        return logits + self.config.prior_power * torch.log(p.clamp_min(PRIOR_FLOOR))
 
     def widen_prior_columns(self, weight: torch.Tensor) -> torch.Tensor:
         """The first head weight of a head without the prior's columns, with zero weights for them appended:

@@ -175,7 +175,7 @@ def weights_problem(w: Weights) -> Optional[str]:
     extra = set(w.state) - set(expected)
     if extra:
         return f"unexpected tensors {sorted(extra)}"
-    if w.config.head_prior:
+    if w.config.uses_prior:
         want = (w.config.n_classes,) + coarse_shape(canvas)
         if not isinstance(w.prior, torch.Tensor) or tuple(w.prior.shape) != want or w.prior.dtype != torch.uint8:
             return f"the spatial prior has shape {tuple(getattr(w.prior, 'shape', ()))}, expected {want} (uint8)"

@@ -120,3 +120,24 @@ def test_a_fit_averaged_over_its_last_steps_decodes_the_mean_parameters():
         assert torch.allclose(got[k], sum(s[k] for s in steps[3:]) / 3, atol=1e-6)
     last = fit(net, params, coords, values, FitPlan(steps=6, batch_size=256), log_lr, seed=3).params
     assert any(not torch.allclose(got[k], last[k]) for k in got if not k.startswith("head."))
+
+
+def test_a_prior_power_weighs_the_heads_probabilities_by_the_prior():
+    cfg = ModelConfig(in_dim=3, width=16, hidden_layers=1, n_classes=4, prior_power=0.5)
+    assert cfg.uses_prior and ModelConfig.from_dict(cfg.to_dict()) == cfg
+    torch.manual_seed(0)
+    net = MetaSegNet(cfg)
+    canvas = (16, 12, 10)
+    x = grid_coords(canvas)[:200]
+    logits = net.head(net.features(x))
+    with pytest.raises(ValueError, match="carry none"):
+        net.with_prior(logits, x)
+    probs = torch.rand((4,) + coarse_shape(canvas)) + 0.01
+    net.prior = SpatialPrior(probs / probs.sum(0, keepdim=True))
+    want = torch.softmax(logits, -1) * net.prior.at(x) ** 0.5
+    got = torch.softmax(net.with_prior(logits, x), -1)
+    assert torch.allclose(got, want / want.sum(1, keepdim=True), atol=1e-5)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    from metaseg.fit import FittedINR
+
+    assert torch.allclose(FittedINR(net, params).probabilities(x), got.detach(), atol=1e-5)  # decoding applies it
