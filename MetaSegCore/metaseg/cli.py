@@ -372,9 +372,6 @@ def _reslice(a: argparse.Namespace) -> int:
             plane = Plane.centred(a.origin, a.u, a.v, (extent, extent), (sp, sp))
         else:
             raise InputError("with --origin give --normal, or both --u and --v")
-        if plane.size[0] * plane.size[1] > 64_000_000:
-            raise InputError(f"the plane would have {plane.size[0]:.3g}x{plane.size[1]:.3g} pixels; use a larger --spacing or "
-                             "a smaller --extent")
         img = reslice(vol, plane, a.what)
         write_all([(out, lambda tmp: write_image(img, tmp))], overwrite=a.force)
     except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:
