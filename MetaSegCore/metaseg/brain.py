@@ -94,7 +94,7 @@ def foreground_components_ml(scan: sitk.Image) -> list:
     """Volumes (mL) of the connected pieces of the foreground (voxels above FOREGROUND_FRACTION of the
     scan's 99th percentile, on a ~2 mm copy), largest first."""
     img = sitk.Cast(scan, sitk.sitkFloat32)
-    factors = [max(1, int(round(2.0 / s))) for s in img.GetSpacing()]
+    factors = [max(1, min(n, int(round(2.0 / s)))) for n, s in zip(img.GetSize(), img.GetSpacing())]
     if factors != [1, 1, 1]:
         img = sitk.BinShrink(img, factors)
     a = sitk.GetArrayViewFromImage(img)

@@ -88,14 +88,64 @@ def form_disagreement(path: Path, img: sitk.Image) -> Optional[str]:
 
 
 def image_dims(img: sitk.Image) -> int:
-    """2 for a slice (a 3D image with one slice counts as 2D), 3 for a volume; refuse anything else."""
+    """2 for a slice (a 3D image with one slice counts as 2D), 3 for a volume; refuse anything else, and an image
+    whose voxel size no brain MRI has (`check_voxel_size`)."""
     _check_scalar(img)
     size = img.GetSize()
-    if img.GetDimension() == 2:
-        return 2
-    if img.GetDimension() == 3:
-        return 2 if 1 in size else 3
-    raise InputError(f"the input is {img.GetDimension()}D (size {size}); expected a 2D slice or a 3D volume")
+    if img.GetDimension() not in (2, 3):
+        raise InputError(f"the input is {img.GetDimension()}D (size {size}); expected a 2D slice or a 3D volume")
+    check_voxel_size(img)
+    return 2 if img.GetDimension() == 2 or 1 in size else 3
+
+
+# Voxel sizes of brain MRI: ex-vivo scans reach 0.1 mm, clinical slices 5-10 mm. Outside this range the header's
+# geometry is wrong, e.g. the NIfTI units field says microns or metres on a scan of 1 mm voxels (ITK, as the NIfTI
+# standard says, then reads 0.001 mm or 1000 mm voxels): no brain fits in the field of view, or one would be metres wide.
+MIN_VOXEL_MM = 0.05
+MAX_VOXEL_MM = 30.0
+# NIfTI-1/2 xyzt_units & 7: the unit of pixdim (ITK converts to mm; 0 = unknown, read as mm)
+NIFTI_SPACE_UNITS = {1: "metres", 2: "millimetres", 3: "microns"}
+
+
+def check_voxel_size(img: sitk.Image) -> None:
+    """Refuse an image whose voxels (along its axes of more than one voxel) lie outside MIN_VOXEL_MM..MAX_VOXEL_MM,
+    naming the voxel size, the field of view and, for a NIfTI file, the unit its header gives."""
+    size, spacing = img.GetSize(), img.GetSpacing()
+    used = [k for k, n in enumerate(size) if n > 1]
+    fov = [size[k] * spacing[k] for k in used]
+    if all(MIN_VOXEL_MM <= spacing[k] <= MAX_VOXEL_MM for k in used):
+        return
+    voxels = " x ".join(f"{spacing[k]:.3g}" for k in used)
+    view = " x ".join(f"{f:.3g}" for f in fov)
+    what = (f"the input's voxels are {voxels} mm, a field of view of {view} mm: "
+            + ("no brain fits in it" if min(spacing[k] for k in used) < MIN_VOXEL_MM else "that is not the size of a head"))
+    unit = _nifti_unit(img)
+    if unit is not None and unit != "millimetres":
+        fix = (f". Its NIfTI header gives the voxel sizes in {unit} (xyzt_units), which the NIfTI standard (and ITK) "
+               f"convert to mm; if the voxels are really {_plain(img, used)} mm, set the header's units to mm (e.g. "
+               "nibabel: img.header.set_xyzt_units('mm')) and run again")
+    else:
+        fix = (f". Brain MRI has voxels of {MIN_VOXEL_MM:g}-{MAX_VOXEL_MM:g} mm: fix the voxel size (spacing) in the "
+               "image's header and run again")
+    raise InputError(what + fix)
+
+
+def _nifti_unit(img: sitk.Image) -> Optional[str]:
+    """The spatial unit a NIfTI header gave (ITK keeps its xyzt_units field), or None for other files."""
+    if not img.HasMetaDataKey("xyzt_units"):
+        return None
+    try:
+        return NIFTI_SPACE_UNITS.get(int(img.GetMetaData("xyzt_units").strip()) & 7)
+    except ValueError:
+        return None
+
+
+def _plain(img: sitk.Image, used: List[int]) -> str:
+    """The header's voxel sizes as written (pixdim), before ITK's unit conversion."""
+    try:
+        return " x ".join(f"{float(img.GetMetaData(f'pixdim[{k + 1}]')):g}" for k in used)
+    except (RuntimeError, ValueError):
+        return "1"
 
 
 def image_array_2d(img: sitk.Image) -> np.ndarray:
@@ -246,6 +296,7 @@ def image_array_3d(img: sitk.Image) -> np.ndarray:
         raise InputError(
             f"the input volume is too small (size {size}); expected at least {MIN_SIDE_3D} voxels along every axis"
         )
+    check_voxel_size(img)
     arr = sitk.GetArrayFromImage(img)
     arr = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     _check_values(arr)
