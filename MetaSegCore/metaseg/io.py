@@ -234,6 +234,10 @@ def _check_values(arr: np.ndarray) -> None:
         raise InputError(f"the input is constant (every pixel is {float(arr.min())}); expected a brain MRI")
     if float(arr.max()) <= 0:
         raise InputError("the input has no positive pixels; expected a skull-stripped brain MRI with brain > 0")
+    lo, hi = float(arr.min()), float(arr.max())
+    if not np.count_nonzero((arr != lo) & (arr != hi)):
+        raise InputError(f"the input holds only two values ({lo:g} and {hi:g}): a mask or a binary image, not an MRI; "
+                         "give the scan's intensities (a brain mask goes to --mask)")
 
 
 def labels_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:

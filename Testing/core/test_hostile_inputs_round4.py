@@ -48,3 +48,57 @@ def test_metres_that_give_1_mm_voxels_are_read_as_the_standard_says(tmp_path):
     nib.save(nib.Nifti1Image(np.asanyarray(src.dataobj), affine, header), str(tmp_path / "m.nii.gz"))
     img = read_image(tmp_path / "m.nii.gz")
     assert np.allclose(img.GetSpacing(), 1.0, atol=1e-3) and image_dims(img) == 3
+
+
+# ---- the Python API: every bad argument raises metaseg.InputError, with a message naming it ----
+
+ARRAY = np.linspace(0.0, 1.0, 40 ** 3, dtype=np.float32).reshape(40, 40, 40)
+SLICE_FILE = str(SAMPLE_T1.parent / "ecog_slice_t1.nii.gz")
+
+API_CASES = {
+    "image: 1D array": (np.ones(50, np.float32), {"spacing": (1.0,)}, "has 1 axes"),
+    "image: object array": (np.array([[None] * 4] * 4, dtype=object), {"spacing": (1, 1)}, "not numbers"),
+    "image: boolean array": (ARRAY > 0.5, {"spacing": (1, 1, 1)}, "boolean: a mask, not an MRI"),
+    "image: 4D array with spacing": (np.ones((2, 40, 40, 40), np.float32), {"spacing": (1, 1, 1)}, "has 4 axes"),
+    "image: 4D array with affine": (np.ones((40, 40, 40, 2), np.float32), {"affine": np.eye(4)}, "has 4 axes"),
+    "image: a list": ([[1.0, 2.0], [3.0, 4.0]], {"spacing": (1, 1)}, "a Python list is not an image"),
+    "image: two values": ((ARRAY > 0.5).astype(np.float32), {"spacing": (1, 1, 1)}, "only two values"),
+    "spacing: text": (ARRAY, {"spacing": "abc"}, "spacing= must be numbers"),
+    "spacing: dict": (ARRAY, {"spacing": {"x": 1}}, "spacing= must be numbers"),
+    "origin: text": (ARRAY, {"spacing": (1, 1, 1), "origin": "abc"}, "origin= must be numbers"),
+    "direction: dict": (ARRAY, {"spacing": (1, 1, 1), "direction": {}}, "direction= must be numbers"),
+    "affine: text": (ARRAY, {"affine": "x"}, "affine= must be numbers"),
+    "cancel: True": (SLICE_FILE, {"cancel": True}, "cancel= must be a threading.Event"),
+    "progress: not callable": (SLICE_FILE, {"progress": 5}, "progress= must be a function"),
+    "device: 0": (SLICE_FILE, {"device": 0}, "device must be a name"),
+    "seed: 2^70": (SLICE_FILE, {"seed": 2 ** 70}, "--seed must be an integer from 0 to 4294967295"),
+    "seed: negative": (SLICE_FILE, {"seed": -1}, "--seed must be an integer from 0"),
+    "steps: text": (SLICE_FILE, {"steps": "10"}, "--steps must be between 1 and"),
+    "weights: a number": (SLICE_FILE, {"weights": 5}, "weights must be the path"),
+    "labels: a number": (SLICE_FILE, {"labels": 5}, "labels must be the name of a label set"),
+    "uncertainty: text": (SLICE_FILE, {"uncertainty": "yes"}, "uncertainty must be True or False"),
+    "accept_poor_match: text": (SLICE_FILE, {"accept_poor_match": "no"}, "accept_poor_match must be True or False"),
+    "quality: None": (SLICE_FILE, {"quality": None}, "--quality must be one of"),
+    "brain_extraction: yes": (SLICE_FILE, {"brain_extraction": "yes"}, "--brain-extraction must be one of"),
+    "mask: a number": (ARRAY, {"spacing": (1, 1, 1), "mask": 5}, "mask= must be a file path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_every_bad_api_argument_raises_input_error(case):
+    import metaseg
+
+    image, kw, message = API_CASES[case]
+    with pytest.raises(metaseg.InputError) as e:
+        metaseg.segment(image, device=kw.pop("device", "cpu"), **kw)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_bad_plane_arguments_raise_input_error():
+    import metaseg
+
+    ref = {"size": [40, 40, 40], "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+           "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
+    for kw in ({"orientation": "oblique"}, {"spacing": 1e-300}, {"extent_mm": float("inf")}):
+        with pytest.raises(metaseg.InputError):
+            metaseg.standard_plane(ref, **kw)
