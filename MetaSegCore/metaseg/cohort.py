@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from .io import IMAGE_SUFFIXES, MGH_SUFFIXES, InputError
+from .spreadsheet import unquote
 
 SCAN_SUFFIXES = tuple(IMAGE_SUFFIXES) + tuple(MGH_SUFFIXES)
 MANIFEST_SUFFIXES = (".csv", ".tsv")
@@ -94,11 +95,11 @@ def read_manifest(path: Path, path_column: str = "path", id_column: str = "id"
         raise InputError(f"cannot read the manifest {path}: {e}") from e
     out = []
     for line, row in enumerate(rows, start=2):
-        value = (row.get(path_column) or "").strip()
+        value = unquote((row.get(path_column) or "").strip())  # a table of ours, its cells quoted for spreadsheets
         if not value:
             raise InputError(f"manifest {path}, line {line}: empty {path_column!r}")
-        ident = (row.get(id_column) or "").strip() or None
-        mask = (row.get("mask") or "").strip()
+        ident = unquote((row.get(id_column) or "").strip()) or None
+        mask = unquote((row.get("mask") or "").strip())
         out.append((_relative_to(path.parent, value), ident, _relative_to(path.parent, mask) if mask else None))
     if not out:
         raise InputError(f"manifest {path} lists no scans")

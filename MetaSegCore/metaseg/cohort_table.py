@@ -4,7 +4,8 @@ Columns: index (position in the cohort), id, input, status (ok, failed, pending 
 each tissue class's volume in mL (`<class>_ml`; 2D slices: areas, `<class>_mm2`) and their sum
 (`brain_ml`: the labelled brain tissue); QC: registration NCC in the brain and its interior (3D scans
 in scanner geometry), fit PSNR; warnings, seconds, device, weights sha256, metaseg version.
-Plain tab-separated text with a header: `pandas.read_csv(p, sep="\\t")`, R `read.delim(p)`.
+Plain tab-separated text with a header: `pandas.read_csv(p, sep="\\t")`, R `read.delim(p)`. A text cell that a
+spreadsheet would run as a formula (an id `=1+1`) starts with an apostrophe (spreadsheet.py); `read_table` removes it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from .atomic import write_all
 from .cohort import Scan
 from .io import InputError
+from .spreadsheet import quote, unquote
 
 TABLE_NAME = "volumes.tsv"
 LEAD = ["index", "id", "input", "status", "error"]
@@ -86,8 +88,10 @@ def write_table(path: Path, rows: Iterable[Row]) -> None:
 
 
 def read_table(path: Path) -> List[Row]:
+    """The rows of a table `write_table` wrote, with their cells as they were before `spreadsheet.quote`."""
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+        return [{k: unquote(v) if isinstance(v, str) else v for k, v in r.items()}
+                for r in csv.DictReader(f, delimiter="\t")]
 
 
 def merge_shards(folder: Path, force: bool = False) -> Tuple[Path, List[Row]]:
@@ -184,8 +188,9 @@ def _rounded(v: Optional[float]) -> Any:
 
 
 def _cell(v: Any) -> str:
-    """One line per row, tabs only between cells: TSV readers need no quoting rules."""
-    return re.sub(r"[\t\r\n]+", " ", str(v))
+    """One line per row, tabs only between cells (TSV readers need no quoting rules), and no cell that a
+    spreadsheet would run as a formula (`spreadsheet.quote`)."""
+    return quote(re.sub(r"[\t\r\n]+", " ", str(v)))
 
 
 def status_counts(rows: Sequence[Row]) -> Dict[str, int]:

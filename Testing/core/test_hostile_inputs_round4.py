@@ -102,3 +102,38 @@ def test_bad_plane_arguments_raise_input_error():
     for kw in ({"orientation": "oblique"}, {"spacing": 1e-300}, {"extent_mm": float("inf")}):
         with pytest.raises(metaseg.InputError):
             metaseg.standard_plane(ref, **kw)
+
+
+# ---- spreadsheets: no id runs as a formula, and batch still reads its own ids ----
+
+FORMULA_IDS = ["=1+1", "@SUM(1+1)", "+cmd|' -c calc'!A0", "-2+3", "'quoted"]
+
+
+def test_batch_ids_never_run_as_formulas_and_resume_and_merge_still_match(tiny_weights, tmp_path, capsys):
+    import csv
+
+    from metaseg.cohort_table import read_table
+
+    manifest = tmp_path / "cohort.tsv"
+    manifest.write_text("id\tpath\n" + "".join(f"{i}\t{SLICE_FILE}\n" for i in FORMULA_IDS), encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["batch", manifest, "-o", out, "--weights", tiny_weights, "--device", "cpu", "--progress", "none"]
+    assert run(args + ["--shard", "1/2"], capsys)[0] == 0 and run(args + ["--shard", "2/2"], capsys)[0] == 0
+    rc, err = run(["batch", "--merge", "-o", out], capsys)
+    assert rc == 0, err
+    raw = (out / "volumes.tsv").read_text(encoding="utf-8")
+    for line in raw.splitlines()[1:]:
+        for cell in line.split("\t"):
+            if cell[:1] in ("=", "+", "-", "@"):
+                float(cell)  # only numbers may start so (a negative NCC), never text
+    with open(out / "volumes.tsv", newline="", encoding="utf-8") as f:  # what a spreadsheet gets: quoted text
+        cells = [r["id"] for r in csv.DictReader(f, delimiter="\t")]
+    assert cells == ["'=1+1", "'@SUM(1+1)", "'+cmd|' -c calc'!A0", "'-2+3", "''quoted"]
+    assert [r["id"] for r in read_table(out / "volumes.tsv")] == FORMULA_IDS  # batch reads the ids back
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(FORMULA_IDS)
+    rc, err = run(args[:-1] + ["bar", "--shard", "1/2"], capsys)  # resume: every scan of the shard is found finished
+    assert rc == 0 and "0 of 3 scans to segment" in err, err
+    # the table fed back as a manifest (ids from its id column) names the same scans and folders
+    rc, err = run(["batch", out / "volumes.tsv", "--path-column", "input", "-o", out, "--weights", tiny_weights,
+                   "--device", "cpu", "--progress", "bar"], capsys)
+    assert rc == 0 and "0 of 5 scans to segment" in err, err
