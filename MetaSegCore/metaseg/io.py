@@ -32,7 +32,7 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
-        return _finite(_read_dicom_series(path, series_id), path)
+        return _read_dicom(path, series_id)
     if path.stat().st_size == 0:
         raise InputError(f"input {path} is an empty file")
     name = path.name.lower()
@@ -44,7 +44,7 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
         except MGHError as e:
             raise InputError(str(e)) from e
     if name.endswith(".dcm") or series_id is not None:
-        return _finite(_read_dicom_series(path.parent, series_id, member=path), path)
+        return _read_dicom(path.parent, series_id, member=path)
     try:
         check_nifti_complete(path)  # ITK would fill a cut-off NIfTI with zeros
         nonfinite = count_nonfinite_nifti(path)  # ITK reads NaN in a NIfTI as 0, without a word
@@ -63,6 +63,17 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
 
 
 HEADER_NOTE_KEY = "metaseg_header_note"
+
+
+def _read_dicom(folder: Path, series_id: Optional[str], member: Optional[Path] = None) -> sitk.Image:
+    """One checked DICOM series (dicom.py) with NaN/Inf handled, carrying its SeriesInstanceUID and nothing else
+    of its headers (no patient identity)."""
+    from .dicom import SERIES_UID_KEY, read_dicom_series
+
+    image, uid = read_dicom_series(folder, series_id, member)
+    image = _finite(image, member or folder)
+    image.SetMetaData(SERIES_UID_KEY, uid)
+    return image
 
 
 def form_disagreement(path: Path, img: sitk.Image) -> Optional[str]:
@@ -305,118 +316,3 @@ def image_array_3d(img: sitk.Image) -> np.ndarray:
     arr = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     _check_values(arr)
     return arr
-
-
-class _QuietITK:
-    """Silence ITK's console warnings (GDCM prints them for every non-DICOM file) for a block."""
-
-    def __enter__(self) -> None:
-        self._was = sitk.ProcessObject.GetGlobalWarningDisplay()
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-
-    def __exit__(self, *exc) -> None:
-        sitk.ProcessObject.SetGlobalWarningDisplay(self._was)
-
-
-def dicom_series(folder: Path) -> List[Tuple[str, int, str]]:
-    """The DICOM series in a folder: (series id, number of files, description) for each."""
-    out = []
-    with _QuietITK():
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-        for sid in ids:
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)
-            out.append((sid, len(files), _dicom_tag(files[0], "0008|103e") if files else ""))
-    return out
-
-
-def _dicom_tag(file: str, tag: str) -> str:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    try:
-        reader.ReadImageInformation()
-        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-    except RuntimeError:
-        return ""
-
-
-def _read_dicom_series(folder: Path, series_id: Optional[str], member: Optional[Path] = None) -> sitk.Image:
-    """Read one DICOM series of `folder`: the only one, the one named, or the one holding `member`."""
-    series = dicom_series(folder)
-    where = member if member is not None else folder
-    if not series:
-        what = f"{where}: no DICOM series in {folder}" if member else f"{where} is a folder with no DICOM series"
-        raise InputError(f"input {what}; give an image file or a folder of one DICOM series "
-                         f"(supported: {INPUT_FORMATS})")
-    with _QuietITK():
-        files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid, _, _ in series}
-    if series_id is None and member is not None:
-        owner = [sid for sid, names in files.items() if any(Path(n).resolve() == member.resolve() for n in names)]
-        series_id = owner[0] if owner else None
-        if series_id is None:
-            raise InputError(f"input {member}: not part of a readable DICOM series in {folder}")
-    if series_id is None:
-        if len(series) > 1:
-            listing = "; ".join(f"{sid} ({n} files{', ' + d if d else ''})" for sid, n, d in series)
-            raise InputError(f"input {folder} holds {len(series)} DICOM series: {listing}. "
-                             "Choose one (series id) or put each series in its own folder")
-        series_id = series[0][0]
-    if series_id not in files:
-        raise InputError(f"input {folder}: no DICOM series {series_id!r}; found: {', '.join(files)}")
-    check_slice_positions(files[series_id], f"the DICOM series {series_id} in {folder}")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[series_id])
-    try:
-        with _QuietITK():
-            return reader.Execute()
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
-        raise InputError(f"cannot read the DICOM series {series_id} in {folder} ({first})") from e
-
-
-# Slice positions of a DICOM series may deviate from even spacing by this share of the median step (scanners
-# round positions to ~1e-4 mm); beyond it ITK would still stack the slices evenly, stretching the anatomy.
-SLICE_STEP_TOLERANCE = 0.02
-
-
-def check_slice_positions(files: List[str], what: str) -> None:
-    """Refuse a series whose slices are not evenly spaced along their normal: missing slices (a file absent,
-    or one GDCM skipped as unreadable or truncated), uneven spacing, or two slices at one position."""
-    if len(files) < 3:
-        return
-    positions, normal = [], None
-    with _QuietITK():
-        for f in files:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(f)
-            try:
-                reader.ReadImageInformation()
-                ipp = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
-                if normal is None:
-                    iop = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
-                    normal = np.cross(iop[:3], iop[3:6])
-            except (RuntimeError, ValueError, IndexError):
-                return  # no usable position tags (e.g. secondary captures): ITK's own reading decides
-            positions.append(float(np.dot(ipp, normal)))
-    order = np.argsort(positions)
-    steps = np.diff(np.asarray(positions)[order])
-    step = float(np.median(steps))
-    if step <= 1e-6:
-        raise InputError(f"{what}: most of its {len(files)} slices share one position (a multi-volume series, e.g. "
-                         "several echoes or time points?); export one volume per series")
-    off = np.abs(steps - step) > SLICE_STEP_TOLERANCE * step
-    if not off.any():
-        return
-    gaps = steps[off]
-    names = lambda k: f"{Path(files[order[k]]).name} and {Path(files[order[k + 1]]).name}"  # noqa: E731
-    k = int(np.flatnonzero(off)[0])
-    if (gaps <= 1e-6).any():
-        raise InputError(f"{what}: two slices at the same position ({names(k)}): a duplicate file or two series "
-                         "mixed? Remove the extra files")
-    missing = np.round(gaps / step) - 1
-    if (missing >= 1).all() and np.allclose(gaps, (missing + 1) * step, rtol=SLICE_STEP_TOLERANCE):
-        raise InputError(f"{what}: about {int(missing.sum())} slice(s) are missing (the slices are {step:.3g} mm apart, "
-                         f"but {len(gaps)} gap(s) are wider, the first {gaps[0]:.3g} mm between {names(k)}; a file "
-                         "absent, or one unreadable or truncated). Nothing was segmented: get the complete series")
-    raise InputError(f"{what}: its slices are unevenly spaced ({steps.min():.3g} to {steps.max():.3g} mm, median "
-                     f"{step:.3g} mm; first at {names(k)}). Reading it as evenly spaced would distort the anatomy: "
-                     "resample it onto a regular grid (e.g. dcm2niix, then segment the NIfTI)")

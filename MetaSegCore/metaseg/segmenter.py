@@ -23,6 +23,7 @@ import torch
 from .batch_progress import ScanReporter
 from .brain import prepare_brain
 from .device import pick_device
+from .dicom import series_record
 from .images import InputImage, as_input_image
 from .io import InputError, image_array_2d, image_array_3d, image_dims, input_warnings, labels_like, sitk_array
 from .options import PathLike, SegmentOptions
@@ -177,7 +178,9 @@ def reporter_hooks(rep: Reporter, device: torch.device, cancel: Optional[threadi
 
 def _base_report(inp: InputImage, model: Model, options: SegmentOptions, psnr: float, fits: int) -> Dict[str, Any]:
     img = inp.image
-    return {"input": inp.source, "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
+    dicom = series_record(img)  # a DICOM series: its SeriesInstanceUID, no patient identity
+    return {"input": inp.source, **({"dicom": dicom} if dicom else {}), "input_size": list(img.GetSize()),
+            "input_spacing": list(img.GetSpacing()),
             "outputs": {}, "device": str(model.device), "weights": str(model.path), "weights_sha256": model.weights.sha256,
             "fit": {**model.plan.to_dict(), "seed": options.seed, "psnr_db": round(psnr, 2), "quality": options.quality,
                     "fits": fits}, "reproducibility": run_record(options.seed, model.device)}

@@ -137,3 +137,76 @@ def test_batch_ids_never_run_as_formulas_and_resume_and_merge_still_match(tiny_w
     rc, err = run(["batch", out / "volumes.tsv", "--path-column", "input", "-o", out, "--weights", tiny_weights,
                    "--device", "cpu", "--progress", "bar"], capsys)
     assert rc == 0 and "0 of 5 scans to segment" in err, err
+
+
+# ---- DICOM: one patient per series, no patient identity in the report, series folders in a batch ----
+
+def dicom_folder(folder: Path, volume, patients=("DOE^JANE",), uid="1.2.826.0.1.3680043.2.1125.26.2") -> Path:
+    """`volume` (SimpleITK, int16) as a DICOM series, one file per slice; slice k belongs to patients[k % n]."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True)
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    for k in range(volume.GetDepth()):
+        sl = volume[:, :, k]
+        name = patients[k * len(patients) // volume.GetDepth()]
+        for tag, v in {"0008|0060": "MR", "0010|0010": name, "0010|0020": f"ID-{name[:3]}",
+                       "0020|000d": uid + ".1", "0020|000e": uid, "0008|0018": f"{uid}.3.{k}",
+                       "0020|0032": "\\".join(f"{x:.6f}" for x in volume.TransformIndexToPhysicalPoint((0, 0, k))),
+                       "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(k + 1)}.items():
+            sl.SetMetaData(tag, v)
+        w.SetFileName(str(folder / f"s{k:04d}.dcm"))
+        w.Execute(sl)
+    return folder
+
+
+def slice_volume():
+    """The bundled 2D slice as a one-slice int16 volume (a DICOM series of one file)."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(SLICE_FILE, sitk.sitkFloat32)
+    return sitk.Cast(sitk.RescaleIntensity(img, 0, 1000), sitk.sitkInt16)
+
+
+def test_a_series_of_two_patients_is_refused_without_naming_them(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    vol = sitk.Image([48, 48, 40], sitk.sitkInt16) + 100
+    series = dicom_folder(tmp_path / "series", vol, patients=("DOE^JANE", "ROE^RICHARD"))
+    rc, err = run(["segment", series, "-o", tmp_path / "out" / "l.nii.gz"], capsys)
+    assert rc == 2 and "2 different patients" in err and "s0000.dcm and s0020.dcm" in err, err
+    assert "DOE" not in err and "ROE" not in err and files_in(tmp_path / "out") == []
+
+
+def test_the_report_traces_a_dicom_input_by_its_series_uid_only(tiny_weights, tmp_path, capsys):
+    import json
+
+    series = dicom_folder(tmp_path / "series", slice_volume())
+    rc, err = run(["segment", series, "-o", tmp_path / "l.nii.gz", "--report", tmp_path / "r.json",
+                   "--weights", tiny_weights], capsys)
+    assert rc == 0, err
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text)["dicom"] == {"series_instance_uid": "1.2.826.0.1.3680043.2.1125.26.2"}
+    assert "DOE" not in text and "JANE" not in text and "ID-" not in text
+
+
+def test_a_batch_takes_each_dicom_series_folder_as_a_scan(tiny_weights, tmp_path, capsys):
+    import shutil
+
+    from metaseg.cohort_table import read_table
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    shutil.copy(SLICE_FILE, cohort / "a.nii.gz")
+    dicom_folder(cohort / "patient1" / "1.2.3.series", slice_volume())
+    mixed = dicom_folder(cohort / "two", slice_volume(), uid="1.2.826.0.1.3680043.2.1125.26.7")
+    for f in dicom_folder(tmp_path / "other", slice_volume(), uid="1.2.826.0.1.3680043.2.1125.26.8").iterdir():
+        shutil.copy(f, mixed / f"b{f.name}")
+    rc, err = run(["batch", cohort, "-o", tmp_path / "out", "--weights", tiny_weights, "--device", "cpu",
+                   "--progress", "none"], capsys)
+    rows = {r["id"]: r for r in read_table(tmp_path / "out" / "volumes.tsv")}
+    assert set(rows) == {"a", "1.2.3.series", "two"}, rows
+    assert rows["a"]["status"] == rows["1.2.3.series"]["status"] == "ok"
+    assert rows["two"]["status"] == "failed" and "holds 2 DICOM series" in rows["two"]["error"]
+    assert "put each series in its own folder" in rows["two"]["error"] and rc == 2
