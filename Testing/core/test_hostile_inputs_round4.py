@@ -210,3 +210,48 @@ def test_a_batch_takes_each_dicom_series_folder_as_a_scan(tiny_weights, tmp_path
     assert rows["a"]["status"] == rows["1.2.3.series"]["status"] == "ok"
     assert rows["two"]["status"] == "failed" and "holds 2 DICOM series" in rows["two"]["error"]
     assert "put each series in its own folder" in rows["two"]["error"] and rc == 2
+
+
+# ---- files MetaSeg loads: bounded in size, no torch text, never advice to load unsafely ----
+
+class _Payload:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _with_sidecar(path: Path) -> Path:
+    import hashlib
+
+    Path(str(path) + ".sha256").write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
+    return path
+
+
+def test_a_malicious_fitted_file_gets_one_line_and_no_unsafe_advice(tmp_path, capsys):
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "metaseg-fitted/1", "state": _Payload(marker)}, evil)
+    rc, err = run(["reslice", _with_sidecar(evil), "-o", tmp_path / "out" / "p.nii.gz"], capsys)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and "it is not a MetaSeg fitted INR file or it is damaged" in err, err
+    assert "weights_only" not in err and "False" not in err and "torch" not in err.lower()
+    assert not marker.exists() and files_in(tmp_path / "out") == []
+    rc, err = run(["info", evil], capsys)  # the weights loader, the same rule
+    assert rc == 2 and "weights_only" not in err and len(err.strip().splitlines()) == 1 and not marker.exists()
+
+
+def test_a_padded_fitted_file_is_refused_by_its_size_without_being_read(tmp_path, capsys):
+    padded = small_fitted_file(tmp_path / "padded.pt", mask=True)
+    with open(padded, "r+b") as f:
+        f.truncate(1_500_000_000)  # 1.5 GB (sparse: no disk used), its sidecar left as it was
+    rc, err = run(["reslice", padded, "-o", tmp_path / "out" / "p.nii.gz"], capsys)
+    assert rc == 2 and "is 1431 MB, more than any MetaSeg fitted INR (128 MB at most)" in err, err
+    assert "it was not read" in err and files_in(tmp_path / "out") == []
