@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .metaimage_check import check_metaimage_complete
 from .nifti_check import (FORM_DISAGREEMENT_MM, TruncatedError, check_nifti_complete, corners, count_nonfinite_nifti,
                           nifti_forms)
 
@@ -47,6 +48,7 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
         return _read_dicom(path.parent, series_id, member=path)
     try:
         check_nifti_complete(path)  # ITK would fill a cut-off NIfTI with zeros
+        check_metaimage_complete(path)  # ITK calls a cut-off MetaImage "No such file or directory"
         nonfinite = count_nonfinite_nifti(path)  # ITK reads NaN in a NIfTI as 0, without a word
     except TruncatedError as e:
         raise InputError(str(e)) from e

@@ -255,3 +255,48 @@ def test_a_padded_fitted_file_is_refused_by_its_size_without_being_read(tmp_path
     rc, err = run(["reslice", padded, "-o", tmp_path / "out" / "p.nii.gz"], capsys)
     assert rc == 2 and "is 1431 MB, more than any MetaSeg fitted INR (128 MB at most)" in err, err
     assert "it was not read" in err and files_in(tmp_path / "out") == []
+
+
+# ---- smaller messages ----
+
+def test_an_rgb_mask_is_named_as_such(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    scan = sitk.GetImageFromArray(rng.random((48, 48, 48)).astype(np.float32))
+    sitk.WriteImage(scan, str(tmp_path / "scan.nii.gz"))
+    rgb = sitk.GetImageFromArray(np.zeros((48, 48, 48, 3), np.uint8), isVector=True)
+    rgb.CopyInformation(scan)
+    sitk.WriteImage(rgb, str(tmp_path / "mask.nrrd"))
+    rc, err = run(["segment", tmp_path / "scan.nii.gz", "--mask", tmp_path / "mask.nrrd", "-o",
+                   tmp_path / "out" / "l.nii.gz"], capsys)
+    assert rc == 2 and "has 3 values per voxel (an RGB or vector image)" in err and "broadcast" not in err, err
+    assert files_in(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("suffix, data", [(".mhd", ".zraw"), (".nhdr", ".raw.gz")])
+def test_detached_headers_name_their_published_data_file(suffix, data, tiny_weights, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    rc, err = run(["segment", SLICE_FILE, "-o", tmp_path / "out" / f"labels{suffix}", "--weights", tiny_weights], capsys)
+    assert rc == 0, err
+    assert files_in(tmp_path / "out") == sorted([f"labels{suffix}", f"labels{data}"])
+    header = (tmp_path / "out" / f"labels{suffix}").read_text()
+    assert f"labels{data}" in header and ".part" not in header
+    back = sitk.ReadImage(str(tmp_path / "out" / f"labels{suffix}"))
+    assert back.GetSize() == sitk.ReadImage(SLICE_FILE).GetSize()
+
+
+def test_a_truncated_metaimage_names_its_data_file(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.ReadImage(SLICE_FILE), str(tmp_path / "scan.mhd"), False)
+    (tmp_path / "scan.mhd").rename(tmp_path / "scan.mha")  # a .mha whose voxels are in a detached scan.raw
+    raw = (tmp_path / "scan.raw").read_bytes()
+    (tmp_path / "scan.raw").write_bytes(raw[: len(raw) // 2])
+    rc, err = run(["segment", tmp_path / "scan.mha", "-o", tmp_path / "out" / "l.nii.gz"], capsys)
+    assert rc == 2 and "(its data file scan.raw) is truncated" in err and "(50%)" in err, err
+    assert "No such file" not in err
+    (tmp_path / "scan.raw").unlink()
+    rc, err = run(["segment", tmp_path / "scan.mha", "-o", tmp_path / "out" / "l.nii.gz"], capsys)
+    assert rc == 2 and "names the data file scan.raw, which is not in" in err, err
