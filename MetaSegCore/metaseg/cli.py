@@ -352,7 +352,7 @@ def _reslice(a: argparse.Namespace) -> int:
     from .fitted import FittedVolume
     from .io import InputError, write_image
     from .output_paths import check_output
-    from .reslice import Plane, reslice, standard_plane
+    from .reslice import Plane, plane_warning, reslice, standard_plane
     from .weights import WeightsError
 
     try:
@@ -380,6 +380,9 @@ def _reslice(a: argparse.Namespace) -> int:
     except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = plane_warning(vol, plane, img)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {out} ({plane.size[0]}x{plane.size[1]} pixels of {sp:g} mm, {a.what})", file=sys.stderr)
     return 0
 

@@ -135,6 +135,24 @@ def reslice(volume: FittedVolume, plane: Plane, what: str = "labels") -> sitk.Im
     return plane.image(arr)
 
 
+def plane_warning(volume: FittedVolume, plane: Plane, image: sitk.Image) -> Optional[str]:
+    """A warning when `image` (`reslice`'s result on `plane`) is background at every pixel: the plane misses the
+    fitted brain (e.g. an --offset or --origin far from the head), which would otherwise look like a result."""
+    arr = sitk.GetArrayViewFromImage(image)
+    empty = bool((arr[..., 0] >= 1.0).all()) if image.GetNumberOfComponentsPerPixel() > 1 else not arr.any()
+    if not empty:
+        return None
+    ref = volume.info["reference"]
+    d = np.array(ref["direction"], float).reshape(3, 3)
+    centre = np.array(ref["origin"], float) + d @ ((np.array(ref["size"], float) - 1) / 2 * np.array(ref["spacing"]))
+    middle = np.asarray(plane.origin) + (plane.size[0] - 1) / 2 * plane.spacing[0] * np.asarray(plane.u) \
+        + (plane.size[1] - 1) / 2 * plane.spacing[1] * np.asarray(plane.v)
+    apart = abs(float(plane.normal @ (centre - np.asarray(plane.origin))))
+    return (f"the plane misses the fitted brain: every pixel is background. It passes {apart:.0f} mm from the scan's "
+            f"centre ({', '.join(f'{c:.1f}' for c in centre)} LPS mm; the plane's middle is at "
+            f"{', '.join(f'{c:.1f}' for c in middle)}): check --offset or --origin")
+
+
 def _unit(x: Sequence[float]) -> np.ndarray:
     x = np.asarray(x, float)
     n = np.linalg.norm(x)

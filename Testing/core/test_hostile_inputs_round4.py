@@ -300,3 +300,14 @@ def test_a_truncated_metaimage_names_its_data_file(tmp_path, capsys):
     (tmp_path / "scan.raw").unlink()
     rc, err = run(["segment", tmp_path / "scan.mha", "-o", tmp_path / "out" / "l.nii.gz"], capsys)
     assert rc == 2 and "names the data file scan.raw, which is not in" in err, err
+
+
+def test_a_plane_far_from_the_head_is_written_with_a_warning(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    fitted = small_fitted_file(tmp_path / "f.pt", mask=True)
+    rc, err = run(["reslice", fitted, "-o", tmp_path / "far.nii.gz", "--offset", "500"], capsys)
+    assert rc == 0 and "warning: the plane misses the fitted brain" in err and "passes 500 mm" in err, err
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "far.nii.gz"))).any()
+    rc, err = run(["reslice", fitted, "-o", tmp_path / "near.nii.gz"], capsys)
+    assert rc == 0 and "warning" not in err, err
