@@ -31,13 +31,18 @@ def write_failure(path: Path, e: BaseException):
     if isinstance(e, OutputWriteError):
         return e
     if isinstance(e, OSError) and e.errno in USER_ERRNOS:
-        reason = e.strerror or str(e)
+        reason, code = e.strerror or str(e), e.errno
     elif isinstance(e, (OSError, RuntimeError)) and _free_bytes(Path(path).parent) < LOW_SPACE:
-        reason = "no space left on the device"
+        reason, code = "no space left on the device", errno.ENOSPC
     else:
         return None
-    return OutputWriteError(f"cannot write {path}: {reason}; nothing was written. Free some space (or fix the "
-                            "folder's permissions), or choose another output folder")
+    if code == errno.ENAMETOOLONG:
+        advice = "Choose a shorter file or folder name (a batch scan's id names its folder)"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "Fix the folder's permissions, or choose another output folder"
+    else:
+        advice = "Free some space, or choose another output folder"
+    return OutputWriteError(f"cannot write {path}: {reason}; nothing was written. {advice}")
 
 
 def _free_bytes(folder: Path) -> int:

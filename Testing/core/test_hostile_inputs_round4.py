@@ -311,3 +311,25 @@ def test_a_plane_far_from_the_head_is_written_with_a_warning(tmp_path, capsys):
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "far.nii.gz"))).any()
     rc, err = run(["reslice", fitted, "-o", tmp_path / "near.nii.gz"], capsys)
     assert rc == 0 and "warning" not in err, err
+
+
+def test_a_batch_id_too_long_for_a_folder_name_is_refused_and_leaves_no_lock(tiny_weights, tmp_path, capsys):
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(f"id\tpath\n{'x' * 300}\t{SLICE_FILE}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    rc, err = run(["batch", manifest, "-o", out, "--weights", tiny_weights, "--progress", "none"], capsys)
+    assert rc == 2 and "is 300 bytes long" in err and "manifest's id column" in err and "space" not in err, err
+    assert files_in(out) == []  # no stale .volumes.tsv.lock (rglob lists hidden files too)
+
+
+def test_a_finished_batch_removes_its_lock_file_and_a_second_run_still_locks(tiny_weights, tmp_path, capsys):
+    from metaseg.cohort_table import lock_table
+
+    out = tmp_path / "out"
+    args = ["batch", SLICE_FILE, "-o", out, "--weights", tiny_weights, "--device", "cpu", "--progress", "none"]
+    assert run(args, capsys)[0] == 0
+    assert not (out / ".volumes.tsv.lock").exists()
+    with lock_table(out / "volumes.tsv"):
+        rc, err = run(args, capsys)
+        assert rc == 2 and "another metaseg batch is writing" in err
+    assert not (out / ".volumes.tsv.lock").exists()
