@@ -31,13 +31,18 @@ def write_failure(path: Path, e: BaseException):
     if isinstance(e, OutputWriteError):
         return e
     if isinstance(e, OSError) and e.errno in USER_ERRNOS:
-        reason = e.strerror or str(e)
+        reason, code = e.strerror or str(e), e.errno
     elif isinstance(e, (OSError, RuntimeError)) and _free_bytes(Path(path).parent) < LOW_SPACE:
-        reason = "no space left on the device"
+        reason, code = "no space left on the device", errno.ENOSPC
     else:
         return None
-    return OutputWriteError(f"cannot write {path}: {reason}; nothing was written. Free some space (or fix the "
-                            "folder's permissions), or choose another output folder")
+    if code == errno.ENAMETOOLONG:
+        advice = "Choose a shorter file or folder name (a batch scan's id names its folder)"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "Fix the folder's permissions, or choose another output folder"
+    else:
+        advice = "Free some space, or choose another output folder"
+    return OutputWriteError(f"cannot write {path}: {reason}; nothing was written. {advice}")
 
 
 def _free_bytes(folder: Path) -> int:
@@ -68,6 +73,7 @@ def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]], overwrite: 
                 temps.append((tmp, path))
                 writer(tmp)
                 os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+                temps[-1:-1] = detached_data(tmp, path)  # published before the header that names them
             except (OSError, RuntimeError) as e:
                 failure = write_failure(path, e) if not isinstance(e, FileExistsError) else None
                 if failure is None:
@@ -90,6 +96,34 @@ def write_all(outputs: Sequence[Tuple[Path, Callable[[str], None]]], overwrite: 
         for tmp, _ in temps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+# Headers that name a separate data file (MetaImage .mhd, detached NRRD .nhdr) and the line that names it
+DETACHED_HEADERS = {".mhd": b"ElementDataFile = ", ".nhdr": b"data file: "}
+
+
+def detached_data(tmp: str, path: Path) -> List[Tuple[str, Path]]:
+    """The data file that a writer put beside the header `tmp` (named after it, e.g. `.l.mhd.x.part.zraw`), paired
+    with its final name beside `path` (`l.zraw`); the header is rewritten to name the final file. [] for other
+    formats. Without this the published header would point to a hidden temporary name that no longer exists."""
+    key = DETACHED_HEADERS.get(suffix(path))
+    if key is None:
+        return []
+    tmp_stem = os.path.basename(tmp)[: -len(suffix(path))]
+    final_stem = path.name[: -len(suffix(path))]
+    header = Path(tmp).read_bytes()
+    out: List[Tuple[str, Path]] = []
+    lines = header.split(b"\n")
+    for k, line in enumerate(lines):
+        name = line[len(key):].strip().decode("utf-8", "replace") if line.startswith(key) else ""
+        if name.startswith(tmp_stem) and os.path.isfile(os.path.join(os.path.dirname(tmp), name)):
+            final = final_stem + name[len(tmp_stem):]
+            lines[k] = key + final.encode("utf-8")
+            os.chmod(os.path.join(os.path.dirname(tmp), name), 0o644)
+            out.append((os.path.join(os.path.dirname(tmp), name), path.parent / final))
+    if out:
+        Path(tmp).write_bytes(b"\n".join(lines))
+    return out
 
 
 def _publish_new(tmp: str, path: Path) -> None:

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from .batch_progress import BatchProgress, ScanReporter
@@ -41,7 +41,7 @@ from .atomic import OutputExistsError
 from .fit import FitCancelled
 from .io import InputError
 from .options import OPTIONAL_OUTPUTS, BatchSettings, Outputs, SegmentOptions
-from .output_paths import check_output_dir
+from .output_paths import check_name_lengths, check_output_dir
 from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, segment_scan
 from .progress import Reporter
 from .segmenter import Segmenter
@@ -74,9 +74,23 @@ def run_batch(b: BatchSettings) -> int:
         shard = parse_shard(b.shard)
         scans = shard_of(find_scans(b.inputs, b.path_column, b.id_column), shard)
         out = check_output_dir(Path(b.output), "-o")
+        for s in scans:  # an id too long for a folder name is refused now, not as a failed write after the lock
+            check_name_lengths(out / s.id / OUTPUT_FILES["seg_nrrd"], f"scan {s.index + 1} (id {s.id[:24]!r}...: ids "
+                               "name the output folders; set a shorter one in a manifest's id column)")
         wanted = ["labels", "report"] + [k for k in OPTIONAL_OUTPUTS if k in b.extras]
         devices = worker_devices(b.options.device, b.devices, b.jobs)
-        lock = lock_table(out / table_name(shard))  # noqa: F841 - held until this run returns
+        lock = lock_table(out / table_name(shard))
+    except (InputError, ValueError) as e:
+        rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
+        return EXIT_USAGE
+    with lock:  # held, and its file removed, until this run ends however it ends
+        return _run_locked(b, rep, scans, out, shard, wanted, devices)
+
+
+def _run_locked(b: BatchSettings, rep: Reporter, scans: List[Scan], out: Path, shard: Optional[Tuple[int, int]],
+                wanted: List[str], devices: List[str]) -> int:
+    """The batch once its table is locked: rows of finished scans, the others segmented, the table kept current."""
+    try:
         rows: Dict[int, Row] = {}
         jobs: List[Job] = []
         for s in scans:

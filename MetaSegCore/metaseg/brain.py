@@ -31,6 +31,7 @@ import SimpleITK as sitk
 import torch
 
 from .io import InputError
+from .plausibility import field_of_view_hint
 
 MODES = ("auto", "on", "off")
 DEEPBET_VERSION = "1.0.2"
@@ -94,7 +95,7 @@ def foreground_components_ml(scan: sitk.Image) -> list:
     """Volumes (mL) of the connected pieces of the foreground (voxels above FOREGROUND_FRACTION of the
     scan's 99th percentile, on a ~2 mm copy), largest first."""
     img = sitk.Cast(scan, sitk.sitkFloat32)
-    factors = [max(1, int(round(2.0 / s))) for s in img.GetSpacing()]
+    factors = [max(1, min(n, int(round(2.0 / s)))) for n, s in zip(img.GetSize(), img.GetSpacing())]
     if factors != [1, 1, 1]:
         img = sitk.BinShrink(img, factors)
     a = sitk.GetArrayViewFromImage(img)
@@ -193,16 +194,17 @@ def extract_brain(scan: sitk.Image, device: Optional[torch.device] = None) -> Br
         found = pieces[0] if pieces else 0.0
         raise InputError(f"brain extraction found almost no brain ({found:.0f} mL; a brain has 1100-2000 mL): "
                          "is the input a T1 MRI of a head? Pass a brain mask with --mask, or --brain-extraction off "
-                         "for a skull-stripped scan")
+                         "for a skull-stripped scan" + field_of_view_hint(scan))
     if len(pieces) > 1 and pieces[1] >= SECOND_COMPONENT_ML:
         raise InputError(f"brain extraction found a second brain-like component ({pieces[1]:.0f} mL beside "
                          f"{pieces[0]:.0f} mL): the scan may hold two heads or a large artefact; crop it to one "
-                         "head or pass a brain mask with --mask")
+                         "head or pass a brain mask with --mask" + field_of_view_hint(scan))
     mask = bet.postprocess(raw, 0)  # deepbet: keep its largest piece, fill its holes
     volume = float(mask.sum()) * vox_ml
     if volume > MAX_BRAIN_ML:
         raise InputError(f"brain extraction found {volume:.0f} mL of brain-like tissue, more than one brain "
-                         f"(at most {MAX_BRAIN_ML:.0f} mL): two heads in the field of view, or not a T1 brain MRI?")
+                         f"(at most {MAX_BRAIN_ML:.0f} mL): two heads in the field of view, or not a T1 brain MRI?"
+                         + (field_of_view_hint(scan) or "; crop the scan to one head, or pass a brain mask with --mask"))
     out = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)).astype(np.uint8))
     out.CopyInformation(ras)
     # the RAS copy has the same voxel centres, so nearest-neighbour resampling is an exact permutation back

@@ -91,9 +91,12 @@ def _train(a: argparse.Namespace) -> int:
     from .device import pick_device
     from .io import InputError
     from .meta_train import meta_train, settings_for
+    from .options import check_seed
 
     try:
         _check_train_data(a.data)
+        if a.seed is not None:
+            check_seed(a.seed)
         check_training_data(Path(a.data or settings_for(a.dims).data_root), load_splits(Path(a.splits)) if a.splits else load_splits())
         pick_device(a.device or "auto")
     except (InputError, ValueError, OSError) as e:
@@ -354,7 +357,7 @@ def _reslice(a: argparse.Namespace) -> int:
     from .fitted import FittedVolume
     from .io import InputError, write_image
     from .output_paths import check_output
-    from .reslice import Plane, reslice, standard_plane
+    from .reslice import Plane, plane_warning, reslice, standard_plane
     from .weights import WeightsError
 
     try:
@@ -377,14 +380,14 @@ def _reslice(a: argparse.Namespace) -> int:
             plane = Plane.centred(a.origin, a.u, a.v, (extent, extent), (sp, sp))
         else:
             raise InputError("with --origin give --normal, or both --u and --v")
-        if plane.size[0] * plane.size[1] > 64_000_000:
-            raise InputError(f"the plane would have {plane.size[0]:.3g}x{plane.size[1]:.3g} pixels; use a larger --spacing or "
-                             "a smaller --extent")
         img = reslice(vol, plane, a.what)
         write_all([(out, lambda tmp: write_image(img, tmp))], overwrite=a.force)
     except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = plane_warning(vol, plane, img)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {out} ({plane.size[0]}x{plane.size[1]} pixels of {sp:g} mm, {a.what})", file=sys.stderr)
     return 0
 

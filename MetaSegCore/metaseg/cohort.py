@@ -1,7 +1,8 @@
 """Which scans a batch segments, under which ids, and which of them one shard takes.
 
-Sources: image files, folders of image files, BIDS datasets (`sub-*/[ses-*/]anat/*_T1w.nii[.gz]`),
-glob patterns, and CSV/TSV manifests (a path column, optional id and mask columns). The list is
+Sources: image files, folders of image files and DICOM series (each folder at any depth that holds DICOM files
+is one scan), BIDS datasets (`sub-*/[ses-*/]anat/*_T1w.nii[.gz]`), glob patterns, and CSV/TSV manifests (a path
+column, optional id and mask columns). The list is
 deterministic (folders and globs sorted, manifests in their own order), so that N machines
 reading the same sources agree on it, and each takes every N-th scan without talking to the others.
 """
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
+from .dicom import holds_dicom
 from .io import IMAGE_SUFFIXES, MGH_SUFFIXES, InputError
+from .spreadsheet import unquote
 
 SCAN_SUFFIXES = tuple(IMAGE_SUFFIXES) + tuple(MGH_SUFFIXES)
 MANIFEST_SUFFIXES = (".csv", ".tsv")
@@ -54,9 +57,9 @@ def _entries(source: str, path_column: str, id_column: str) -> List[Tuple[Path, 
     if not path.exists():
         raise InputError(f"input not found: {source}")
     if path.is_dir():
-        files = bids_scans(path) or sorted(f for f in path.iterdir() if _is_scan(f))
+        files = bids_scans(path) or sorted(f for f in path.iterdir() if _is_scan(f)) + dicom_folders(path)
         if not files:
-            raise InputError(f"{path} holds no image files ({', '.join(SCAN_SUFFIXES)}) and no BIDS "
+            raise InputError(f"{path} holds no image files ({', '.join(SCAN_SUFFIXES)}), no DICOM series and no BIDS "
                              "sub-*/[ses-*/]anat/*_T1w.nii.gz; give a folder of scans, a glob or a manifest")
         return [(f.absolute(), None, None) for f in files]
     if path.name.lower().endswith(MANIFEST_SUFFIXES):
@@ -64,6 +67,17 @@ def _entries(source: str, path_column: str, id_column: str) -> List[Tuple[Path, 
     if _is_scan(path):
         return [(path.absolute(), None, None)]
     raise InputError(f"{path}: not an image ({', '.join(SCAN_SUFFIXES)}), a folder or a .csv/.tsv manifest")
+
+
+def dicom_folders(root: Path) -> List[Path]:
+    """Every folder at or below `root` (hidden ones skipped) that holds DICOM files, sorted: each is one scan, read
+    as `segment` reads a DICOM folder (a folder of several series then fails with its series listed)."""
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if holds_dicom(Path(folder)):
+            found.append(Path(folder))
+    return sorted(found)
 
 
 def _is_scan(path: Path) -> bool:
@@ -94,11 +108,11 @@ def read_manifest(path: Path, path_column: str = "path", id_column: str = "id"
         raise InputError(f"cannot read the manifest {path}: {e}") from e
     out = []
     for line, row in enumerate(rows, start=2):
-        value = (row.get(path_column) or "").strip()
+        value = unquote((row.get(path_column) or "").strip())  # a table of ours, its cells quoted for spreadsheets
         if not value:
             raise InputError(f"manifest {path}, line {line}: empty {path_column!r}")
-        ident = (row.get(id_column) or "").strip() or None
-        mask = (row.get("mask") or "").strip()
+        ident = unquote((row.get(id_column) or "").strip()) or None
+        mask = unquote((row.get("mask") or "").strip())
         out.append((_relative_to(path.parent, value), ident, _relative_to(path.parent, mask) if mask else None))
     if not out:
         raise InputError(f"manifest {path} lists no scans")
@@ -123,6 +137,8 @@ def scan_id(path: Path) -> str:
 
 def _stem(path: Path) -> str:
     name = path.name
+    if path.is_dir():  # a DICOM series folder: its name is its id (series folders are often named by UID, dots included)
+        return name
     for s in sorted(SCAN_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(s):
             return name[: -len(s)]

@@ -4,11 +4,13 @@ Columns: index (position in the cohort), id, input, status (ok, failed, pending 
 each tissue class's volume in mL (`<class>_ml`; 2D slices: areas, `<class>_mm2`) and their sum
 (`brain_ml`: the labelled brain tissue); QC: registration NCC in the brain and its interior (3D scans
 in scanner geometry), fit PSNR; warnings, seconds, device, weights sha256, metaseg version.
-Plain tab-separated text with a header: `pandas.read_csv(p, sep="\\t")`, R `read.delim(p)`.
+Plain tab-separated text with a header: `pandas.read_csv(p, sep="\\t")`, R `read.delim(p)`. A text cell that a
+spreadsheet would run as a formula (an id `=1+1`) starts with an apostrophe (spreadsheet.py); `read_table` removes it.
 """
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -16,6 +18,7 @@ from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from .atomic import write_all
 from .cohort import Scan
 from .io import InputError
+from .spreadsheet import quote, unquote
 
 TABLE_NAME = "volumes.tsv"
 LEAD = ["index", "id", "input", "status", "error"]
@@ -88,8 +91,10 @@ def write_table(path: Path, rows: Iterable[Row]) -> None:
 
 
 def read_table(path: Path) -> List[Row]:
+    """The rows of a table `write_table` wrote, with their cells as they were before `spreadsheet.quote`."""
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+        return [{k: unquote(v) if isinstance(v, str) else v for k, v in r.items()}
+                for r in csv.DictReader(f, delimiter="\t")]
 
 
 def merge_shards(folder: Path, force: bool = False) -> Tuple[Path, List[Row]]:
@@ -156,24 +161,60 @@ def merge_warnings(rows: Sequence[Row]) -> List[str]:
     return out
 
 
-def lock_table(path: Path) -> IO[str]:
-    """Make this process the only batch writing the table `path` for as long as it holds the returned file:
-    two runs on one folder would each fail on the other's finished scans and leave a table that says they all
-    failed. The lock (`.<table>.lock` beside it, advisory) ends when the file is closed or the process dies."""
+class TableLock:
+    """This process's exclusive hold on a table (`lock_table`); `close()` (or leaving a `with` block) removes the
+    lock file and releases it. The file is removed while still locked, and a run that locked a file which was
+    meanwhile removed tries again, so that two runs never hold locks on two different files of one name."""
+
+    def __init__(self, path: Path, file: IO[str]):
+        self.path, self.file = path, file
+
+    def close(self) -> None:
+        if self.file.closed:
+            return
+        try:
+            if _same_file(self.file, self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass  # already gone, or a read-only folder: the lock still ends with the file's closing
+        self.file.close()
+
+    def __enter__(self) -> "TableLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def lock_table(path: Path) -> TableLock:
+    """Make this process the only batch writing the table `path` until the returned lock is closed: two runs on one
+    folder would each fail on the other's finished scans and leave a table that says they all failed. The lock
+    (`.<table>.lock` beside it, advisory) ends when it is closed (its file removed) or the process dies."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path.parent / f".{path.name}.lock", "a+", encoding="utf-8")
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        f = open(lock, "a+", encoding="utf-8")
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): no guard
+            return TableLock(lock, f)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            raise InputError(f"another metaseg batch is writing {path} right now; wait for it to finish (then rerun to "
+                             "continue), or use another output folder (--shard runs write separate tables)") from e
+        if _same_file(f, lock):
+            return TableLock(lock, f)
+        f.close()  # the run before us removed this file after we opened it: lock the one there now
+
+
+def _same_file(f: IO[str], path: Path) -> bool:
     try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): no guard
-        return f
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.close()
-        raise InputError(f"another metaseg batch is writing {path} right now; wait for it to finish (then rerun to "
-                         "continue), or use another output folder (--shard runs write separate tables)") from e
-    return f
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def _slug(name: str) -> str:
@@ -186,8 +227,9 @@ def _rounded(v: Optional[float]) -> Any:
 
 
 def _cell(v: Any) -> str:
-    """One line per row, tabs only between cells: TSV readers need no quoting rules."""
-    return re.sub(r"[\t\r\n]+", " ", str(v))
+    """One line per row, tabs only between cells (TSV readers need no quoting rules), and no cell that a
+    spreadsheet would run as a formula (`spreadsheet.quote`)."""
+    return quote(re.sub(r"[\t\r\n]+", " ", str(v)))
 
 
 def status_counts(rows: Sequence[Row]) -> Dict[str, int]:

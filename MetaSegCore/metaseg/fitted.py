@@ -111,7 +111,9 @@ class FittedVolume:
         try:
             return cls._from_blob(blob, digest, device)
         except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-            why = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+            # our own checks say what is wrong; torch's and numpy's texts (TypeError, RuntimeError) are not for users
+            why = (f"missing entry {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+                   if type(e) in (ValueError, json.JSONDecodeError) else "its entries have the wrong types or sizes")
             raise WeightsError(f"fitted INR {path} is damaged or incomplete ({why}); segment the scan again with "
                                "--save-inr") from e
 

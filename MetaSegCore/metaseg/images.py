@@ -42,7 +42,11 @@ def as_input_image(image: Any, *, spacing: Optional[Sequence[float]] = None, ori
     """`image` (path, SimpleITK image, nibabel image or numpy array) as an InputImage; InputError if it is
     none of these or its geometry is incomplete or contradictory."""
     geometry_given = any(x is not None for x in (spacing, origin, direction, affine))
+    if isinstance(image, (list, tuple)):
+        raise InputError(f"a Python {type(image).__name__} is not an image: give a numpy array (numpy.asarray(...)) "
+                         "with spacing= (or affine=), a file path, or a SimpleITK or nibabel image")
     if isinstance(image, np.ndarray):
+        check_array(image)
         if affine is not None:
             if any(x is not None for x in (spacing, origin, direction)):
                 raise InputError("give either affine= or spacing= (with origin=, direction=), not both")
@@ -62,10 +66,29 @@ def as_input_image(image: Any, *, spacing: Optional[Sequence[float]] = None, ori
     if _is_nibabel(image):
         name = image.get_filename() if hasattr(image, "get_filename") else None
         data = np.asanyarray(image.dataobj)
+        while data.ndim > 3 and data.shape[-1] == 1:  # (x, y, z, 1), as some tools write a volume: the volume
+            data = data[..., 0]
         return InputImage(_from_ras(data, image.affine), name or "(nibabel image)", nibabel_order=True,
                           path=Path(name) if name else None)
     raise InputError(f"cannot segment a {type(image).__name__}: give a file path, a SimpleITK image, a nibabel "
                      "image, or a numpy array with spacing= (or affine=)")
+
+
+def check_array(arr: np.ndarray, what: str = "the array") -> None:
+    """InputError unless `arr` can be an MRI: 2 or 3 axes of real numbers (not booleans: that is a mask)."""
+    if arr.ndim not in (2, 3):
+        extra = (": a time series or several echoes? Give one volume (e.g. array[..., 0])"
+                 if arr.ndim == 4 else "")
+        raise InputError(f"{what} has {arr.ndim} axes (shape {arr.shape}); expected a 2D slice or a 3D volume{extra}")
+    kind = arr.dtype.kind
+    if kind == "b":
+        raise InputError(f"{what} is boolean: a mask, not an MRI. Give the scan's intensities (a brain mask goes to "
+                         "mask=)")
+    if kind == "c":
+        raise InputError(f"{what} is complex: give the magnitude image (numpy.abs) of the MRI")
+    if kind not in "iuf":
+        raise InputError(f"{what} holds {arr.dtype} values, not numbers: give the MRI's intensities as a numeric "
+                         "array (e.g. array.astype(numpy.float32))")
 
 
 def _is_nibabel(image: Any) -> bool:
@@ -74,10 +97,9 @@ def _is_nibabel(image: Any) -> bool:
 
 def _from_sitk_order(array: np.ndarray, spacing, origin, direction) -> sitk.Image:
     arr = np.asarray(array)
-    if arr.dtype.kind == "c":
-        raise InputError("the array is complex: give the magnitude image (numpy.abs) of the MRI")
-    if arr.dtype.kind == "b" or (arr.dtype.kind == "f" and arr.dtype != np.float32):
-        arr = arr.astype(np.float32)  # the pipeline works in float32; ITK has no bool or float16 pixels
+    check_array(arr)
+    if arr.dtype.kind == "f" and arr.dtype != np.float32:
+        arr = arr.astype(np.float32)  # the pipeline works in float32; ITK has no float16 pixels
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
     n = img.GetDimension()
     try:
@@ -91,11 +113,21 @@ def _from_sitk_order(array: np.ndarray, spacing, origin, direction) -> sitk.Imag
     return img
 
 
+def _numbers(name: str, values: Any) -> np.ndarray:
+    """`values` as a flat float array; InputError naming the argument if they are not numbers."""
+    if isinstance(values, (str, bytes, dict, set)):
+        raise InputError(f"{name}= must be numbers (got {values!r})")
+    try:
+        return np.asarray(values, float).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}= must be numbers (got {values!r})") from None
+
+
 def _values(name: str, values: Sequence[float], n: int) -> np.ndarray:
-    v = np.asarray(values, float).reshape(-1)
+    v = _numbers(name, values)
     if v.size != n or not np.isfinite(v).all():
         raise InputError(f"{name}= must be {n} finite numbers for this {int(round(n ** 0.5)) if name == 'direction' else n}D "
-                         f"array (got {list(np.asarray(values).reshape(-1))})")
+                         f"array (got {[float(x) for x in v]})")
     if name == "spacing" and (v <= 0).any():
         raise InputError(f"spacing= must be more than 0 mm along every axis (got {list(v)})")
     return v
@@ -104,17 +136,14 @@ def _values(name: str, values: Sequence[float], n: int) -> np.ndarray:
 def _from_ras(data: Any, affine: Any) -> sitk.Image:
     """An [i, j, k]-indexed array with its voxel-to-RAS affine (nibabel's convention) as a SimpleITK image."""
     arr = np.asarray(data)
-    a = np.asarray(affine, float)
-    if a.shape != (4, 4) or not np.isfinite(a).all():
-        raise InputError(f"affine= must be a finite 4x4 matrix (got shape {a.shape})")
-    if arr.ndim < 2:
-        raise InputError(f"the array has {arr.ndim} dimension(s); expected a 2D slice or a 3D volume")
-    lps = RAS_TO_LPS @ a
+    check_array(arr, "the image's data" if not isinstance(data, np.ndarray) else "the array")
+    a = _numbers("affine", affine)
+    if a.size != 16 or not np.isfinite(a).all():
+        raise InputError(f"affine= must be a finite 4x4 matrix (got {a.size} numbers)")
+    lps = RAS_TO_LPS @ a.reshape(4, 4)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     if (spacing <= 0).any():
         raise InputError("affine= has a zero column: every voxel axis needs a size")
-    n = arr.ndim  # a 4th axis (time, echoes) gets a unit geometry: such an input is refused by the image checks
-    k = min(n, 3)
-    sp, org, d = np.ones(n), np.zeros(n), np.eye(n)
-    sp[:k], org[:k], d[:k, :k] = spacing[:k], lps[:k, 3], (lps[:3, :3] / spacing)[:k, :k]
+    n = arr.ndim
+    sp, org, d = spacing[:n], lps[:n, 3], (lps[:3, :3] / spacing)[:n, :n]
     return _from_sitk_order(np.transpose(arr), sp, org, d.reshape(-1))

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .metaimage_check import check_metaimage_complete
 from .nifti_check import (FORM_DISAGREEMENT_MM, TruncatedError, check_nifti_complete, corners, count_nonfinite_nifti,
                           nifti_forms)
 
@@ -32,7 +33,7 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
-        return _finite(_read_dicom_series(path, series_id), path)
+        return _read_dicom(path, series_id)
     if path.stat().st_size == 0:
         raise InputError(f"input {path} is an empty file")
     name = path.name.lower()
@@ -44,9 +45,10 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
         except MGHError as e:
             raise InputError(str(e)) from e
     if name.endswith(".dcm") or series_id is not None:
-        return _finite(_read_dicom_series(path.parent, series_id, member=path), path)
+        return _read_dicom(path.parent, series_id, member=path)
     try:
         check_nifti_complete(path)  # ITK would fill a cut-off NIfTI with zeros
+        check_metaimage_complete(path)  # ITK calls a cut-off MetaImage "No such file or directory"
         nonfinite = count_nonfinite_nifti(path)  # ITK reads NaN in a NIfTI as 0, without a word
     except TruncatedError as e:
         raise InputError(str(e)) from e
@@ -63,6 +65,17 @@ def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
 
 
 HEADER_NOTE_KEY = "metaseg_header_note"
+
+
+def _read_dicom(folder: Path, series_id: Optional[str], member: Optional[Path] = None) -> sitk.Image:
+    """One checked DICOM series (dicom.py) with NaN/Inf handled, carrying its SeriesInstanceUID and nothing else
+    of its headers (no patient identity)."""
+    from .dicom import SERIES_UID_KEY, read_dicom_series
+
+    image, uid = read_dicom_series(folder, series_id, member)
+    image = _finite(image, member or folder)
+    image.SetMetaData(SERIES_UID_KEY, uid)
+    return image
 
 
 def form_disagreement(path: Path, img: sitk.Image) -> Optional[str]:
@@ -88,14 +101,64 @@ def form_disagreement(path: Path, img: sitk.Image) -> Optional[str]:
 
 
 def image_dims(img: sitk.Image) -> int:
-    """2 for a slice (a 3D image with one slice counts as 2D), 3 for a volume; refuse anything else."""
+    """2 for a slice (a 3D image with one slice counts as 2D), 3 for a volume; refuse anything else, and an image
+    whose voxel size no brain MRI has (`check_voxel_size`)."""
     _check_scalar(img)
     size = img.GetSize()
-    if img.GetDimension() == 2:
-        return 2
-    if img.GetDimension() == 3:
-        return 2 if 1 in size else 3
-    raise InputError(f"the input is {img.GetDimension()}D (size {size}); expected a 2D slice or a 3D volume")
+    if img.GetDimension() not in (2, 3):
+        raise InputError(f"the input is {img.GetDimension()}D (size {size}); expected a 2D slice or a 3D volume")
+    check_voxel_size(img)
+    return 2 if img.GetDimension() == 2 or 1 in size else 3
+
+
+# Voxel sizes of brain MRI: ex-vivo scans reach 0.1 mm, clinical slices 5-10 mm. Outside this range the header's
+# geometry is wrong, e.g. the NIfTI units field says microns or metres on a scan of 1 mm voxels (ITK, as the NIfTI
+# standard says, then reads 0.001 mm or 1000 mm voxels): no brain fits in the field of view, or one would be metres wide.
+MIN_VOXEL_MM = 0.05
+MAX_VOXEL_MM = 30.0
+# NIfTI-1/2 xyzt_units & 7: the unit of pixdim (ITK converts to mm; 0 = unknown, read as mm)
+NIFTI_SPACE_UNITS = {1: "metres", 2: "millimetres", 3: "microns"}
+
+
+def check_voxel_size(img: sitk.Image) -> None:
+    """Refuse an image whose voxels (along its axes of more than one voxel) lie outside MIN_VOXEL_MM..MAX_VOXEL_MM,
+    naming the voxel size, the field of view and, for a NIfTI file, the unit its header gives."""
+    size, spacing = img.GetSize(), img.GetSpacing()
+    used = [k for k, n in enumerate(size) if n > 1]
+    fov = [size[k] * spacing[k] for k in used]
+    if all(MIN_VOXEL_MM <= spacing[k] <= MAX_VOXEL_MM for k in used):
+        return
+    voxels = " x ".join(f"{spacing[k]:.3g}" for k in used)
+    view = " x ".join(f"{f:.3g}" for f in fov)
+    what = (f"the input's voxels are {voxels} mm, a field of view of {view} mm: "
+            + ("no brain fits in it" if min(spacing[k] for k in used) < MIN_VOXEL_MM else "that is not the size of a head"))
+    unit = _nifti_unit(img)
+    if unit is not None and unit != "millimetres":
+        fix = (f". Its NIfTI header gives the voxel sizes in {unit} (xyzt_units), which the NIfTI standard (and ITK) "
+               f"convert to mm; if the voxels are really {_plain(img, used)} mm, set the header's units to mm (e.g. "
+               "nibabel: img.header.set_xyzt_units('mm')) and run again")
+    else:
+        fix = (f". Brain MRI has voxels of {MIN_VOXEL_MM:g}-{MAX_VOXEL_MM:g} mm: fix the voxel size (spacing) in the "
+               "image's header and run again")
+    raise InputError(what + fix)
+
+
+def _nifti_unit(img: sitk.Image) -> Optional[str]:
+    """The spatial unit a NIfTI header gave (ITK keeps its xyzt_units field), or None for other files."""
+    if not img.HasMetaDataKey("xyzt_units"):
+        return None
+    try:
+        return NIFTI_SPACE_UNITS.get(int(img.GetMetaData("xyzt_units").strip()) & 7)
+    except ValueError:
+        return None
+
+
+def _plain(img: sitk.Image, used: List[int]) -> str:
+    """The header's voxel sizes as written (pixdim), before ITK's unit conversion."""
+    try:
+        return " x ".join(f"{float(img.GetMetaData(f'pixdim[{k + 1}]')):g}" for k in used)
+    except (RuntimeError, ValueError):
+        return "1"
 
 
 def image_array_2d(img: sitk.Image) -> np.ndarray:
@@ -184,6 +247,10 @@ def _check_values(arr: np.ndarray) -> None:
         raise InputError(f"the input is constant (every pixel is {float(arr.min())}); expected a brain MRI")
     if float(arr.max()) <= 0:
         raise InputError("the input has no positive pixels; expected a skull-stripped brain MRI with brain > 0")
+    lo, hi = float(arr.min()), float(arr.max())
+    if not np.count_nonzero((arr != lo) & (arr != hi)):
+        raise InputError(f"the input holds only two values ({lo:g} and {hi:g}): a mask or a binary image, not an MRI; "
+                         "give the scan's intensities (a brain mask goes to --mask)")
 
 
 def labels_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -246,122 +313,8 @@ def image_array_3d(img: sitk.Image) -> np.ndarray:
         raise InputError(
             f"the input volume is too small (size {size}); expected at least {MIN_SIDE_3D} voxels along every axis"
         )
+    check_voxel_size(img)
     arr = sitk.GetArrayFromImage(img)
     arr = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     _check_values(arr)
     return arr
-
-
-class _QuietITK:
-    """Silence ITK's console warnings (GDCM prints them for every non-DICOM file) for a block."""
-
-    def __enter__(self) -> None:
-        self._was = sitk.ProcessObject.GetGlobalWarningDisplay()
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-
-    def __exit__(self, *exc) -> None:
-        sitk.ProcessObject.SetGlobalWarningDisplay(self._was)
-
-
-def dicom_series(folder: Path) -> List[Tuple[str, int, str]]:
-    """The DICOM series in a folder: (series id, number of files, description) for each."""
-    out = []
-    with _QuietITK():
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-        for sid in ids:
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)
-            out.append((sid, len(files), _dicom_tag(files[0], "0008|103e") if files else ""))
-    return out
-
-
-def _dicom_tag(file: str, tag: str) -> str:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    try:
-        reader.ReadImageInformation()
-        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-    except RuntimeError:
-        return ""
-
-
-def _read_dicom_series(folder: Path, series_id: Optional[str], member: Optional[Path] = None) -> sitk.Image:
-    """Read one DICOM series of `folder`: the only one, the one named, or the one holding `member`."""
-    series = dicom_series(folder)
-    where = member if member is not None else folder
-    if not series:
-        what = f"{where}: no DICOM series in {folder}" if member else f"{where} is a folder with no DICOM series"
-        raise InputError(f"input {what}; give an image file or a folder of one DICOM series "
-                         f"(supported: {INPUT_FORMATS})")
-    with _QuietITK():
-        files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid, _, _ in series}
-    if series_id is None and member is not None:
-        owner = [sid for sid, names in files.items() if any(Path(n).resolve() == member.resolve() for n in names)]
-        series_id = owner[0] if owner else None
-        if series_id is None:
-            raise InputError(f"input {member}: not part of a readable DICOM series in {folder}")
-    if series_id is None:
-        if len(series) > 1:
-            listing = "; ".join(f"{sid} ({n} files{', ' + d if d else ''})" for sid, n, d in series)
-            raise InputError(f"input {folder} holds {len(series)} DICOM series: {listing}. "
-                             "Choose one (series id) or put each series in its own folder")
-        series_id = series[0][0]
-    if series_id not in files:
-        raise InputError(f"input {folder}: no DICOM series {series_id!r}; found: {', '.join(files)}")
-    check_slice_positions(files[series_id], f"the DICOM series {series_id} in {folder}")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[series_id])
-    try:
-        with _QuietITK():
-            return reader.Execute()
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
-        raise InputError(f"cannot read the DICOM series {series_id} in {folder} ({first})") from e
-
-
-# Slice positions of a DICOM series may deviate from even spacing by this share of the median step (scanners
-# round positions to ~1e-4 mm); beyond it ITK would still stack the slices evenly, stretching the anatomy.
-SLICE_STEP_TOLERANCE = 0.02
-
-
-def check_slice_positions(files: List[str], what: str) -> None:
-    """Refuse a series whose slices are not evenly spaced along their normal: missing slices (a file absent,
-    or one GDCM skipped as unreadable or truncated), uneven spacing, or two slices at one position."""
-    if len(files) < 3:
-        return
-    positions, normal = [], None
-    with _QuietITK():
-        for f in files:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(f)
-            try:
-                reader.ReadImageInformation()
-                ipp = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
-                if normal is None:
-                    iop = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
-                    normal = np.cross(iop[:3], iop[3:6])
-            except (RuntimeError, ValueError, IndexError):
-                return  # no usable position tags (e.g. secondary captures): ITK's own reading decides
-            positions.append(float(np.dot(ipp, normal)))
-    order = np.argsort(positions)
-    steps = np.diff(np.asarray(positions)[order])
-    step = float(np.median(steps))
-    if step <= 1e-6:
-        raise InputError(f"{what}: most of its {len(files)} slices share one position (a multi-volume series, e.g. "
-                         "several echoes or time points?); export one volume per series")
-    off = np.abs(steps - step) > SLICE_STEP_TOLERANCE * step
-    if not off.any():
-        return
-    gaps = steps[off]
-    names = lambda k: f"{Path(files[order[k]]).name} and {Path(files[order[k + 1]]).name}"  # noqa: E731
-    k = int(np.flatnonzero(off)[0])
-    if (gaps <= 1e-6).any():
-        raise InputError(f"{what}: two slices at the same position ({names(k)}): a duplicate file or two series "
-                         "mixed? Remove the extra files")
-    missing = np.round(gaps / step) - 1
-    if (missing >= 1).all() and np.allclose(gaps, (missing + 1) * step, rtol=SLICE_STEP_TOLERANCE):
-        raise InputError(f"{what}: about {int(missing.sum())} slice(s) are missing (the slices are {step:.3g} mm apart, "
-                         f"but {len(gaps)} gap(s) are wider, the first {gaps[0]:.3g} mm between {names(k)}; a file "
-                         "absent, or one unreadable or truncated). Nothing was segmented: get the complete series")
-    raise InputError(f"{what}: its slices are unevenly spaced ({steps.min():.3g} to {steps.max():.3g} mm, median "
-                     f"{step:.3g} mm; first at {names(k)}). Reading it as evenly spaced would distort the anatomy: "
-                     "resample it onto a regular grid (e.g. dcm2niix, then segment the NIfTI)")

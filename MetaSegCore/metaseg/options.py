@@ -21,6 +21,8 @@ BIAS_CORRECTION = ("auto", "n4", "off")
 # More test-time steps than this are refused: the cards ask for 20 (2D) and 400 (3D), and 10,000 3D steps
 # already take about 20 minutes on a 2-core CPU; a fit far past the card overfits the intensities anyway.
 MAX_STEPS = 10_000
+# Seeds of the fit's sampling: torch takes 64-bit seeds; the range stays far inside it (`best` adds 1 and 2).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,18 @@ class SegmentOptions:
                 raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {value!r})")
         if self.steps is not None:
             check_steps(self.steps)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise InputError(f"--seed must be an integer (got {self.seed!r})")
+        check_seed(self.seed)
         if not isinstance(self.labels, str) or not self.labels:
             raise InputError(f"labels must be the name of a label set, e.g. 'tissues' (got {self.labels!r})")
+        if not isinstance(self.device, str):
+            raise InputError(f"device must be a name: auto, cpu, cuda, cuda:N, mps or gpu (got {self.device!r}; the "
+                             "first CUDA GPU is 'cuda:0')")
+        if self.weights is not None and not isinstance(self.weights, (str, Path)):
+            raise InputError(f"weights must be the path of a weights file (got {type(self.weights).__name__} "
+                             f"{self.weights!r})")
+        for name in ("uncertainty", "accept_poor_match"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False (got {getattr(self, name)!r})")
         return self
 
     @property
@@ -74,8 +84,17 @@ def check_steps(steps: int) -> None:
     from .io import InputError
 
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {steps}); the weights' card gives the "
+        raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {steps!r}); the weights' card gives the "
                          "trained number (leave --steps out to use it)")
+
+
+def check_seed(seed: int) -> None:
+    """InputError unless `seed` is an integer from 0 to MAX_SEED (a larger one overflows torch's generator)."""
+    from .io import InputError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        shown = f"about 2^{seed.bit_length() - 1}" if isinstance(seed, int) and seed > MAX_SEED else repr(seed)
+        raise InputError(f"--seed must be an integer from 0 to {MAX_SEED} (got {shown})")
 
 
 @dataclass(frozen=True)

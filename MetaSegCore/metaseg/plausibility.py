@@ -103,16 +103,39 @@ INVERTED_NCC_INTERIOR = -0.1
 FLIP_OK = (0.85, 0.78)
 
 
-def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: float, try_flips: bool = True) -> str:
+# A head is about 200-250 mm along its longest side (the training heads' fields of view: 256 mm). A field of view
+# beyond this holds more than a head: neck, shoulders, a spine scan.
+MAX_HEAD_FOV_MM = 300.0
+
+
+def field_of_view_hint(scan: sitk.Image) -> str:
+    """A clause ('; ...') advising a crop when the scan's field of view is larger than a head, else ''."""
+    sides = [n * sp for n, sp in zip(scan.GetSize(), scan.GetSpacing())]
+    if max(sides) <= MAX_HEAD_FOV_MM:
+        return ""
+    return (f"; its field of view is {' x '.join(f'{x:.0f}' for x in sides)} mm, more than a head (at most about "
+            f"{MAX_HEAD_FOV_MM:.0f} mm): crop it to the head (e.g. Slicer's Crop Volume module) and run again")
+
+
+# Told when the scan went into registration without a brain mask: a small whole head (a child's, or a scan whose
+# voxel size is understated) has a foreground that fits one adult brain, so `auto` takes it for skull-stripped.
+EXTRACTION_HINT = ("; if the scan still has its skull (e.g. a small or a child's head, taken for a skull-stripped "
+                   "brain by its size), pass --brain-extraction on")
+
+
+def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: float, try_flips: bool = True,
+                         brain_given: bool = True) -> str:
     """The likely cause of a failed registration, as advice: a whole head, inverted (T2-like) contrast,
     a voxel axis flipped in the header (found by registering flipped copies, ~10 s each: only
-    when `try_flips`, i.e. before refusing), or else a generic question."""
+    when `try_flips`, i.e. before refusing), or else a generic question. Without `brain_given` (no extracted or
+    given brain mask) the advice includes brain extraction; a field of view larger than a head, a crop."""
     arr = sitk.GetArrayViewFromImage(scan)
     litres = float((arr > 0).sum()) * float(np.prod(scan.GetSpacing())) / 1e6
+    extra = ("" if brain_given else EXTRACTION_HINT) + field_of_view_hint(scan)
     if litres > MAX_BRAIN_LITRES:
         return (f"it has {litres:.1f} L of nonzero voxels, more than a brain (skull-stripped scans: about 1.1-1.9 L): "
                 "a whole head with skull, neck or background noise? Give a skull-stripped T1, or pass --mask with "
-                "a brain mask")
+                "a brain mask" + ("" if brain_given else " or --brain-extraction on") + field_of_view_hint(scan))
     if ncc_interior < INVERTED_NCC_INTERIOR:
         return ("its tissue contrast looks inverted (dark white matter, bright CSF): a T2-weighted or FLAIR scan? "
                 "The model needs a T1-weighted scan")
@@ -126,7 +149,7 @@ def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: f
                         f"{'ijk'[axis]} is flipped (NCC {q.ncc:.2f} / {q.ncc_interior:.2f}). Fix the direction in the "
                         "header (e.g. reorient the volume in Slicer and save it) and run again")
     return ("is it a skull-stripped T1-weighted brain MRI (not noise, another modality or a partial field of view)? "
-            "Check the scan, or pass --mask with a brain mask")
+            "Check the scan, or pass --mask with a brain mask" + extra)
 
 
 def _centred(a: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:

@@ -28,6 +28,7 @@ from .labelsets import TISSUES, LabelSet
 from .geometry import affine_matrix, to_model_space
 from .io import InputError, image_array_3d, read_image, same_geometry
 from .volume import is_model_grid, model_reference, register_to_template
+from .spreadsheet import quote
 
 MIN_LABELLED_ML = 100.0  # a brain has ~1000 mL of tissue; far less means the labels are not a brain's
 
@@ -179,5 +180,5 @@ def qc_table(prepared: Sequence[PreparedSubject], label_set: LabelSet = TISSUES)
     buf = io.StringIO()
     w = csv.DictWriter(buf, qc_columns(label_set), delimiter="\t", lineterminator="\n")
     w.writeheader()
-    w.writerows(qc_row(p, label_set) for p in prepared)
+    w.writerows({k: "" if v is None else quote(str(v)) for k, v in qc_row(p, label_set).items()} for p in prepared)
     return buf.getvalue()

@@ -23,6 +23,7 @@ import torch
 from .batch_progress import ScanReporter
 from .brain import prepare_brain
 from .device import pick_device
+from .dicom import series_record
 from .images import InputImage, as_input_image
 from .io import InputError, image_array_2d, image_array_3d, image_dims, input_warnings, labels_like, sitk_array
 from .options import PathLike, SegmentOptions
@@ -96,6 +97,7 @@ class Segmenter:
                                  quality=quality, steps=steps, seed=seed, brain_extraction=brain_extraction,
                                  bias_correction=bias_correction, uncertainty=uncertainty,
                                  accept_poor_match=accept_poor_match).checked()
+        check_callbacks(progress, cancel)
         inp = as_input_image(image, spacing=spacing, origin=origin, direction=direction, affine=affine)
         reporter = ScanReporter(progress or (lambda event, fields: None))
         return self.run(inp, options, reporter_hooks(reporter, self.device, cancel), mask=mask)
@@ -141,13 +143,29 @@ def segment(image: Any, *, labels: str = "tissues", quality: str = "fast", devic
     warning; progress.py). `cancel`: a `threading.Event`; setting it raises `Cancelled`. `weights`: a weights
     file instead of the shipped one. `accept_poor_match`: segment an input refused as not matching the model.
 
-    Raises InputError (the input, a mask or an argument is unusable; the message is the command line's),
-    WeightsError (damaged weights), FileNotFoundError (no shipped weights installed), Cancelled. For many images use one `Segmenter`: it loads the model once.
+    Exceptions (the contract; each case is tested in Testing/core/test_hostile_inputs_round4.py):
+    - InputError (a ValueError): whatever the caller can fix, in one line, the command line's message: the image
+      (unreadable or truncated file, a list, a 1D/4D, boolean, object or complex array, only two values, voxel
+      sizes outside 0.05-30 mm, not a brain, a scan refused as not matching the model), every argument of the
+      wrong type or out of range (spacing/origin/direction/affine that are not numbers, device not a name,
+      seed outside 0..2^32-1, steps, quality, labels, brain_extraction, bias_correction, booleans that are not
+      True/False, progress not callable, cancel not an Event, a mask that is not one value per voxel).
+    - WeightsError (a ValueError): a weights file that is missing, damaged, tampered with or too large.
+    - Cancelled: `cancel` was set.  FileNotFoundError: the shipped weights or template are not installed.
+    Anything else is a bug. For many images use one `Segmenter`: it loads the model once.
     """
     return Segmenter(device=device, weights=weights, labels=labels)(
         image, quality=quality, brain_extraction=brain_extraction, bias_correction=bias_correction, mask=mask,
         steps=steps, seed=seed, uncertainty=uncertainty, accept_poor_match=accept_poor_match, progress=progress,
         cancel=cancel, spacing=spacing, origin=origin, direction=direction, affine=affine)
+
+
+def check_callbacks(progress: Any, cancel: Any) -> None:
+    """InputError unless `progress` is None or callable and `cancel` None or an Event-like object (is_set, set)."""
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress= must be a function progress(event, fields) (got {progress!r})")
+    if cancel is not None and not (callable(getattr(cancel, "is_set", None)) and callable(getattr(cancel, "set", None))):
+        raise InputError(f"cancel= must be a threading.Event, set to stop the run (got {cancel!r})")
 
 
 def reporter_hooks(rep: Reporter, device: torch.device, cancel: Optional[threading.Event]) -> Hooks:
@@ -160,7 +178,9 @@ def reporter_hooks(rep: Reporter, device: torch.device, cancel: Optional[threadi
 
 def _base_report(inp: InputImage, model: Model, options: SegmentOptions, psnr: float, fits: int) -> Dict[str, Any]:
     img = inp.image
-    return {"input": inp.source, "input_size": list(img.GetSize()), "input_spacing": list(img.GetSpacing()),
+    dicom = series_record(img)  # a DICOM series: its SeriesInstanceUID, no patient identity
+    return {"input": inp.source, **({"dicom": dicom} if dicom else {}), "input_size": list(img.GetSize()),
+            "input_spacing": list(img.GetSpacing()),
             "outputs": {}, "device": str(model.device), "weights": str(model.path), "weights_sha256": model.weights.sha256,
             "fit": {**model.plan.to_dict(), "seed": options.seed, "psnr_db": round(psnr, 2), "quality": options.quality,
                     "fits": fits}, "reproducibility": run_record(options.seed, model.device)}
@@ -261,15 +281,28 @@ def _brain_mask(inp: InputImage, mask: Any, mode: str, model: Model, hooks: Hook
 
 
 def _mask_image(mask: Any, inp: InputImage) -> sitk.Image:
-    """A mask given as a path or an image, or as a numpy array in the caller's order on the image's grid."""
+    """A mask given as a path or an image, or as a numpy array in the caller's order on the image's grid; refused
+    (InputError) if it is none of these or has more than one value per voxel (e.g. an RGB picture of a mask)."""
     if isinstance(mask, np.ndarray):
+        if mask.dtype.kind not in "biuf":
+            raise InputError(f"the mask array holds {mask.dtype} values; give numbers or booleans (nonzero = brain)")
         arr = np.ascontiguousarray((mask.T if inp.nibabel_order else mask).astype(np.uint8))
         if arr.shape != sitk.GetArrayViewFromImage(inp.image).shape:
             raise InputError(f"the mask array has shape {mask.shape}; it must have the image's")
         out = sitk.GetImageFromArray(arr)
         out.CopyInformation(inp.image)
         return out
-    return as_input_image(mask).image
+    if not isinstance(mask, (str, Path, sitk.Image)):
+        raise InputError(f"mask= must be a file path, a SimpleITK image or a numpy array on the image's grid (got "
+                         f"{type(mask).__name__} {mask!r:.40})")
+    img = as_input_image(mask).image
+    components = img.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        name = "" if isinstance(mask, sitk.Image) else f" {mask}"
+        raise InputError(f"the mask{name} has {components} values per voxel "
+                         "(an RGB or vector image): a mask holds one value per voxel, nonzero = brain. Save it as a "
+                         "single-component label image (e.g. a Slicer labelmap) on the scan's grid")
+    return img
 
 
 def check_slice(array: np.ndarray, canvas: Sequence[int], accept_poor_match: bool) -> List[str]:

@@ -201,7 +201,7 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     if register:
         say("register", "registering the scan to the model's template (affine, mutual information)")
         transform, reg_info = register_to_template(work)
-        warnings += match_gate(reg_info, work, settings.accept_poor_match, say)
+        warnings += match_gate(reg_info, work, settings.accept_poor_match, say, brain_given=mask is not None)
         reference = model_reference(canvas)
         model_arr = sitk.GetArrayFromImage(to_model_space(work, reference, transform))
         model_arr[model_arr < 0] = 0
@@ -283,17 +283,18 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
 
 
 def match_gate(reg_info: Dict[str, Any], work: sitk.Image, accept_poor_match: bool,
-               say: Callable[[str, str], None]) -> List[str]:
+               say: Callable[[str, str], None], brain_given: bool = True) -> List[str]:
     """The scan's match with the template (after registration, or as it lies on the model grid) against the
     gate: [] if good, a warning if below it, InputError with the likely cause if far below (REFUSE_NCC) unless
-    `accept_poor_match`."""
+    `accept_poor_match`. `brain_given`: the scan was restricted to a brain mask (else the cause may be a skull)."""
     if reg_info["ok"]:
         return []
     hopeless = not (reg_info["ncc"] >= REFUSE_NCC and reg_info["ncc_interior"] >= REFUSE_NCC_INTERIOR)
     diagnose = hopeless and not accept_poor_match
     if diagnose:
         say("diagnose", "the scan does not match the model's template: looking for the cause")
-    cause = registration_problem(work, load_template(), reg_info["ncc_interior"], try_flips=diagnose)
+    cause = registration_problem(work, load_template(), reg_info["ncc_interior"], try_flips=diagnose,
+                                 brain_given=brain_given)
     how = "as it lies on the training grid" if reg_info.get("iterations") == 0 else "after registration"
     what = (f"the scan matches the model's template poorly {how} (NCC {reg_info['ncc']:.2f} in "
             f"the brain, {reg_info['ncc_interior']:.2f} in its interior; skull-stripped T1s score about "

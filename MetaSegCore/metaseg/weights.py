@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .labelsets import TISSUES
 from .fit import FitPlan
 from .atomic import write_all
+from .file_limits import oversize, read_sidecar
 from .model import MetaSegNet
 from .prior import SpatialPrior, coarse_shape
 
@@ -95,11 +96,14 @@ def load_checked(path: Path, fmt: str, expected_sha256: Optional[str] = None, wh
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what} file not found: {path}")
+    too_large = oversize(path, what)  # before a byte is read: a padded file is not hashed or loaded whole
+    if too_large:
+        raise WeightsError(too_large)
     if expected_sha256 is None:
         side = Path(str(path) + ".sha256")
         if not side.is_file():
             raise WeightsError(f"no checksum for {path}: expected {side.name} beside it (or pass the sha256 explicitly)")
-        expected_sha256 = side.read_text(encoding="utf-8").split()[0]
+        expected_sha256 = read_sidecar(side)
     digest = sha256_of(path)
     if digest != expected_sha256.lower():
         raise WeightsError(
@@ -108,8 +112,11 @@ def load_checked(path: Path, fmt: str, expected_sha256: Optional[str] = None, wh
         )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a hash-valid file that does not parse: wrong kind of file
-        raise WeightsError(f"cannot read {what} {path}: {e}") from e
+    except Exception as e:  # a hash-valid file that does not parse: wrong kind of file. torch's own text is not
+        # shown: it is many lines, and for a file holding code it advises loading it unsafely
+        raise WeightsError(f"cannot read {what} {path}: it is not a MetaSeg {what} file or it is damaged (it does not "
+                           "load as plain tensors and text; MetaSeg never runs code from a file); restore the "
+                           "original file") from e
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise WeightsError(f"{path} is not a MetaSeg {what} file (format {found!r}, expected {fmt!r})")

@@ -189,7 +189,7 @@ def test_bad_input_raises_the_command_lines_message(case, tmp_path, capsys):
     (np.ones((40, 40, 40), np.float32), {"spacing": (1, 0, 1)}, "more than 0 mm"),
     (np.ones((40, 40, 40), np.float32), {"spacing": (1, 1, 1), "affine": np.eye(4)}, "either affine="),
     (str(SLICE), {"spacing": (1, 1, 1)}, "for numpy arrays only"),
-    ([[1, 2], [3, 4]], {}, "cannot segment a list"),
+    ([[1, 2], [3, 4]], {}, "a Python list is not an image"),
     (str(SLICE), {"quality": "great"}, "--quality must be one of fast, best"),
     (str(SLICE), {"labels": "organs"}, "unknown label set 'organs'"),
 ])

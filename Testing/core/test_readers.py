@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from metaseg.geometry import oblique_direction, with_geometry
-from metaseg.io import InputError, dicom_series, image_array_3d, read_image
+from metaseg.dicom import dicom_series
+from metaseg.io import InputError, image_array_3d, read_image
 
 from testdata import SAMPLE, SHARED_DATA as BRAINS
 
@@ -131,7 +132,7 @@ def test_dicom_folder_with_two_series_lists_them_and_one_can_be_chosen(t1_crop, 
     _write_dicom_series(t1_crop[:, :, :6], tmp_path, "1.2.826.0.1.3680043.2.1125.10", "first", "A")
     _write_dicom_series(t1_crop[:, :, :4], tmp_path, "1.2.826.0.1.3680043.2.1125.11", "second", "B")
     assert sorted(n for _, n, _ in dicom_series(tmp_path)) == [4, 6]
-    with pytest.raises(InputError, match=r"holds 2 DICOM series: .*\.10 \(6 files, first\).*\.11 \(4 files, second\)"):
+    with pytest.raises(InputError, match=r"holds 2 DICOM series: .*\.10 \(6 files, first, e\.g\. A\d+\.dcm\).*\.11 \(4 files, second, e\.g\. B\d+\.dcm\)"):
         read_image(tmp_path)
     assert read_image(tmp_path, series_id="1.2.826.0.1.3680043.2.1125.11").GetSize()[2] == 4
     with pytest.raises(InputError, match="no DICOM series '9.9'"):

@@ -127,6 +127,29 @@ def test_a_damaged_kept_network_is_a_clear_error(scene, MetaSeg, tmp_path):
         fitted.materialize("hello", tmp_path / "c")
 
 
+
+def test_a_kept_network_is_decoded_from_the_scene_every_time(tmp_path):
+    """Issue 26: a header repeating the hash of a network decoded earlier in the session gets no file of another
+    scene; a hash that is not 64 hex digits never becomes a file name; a padded text is refused by its length."""
+    import json
+
+    from MetaSegLib import fitted
+
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"the first network")
+    second.write_bytes(b"another network")
+    kept = tmp_path / "kept"
+    assert fitted.materialize(fitted.encode(first), kept).read_bytes() == b"the first network"
+    head, data = fitted.encode(first).split("\n", 1)[0], fitted.encode(second).split("\n", 1)[1]
+    with pytest.raises(fitted.FittedError, match="does not match its sha256"):
+        fitted.materialize(head + "\n" + data, kept)  # the first network's hash, another network's data
+    for digest in ("../../../etc/passwd", "g" * 64, json.loads(head)["sha256"][:40]):
+        with pytest.raises(fitted.FittedError, match="not a MetaSeg fitted network"):
+            fitted.materialize(json.dumps(dict(json.loads(head), sha256=digest)) + "\n" + data, kept)
+    with pytest.raises(fitted.FittedError, match="more than any MetaSeg network"):
+        fitted.materialize(head + "\n" + "A" * fitted.MAX_TEXT_CHARS, kept)
+
+
 RELOAD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
