@@ -63,7 +63,11 @@ def convert(old: Path, new: Path, sha256: Optional[str] = None) -> Dict[str, Any
     data = trusted_bytes(old, sha256)
     if not looks_like_pickle(data):
         raise WeightsError(f"{old} is not a PyTorch pickle file: there is nothing to convert")
-    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:  # weights_only: even a trusted file may hold only tensors and plain values
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (an unpickler's refusal or a damaged archive)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"cannot convert {old}: it holds more than tensors and plain values ({first})") from None
     kind, content = _convert_blob(blob, old)
     write_all(checked_writers(content, new))
     return {"kind": kind, "sha256": hashlib.sha256(content).hexdigest(), "path": str(new)}

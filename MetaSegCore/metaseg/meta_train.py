@@ -46,7 +46,7 @@ from .segment import segment_array
 from .atomic import write_all
 from .labelsets import LabelSet, label_set as get_label_set
 from .legacy import CHECKPOINT_FORMAT, STAGE1_FORMAT
-from .safefile import converted_name, dumps_tree, load_tree, loads, loads_tree, pickle_message, read_bytes
+from .safefile import dumps_tree, load_tree, loads, loads_tree, pickle_message, read_bytes
 from .weights import FORMAT as WEIGHTS_FORMAT, Weights, WeightsError, load_weights, save_weights
 
 
@@ -354,6 +354,9 @@ def meta_train(s: TrainSettings) -> Path:
     torch.manual_seed(s.seed)
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "checkpoint.safetensors").exists() and (out / "checkpoint.pt").exists():
+        # a run of metaseg <= 0.4.0: its checkpoint is a pickle, never opened here
+        raise SystemExit(pickle_message(out / "checkpoint.pt", "checkpoint") + "; then rerun to resume")
     log = Log(out / "train.log")
     root = Path(s.data_root)
     splits = load_splits(Path(s.splits)) if s.splits else load_splits()
@@ -372,9 +375,6 @@ def meta_train(s: TrainSettings) -> Path:
     state = {"step": 0, "best": -1.0, "best_step": 0, "head_loaded": True}
 
     ckpt = out / "checkpoint.safetensors"
-    if not ckpt.exists() and (out / "checkpoint.pt").exists():  # a run of metaseg <= 0.4.0: a pickle, not opened
-        raise SystemExit(pickle_message(out / "checkpoint.pt", "checkpoint").replace(
-            converted_name(out / "checkpoint.pt").name, ckpt.name) + ", then rerun to resume")
     if ckpt.exists():
         c = load_tree(ckpt, CHECKPOINT_FORMAT, "training checkpoint")
         old, new = json.loads(c["settings_core"]), json.loads(_core(s))
