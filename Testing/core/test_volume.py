@@ -85,7 +85,7 @@ def test_fitted_volume_save_load_reproduces_labels(native_run, tmp_path):
     scan, res = native_run
     flat = np.flatnonzero(sitk.GetArrayViewFromImage(scan).reshape(-1) > 0)[::97]
     points = voxel_points(scan, flat)
-    path = tmp_path / "fitted.pt"
+    path = tmp_path / "fitted.safetensors"
     res.fitted.save(path)
     again = FittedVolume.load(path)
     assert np.array_equal(again.query(points), res.fitted.query(points))
