@@ -69,7 +69,7 @@ def main() -> int:
                for k in keys}
     print("mean / worst |ΔV| %: " + ", ".join(f"{k} {v['mean']} / {v['max']}" for k, v in summary.items()))
     with open(a.json, "a") as f:
-        f.write(json.dumps({"rows": rows, "summary": summary, "weights": "metaseg3d_structures.pt",
+        f.write(json.dumps({"rows": rows, "summary": summary, "weights": "metaseg3d_structures.safetensors",
                             "machine": f"{platform.machine()}, {a.threads} threads", "torch": torch.__version__,
                             "command": "benchmarks/structures_repeats.py " + " ".join(sys.argv[1:]),
                             "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
