@@ -1070,7 +1070,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         return corePath
 
     def _keptFolder(self) -> Path:
-        """This session's folder for fitted networks made from the scene's text nodes (removed at exit)."""
+        """This session's folder for fitted networks decoded from the results' attributes (removed at exit)."""
         if self._keptDir is None or not self._keptDir.is_dir():
             self._keptDir = rundirs.make_run_dir(self.runRoot, prefix="kept-")
             _KEPT_DIRS.add(self._keptDir)
