@@ -146,6 +146,55 @@ def test_a_damaged_kept_network_is_a_clear_error(scene, MetaSeg, fitted_3d, tmp_
         logic.crossSection(seg, view)
 
 
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+def test_a_crafted_pickle_in_a_scene_never_runs(scene, MetaSeg, tmp_path):
+    """Issue 25, point 1: a shared scene whose result carries a pickle (as this version keeps networks, and as
+    metaseg <= 0.4.0 did) listed in the selector; Render refuses in one line and nothing runs (the control:
+    unpickling the same bytes does run the payload)."""
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "MARKER"
+    torch.save({"format": "metaseg-fitted/1", "x": _Payload(marker)}, tmp_path / "evil.pt")
+    data = (tmp_path / "evil.pt").read_bytes()
+    logic = MetaSeg.MetaSegLogic(runRoot=str(tmp_path / "runs"))
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "shared result")
+    seg.SetAttribute(MetaSeg.FITTED_NETWORK_ATTRIBUTE, base64.b64encode(data).decode())
+    seg.SetAttribute(MetaSeg.CROSS_SECTIONS_ATTRIBUTE, "1")
+    seg.SetAttribute(MetaSeg.FITTED_INFO_ATTRIBUTE, json.dumps({"labels": []}))
+    old = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "old shared result")
+    text = scene.AddNewNodeByClass("vtkMRMLTextNode", "old fitted network")
+    text.SetText(json.dumps({"format": "metaseg-fitted-network/1", "sha256": "/" * 64, "name": "x.pt",
+                             "bytes": len(data)}) + "\n" + base64.b64encode(data).decode())
+    old.SetNodeReferenceID(MetaSeg.FITTED_REFERENCE, text.GetID())
+    for node in (seg, old):
+        assert logic.hasFittedNetwork(node)
+        with pytest.raises(MetaSeg.MetaSegError) as e:
+            logic.crossSection(node, view)
+        assert "\n" not in str(e.value) and "older MetaSeg" in str(e.value)
+    assert not marker.exists()
+    assert not list((tmp_path / "runs").rglob("*.safetensors")) if (tmp_path / "runs").exists() else True
+    pickle.loads(zipped_pickle(data))  # control: the payload works when unpickled
+    assert marker.exists()
+
+
+def zipped_pickle(data: bytes) -> bytes:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+
 @pytest.mark.parametrize("labels,message", [
     ([{"value": 10**9, "name": "huge", "color": [1, 0, 0]}], "has the value 1000000000"),
     ([{"value": -1, "name": "negative", "color": [1, 0, 0]}], "has the value -1"),
