@@ -66,6 +66,11 @@ def test_tree_round_trip_keeps_types():
     assert back["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(back["opt"]["state"][0]["exp_avg"], tree["opt"]["state"][0]["exp_avg"])
     assert torch.equal(back["gen"], tree["gen"])
+    # what a resumed training run does with them (meta_train.py): the optimizer takes its state back
+    again = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    again.load_state_dict(back["opt"])
+    assert again.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    torch.Generator().set_state(back["gen"])
     with pytest.raises(WeightsError, match="format 'fmt/1', expected 'other/1'"):
         safefile.loads_tree(safefile.dumps_tree(tree, "fmt/1"), "other/1", "t", "tree")
 

@@ -34,6 +34,7 @@ from mrml_helpers import SAMPLE_T1_3D, load_volume
 pytestmark = pytest.mark.usefixtures("slicer_core")
 
 VERSIONS = ("5.6.2", "5.8.1", "5.10.0", "5.12.0")
+VIEW = "SaveRulesView"  # not "Red": Slicer's default colour tables include one named Red
 HIDDEN = {"5.6.2": "skipped", "5.8.1": "skipped", "5.10.0": "Private", "5.12.0": "by Commit"}
 
 
@@ -130,6 +131,7 @@ def open_scene(path: Path):
 
 def through_mrb(scene, tmp: Path):
     """Save as .mrb (qSlicerSceneWriter::writeToMRB -> vtkMRMLScene::WriteToMRB) and open it: the issue's start."""
+    tmp.mkdir(parents=True, exist_ok=True)
     bundle = tmp / "shared.mrb"
     assert scene.WriteToMRB(str(bundle))
     return open_scene(bundle)
@@ -209,8 +211,8 @@ def result_scene(MetaSeg, network: Path, runs: Path):
         scene.RemoveNode(volume)
     finally:
         slicer.mrmlScene = previous
-    view = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
-    view.SetLayoutName("Red")
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode", VIEW)
+    view.SetLayoutName(VIEW)
     m = view.GetSliceToRAS()
     c, s = np.cos(0.35), np.sin(0.35)
     for i, row in enumerate([[1, 0, 0], [0, c, -s], [0, s, c]]):  # an oblique plane through the scan's centre
@@ -230,7 +232,7 @@ def render(MetaSeg, scene, runs: Path) -> np.ndarray:
     previous, slicer.mrmlScene = getattr(slicer, "mrmlScene", None), scene
     try:
         seg = scene.GetFirstNodeByName("ecog MetaSeg")
-        node = MetaSeg.MetaSegLogic(runRoot=str(runs)).crossSection(seg, scene.GetFirstNodeByName("Red"),
+        node = MetaSeg.MetaSegLogic(runRoot=str(runs)).crossSection(seg, scene.GetFirstNode(VIEW, "vtkMRMLSliceNode"),
                                                                    superResolution=1)
         dims = node.GetImageData().GetDimensions()
         return vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[1], dims[0]).copy()
@@ -256,7 +258,7 @@ def test_cross_sections_survive_file_save_and_reload(version, MetaSeg, two_netwo
     runs = tmp_path / "runs"
     folder = tmp_path / "cases"
     for network, name in zip(two_networks, ("a.mrml", "b.mrml")):
-        opened = through_mrb(result_scene(MetaSeg, network, runs), tmp_path / name)
+        opened = through_mrb(result_scene(MetaSeg, network, runs), tmp_path / f"bundle-{name}")
         assert not [n for n in storable_nodes(opened) if n.GetHideFromEditors()], "nothing of ours depends on hidden nodes"
         file_save(opened, folder / name, version)
         forget_bundle(opened)
