@@ -110,7 +110,8 @@ def test_save_writes_what_the_command_line_writes_and_never_overwrites(scans, cl
     np.testing.assert_array_equal(ours["ijkToLPS"], cli["ijkToLPS"])
     again = metaseg.FittedVolume.load(out / "fitted.safetensors")
     plane = metaseg.standard_plane(again.info["reference"], "axial")
-    assert np.array_equal(sitk.GetArrayFromImage(again.reslice(plane)), sitk.GetArrayFromImage(seg.fitted.reslice(plane)))
+    stored, full = (sitk.GetArrayFromImage(v.reslice(plane)) for v in (again, seg.fitted))
+    assert np.mean(stored != full) < 0.003  # stored compactly: float16 parameters, 8-bit image
 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(metaseg.InputError, match="exists; pass --force to overwrite it"):
