@@ -78,7 +78,8 @@ except ImportError:
 IN_SLICER_APP = HAVE_GUI and hasattr(slicer, "app")
 MODULE_DIR = Path(__file__).resolve().parent
 REPORT_ATTRIBUTE = "MetaSeg.Report"
-FITTED_REFERENCE = "MetaSeg.FittedNetwork"  # node reference: the text node holding the fitted 3D network
+FITTED_NETWORK_ATTRIBUTE = "MetaSeg.FittedNetwork.safetensors"  # the fitted 3D network, base64 (MetaSegLib.fitted)
+FITTED_REFERENCE = "MetaSeg.FittedNetwork"  # metaseg <= 0.4.0: node reference to a text node holding a pickle
 FITTED_INFO_ATTRIBUTE = "MetaSeg.FittedInfo"  # JSON: the input's voxel spacing and size, the labels
 CROSS_SECTIONS_ATTRIBUTE = "MetaSeg.CrossSections"  # "1" on results with a fitted network (the selector's filter)
 UNCERTAINTY_REFERENCE = "MetaSeg.Uncertainty"  # node reference: the uncertainty volume of a 3D result
@@ -701,7 +702,8 @@ class MetaSegJob:
             if self.process.fitted_path is not None and self.process.fitted_path.is_file():
                 logic._keepFitted(target, self.process.fitted_path, volume, np.linalg.inv(toTarget))
             else:  # a replaced output must not keep the network (or uncertainty) of its previous result
-                target.RemoveNodeReferenceIDs(FITTED_REFERENCE)
+                logic._removeLegacyNetwork(target)
+                target.RemoveAttribute(FITTED_NETWORK_ATTRIBUTE)
                 target.RemoveAttribute(CROSS_SECTIONS_ATTRIBUTE)
                 target.RemoveAttribute(FITTED_INFO_ATTRIBUTE)
             if target.GetSegmentation().GetSegment(BRAIN_MASK_SEGMENT) is not None:
@@ -920,16 +922,19 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         """True if cross-sections can be rendered for this segmentation (a 3D result, also of a reloaded scene)."""
         if segmentationNode is None or segmentationNode.GetScene() is None:
             return False
-        textNode = segmentationNode.GetNodeReference(FITTED_REFERENCE)
-        return textNode is not None and bool(textNode.GetText())
+        if FITTED_NETWORK_ATTRIBUTE in (segmentationNode.GetAttributeNames() or ()):  # not the 2 MB value itself
+            return True
+        return segmentationNode.GetNodeReference(FITTED_REFERENCE) is not None  # metaseg <= 0.4.0: refused on use
 
     def fittedNetworkPath(self, segmentationNode) -> Path:
-        """The fitted network of a result as a file the child process can read (made from the scene's text
-        node once per session and content)."""
-        textNode = segmentationNode.GetNodeReference(FITTED_REFERENCE) if segmentationNode is not None else None
-        if textNode is None or not textNode.GetText():
+        """The fitted network of a result as a file the child process can read (made from the segmentation's
+        attribute once per session and content; MetaSegLib.fitted says why it is kept there)."""
+        text = segmentationNode.GetAttribute(FITTED_NETWORK_ATTRIBUTE) if segmentationNode is not None else None
+        if not text:
+            if segmentationNode is not None and segmentationNode.GetNodeReference(FITTED_REFERENCE) is not None:
+                raise fitted.FittedError(fitted.LEGACY_MESSAGE)
             raise MetaSegError("this segmentation has no fitted network: cross-sections need a 3D MetaSeg result")
-        return fitted.materialize(textNode.GetText(), self._keptFolder())
+        return fitted.materialize(text, self._keptFolder())
 
     def crossSection(self, segmentationNode, sliceNode, superResolution: int = 4, what: str = "labels",
                      show: bool = True, device: str = "cpu", timeout: Optional[float] = 600):
@@ -951,9 +956,9 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError("this segmentation has no fitted network: cross-sections need a 3D MetaSeg result")
         try:
             fittedPath = self.fittedNetworkPath(segmentationNode)
+            info = fitted.read_info(segmentationNode.GetAttribute(FITTED_INFO_ATTRIBUTE))  # from the scene: checked
         except fitted.FittedError as e:
             raise MetaSegError(f"the fitted network kept with '{segmentationNode.GetName()}' is unusable: {e}") from e
-        info = json.loads(segmentationNode.GetAttribute(FITTED_INFO_ATTRIBUTE) or "{}")
         try:
             # world -> the segmentation's frame -> the network's (the input volume's untransformed) frame
             worldToNetwork = np.array(info.get("toNetwork", np.eye(4))) @ frames.world_to_local(segmentationNode)
@@ -1034,7 +1039,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _tissueColors(scene, labels: List[Dict[str, Any]]):
         """The colour table of a result's labels, as the core wrote them (one per label set and scene,
-        found again by its attribute: tissues and structures results get different tables)."""
+        found again by its attribute: tissues and structures results get different tables). The labels come
+        from the scene: values outside 0..255 are refused before they size the table."""
+        try:
+            labels = fitted.label_table(labels)
+        except fitted.FittedError as e:
+            raise MetaSegError(str(e)) from e
         key = json.dumps([[lab["value"], lab["name"]] for lab in labels])
         tables = scene.GetNodesByClass("vtkMRMLColorTableNode")
         for i in range(tables.GetNumberOfItems()):
@@ -1060,28 +1070,23 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         return corePath
 
     def _keptFolder(self) -> Path:
-        """This session's folder for fitted networks made from the scene's text nodes (removed at exit)."""
+        """This session's folder for fitted networks decoded from the results' attributes (removed at exit)."""
         if self._keptDir is None or not self._keptDir.is_dir():
             self._keptDir = rundirs.make_run_dir(self.runRoot, prefix="kept-")
             _KEPT_DIRS.add(self._keptDir)
         return self._keptDir
 
     def _keepFitted(self, segmentationNode, source: Path, volumeNode, toNetwork: np.ndarray) -> None:
-        """Keep the fitted network with the result, for cross-sections: a text node in the scene (saved with
-        it, see MetaSegLib.fitted) referenced by the segmentation, and what cross-sections need to know
-        (the input's voxel size, the labels as the core wrote them, the segmentation-to-network matrix)."""
+        """Keep the fitted network with the result, for cross-sections: an attribute of the segmentation node
+        (written into the scene file by every Slicer's File > Save and removed with the node, see
+        MetaSegLib.fitted), and what cross-sections need to know (the input's voxel size, the labels as the
+        core wrote them, the segmentation-to-network matrix)."""
         try:
             text = fitted.encode(Path(source))
         except (OSError, fitted.FittedError) as e:
             raise MetaSegError(f"could not keep the fitted network: {e}") from e
-        scene = segmentationNode.GetScene()
-        textNode = segmentationNode.GetNodeReference(FITTED_REFERENCE)
-        if textNode is None:
-            textNode = scene.AddNewNodeByClass("vtkMRMLTextNode",
-                                               scene.GenerateUniqueName(f"{segmentationNode.GetName()} fitted network"))
-            textNode.SetHideFromEditors(True)  # an implementation detail of the result, saved with the scene
-        textNode.SetForceCreateStorageNode(slicer.vtkMRMLTextNode.CreateStorageNodeAlways)
-        textNode.SetText(text)
+        self._removeLegacyNetwork(segmentationNode)
+        segmentationNode.SetAttribute(FITTED_NETWORK_ATTRIBUTE, text)
         segmentation = segmentationNode.GetSegmentation()
         labels = []
         for i in range(segmentation.GetNumberOfSegments()):
@@ -1091,9 +1096,17 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             labels.append({"value": segment.GetLabelValue(), "name": segment.GetName(), "color": list(segment.GetColor())})
         info = {"spacing": list(volumeNode.GetSpacing()), "size": list(volumeNode.GetImageData().GetDimensions()),
                 "toNetwork": np.asarray(toNetwork).tolist(), "labels": labels}
-        segmentationNode.SetNodeReferenceID(FITTED_REFERENCE, textNode.GetID())
         segmentationNode.SetAttribute(FITTED_INFO_ATTRIBUTE, json.dumps(info))
         segmentationNode.SetAttribute(CROSS_SECTIONS_ATTRIBUTE, "1")
+
+    @staticmethod
+    def _removeLegacyNetwork(segmentationNode) -> None:
+        """Remove the text node in which metaseg <= 0.4.0 kept a result's network (a pickle), and its reference."""
+        textNode = segmentationNode.GetNodeReference(FITTED_REFERENCE)
+        segmentationNode.RemoveNodeReferenceIDs(FITTED_REFERENCE)
+        scene = segmentationNode.GetScene()
+        if textNode is not None and scene is not None and textNode.IsA("vtkMRMLTextNode"):
+            scene.RemoveNode(textNode)
 
     @staticmethod
     def _checkInput(volumeNode, outputSegmentation) -> None:

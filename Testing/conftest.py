@@ -46,6 +46,6 @@ def tiny_weights(tmp_path_factory):
     cfg = ModelConfig(width=16, hidden_layers=1)
     net = MetaSegNet(cfg)
     card = {"labels": LABELS, "fit": FitPlan(steps=2, batch_size=512).to_dict(), "input": {"dims": 2, "canvas": [192, 192]}}
-    path = tmp_path_factory.mktemp("w") / "tiny.pt"
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
     save_weights(Weights(cfg, net.state_dict(), torch.full((2, len(net.inr_parameter_names())), math.log(1e-3)), card), path)
     return path

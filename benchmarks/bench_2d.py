@@ -1,6 +1,6 @@
 """2D benchmark: Dice, PSNR and time per slice on the validation and test subjects.
 
-Run by hand (not a test):  .venv/bin/python benchmarks/bench_2d.py --weights Resources/Weights/metaseg2d.pt
+Run by hand (not a test):  .venv/bin/python benchmarks/bench_2d.py --weights Resources/Weights/metaseg2d.safetensors
 Prints a markdown table per experiment and writes them as JSON with --json.
 
 Experiments (all on the paper's slice 109 of each held-out subject, same process, same machine):
@@ -51,7 +51,7 @@ def summary(rows):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--weights", default="Resources/Weights/metaseg2d.pt")
+    ap.add_argument("--weights", default="Resources/Weights/metaseg2d.safetensors")
     ap.add_argument("--data", default="../shared/data/brains")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--experiments", nargs="+", default=["default", "steps", "paper"])

@@ -136,7 +136,7 @@ def exp_paper(steps=3):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("experiment", choices=("aligned", "native", "rotated", "planes", "paper"))
-    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.pt")
+    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.safetensors")
     ap.add_argument("--subjects", nargs="+")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_2d(every: int, out: Path) -> float:
-    w = load_weights(ROOT / "Resources/Weights/metaseg2d.pt")
+    w = load_weights(ROOT / "Resources/Weights/metaseg2d.safetensors")
     net = w.build()
     img = read_image(ROOT / "Resources/Sample/ecog_slice_t1.nii.gz")
     arr = image_array_2d(img)
@@ -41,7 +41,7 @@ def run_2d(every: int, out: Path) -> float:
 
 
 def run_3d(every: int, out: Path) -> float:
-    w = load_weights(ROOT / "Resources/Weights/metaseg3d.pt")
+    w = load_weights(ROOT / "Resources/Weights/metaseg3d.safetensors")
     net = w.build()
     img = read_image(ROOT / "Resources/Sample/ecog_t1.nii.gz")
 

@@ -1,9 +1,9 @@
 """Accuracy per label-protocol group: per-class Dice and volume error of 3D native scans or 2D slices.
 
 Run by hand (not a test), e.g. on the 2-core CPU:
-  .venv/bin/python benchmarks/eval_groups.py 3d --split validation --weights Resources/Weights/metaseg3d.pt
+  .venv/bin/python benchmarks/eval_groups.py 3d --split validation --weights Resources/Weights/metaseg3d.safetensors
   .venv/bin/python benchmarks/eval_groups.py 2d --split test --pack pack/all.npz
-  .venv/bin/python benchmarks/eval_groups.py 3d --labels structures --weights Resources/Weights/metaseg3d_structures.pt
+  .venv/bin/python benchmarks/eval_groups.py 3d --labels structures --weights Resources/Weights/metaseg3d_structures.safetensors
 3D: each subject's `native_t1.nii.gz` (scanner geometry, registered automatically) through
 `segment_volume`, scored against `native_seg4.nii.gz` on the scan's own voxels.
 2D: slice 109 of the aligned volume: `slice_norm` for the FreeSurfer subjects (the paper's task file),
@@ -97,7 +97,7 @@ def eval_2d(w, net, subject: str, data: Path, pack: Path, seed: int, labels: Lab
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("dims", choices=("2d", "3d"))
-    ap.add_argument("--weights", help="default: Resources/Weights/metaseg{2d,3d}.pt")
+    ap.add_argument("--weights", help="default: Resources/Weights/metaseg{2d,3d}.safetensors")
     ap.add_argument("--split", default="validation")
     ap.add_argument("--subjects", nargs="+", help="instead of --split")
     ap.add_argument("--data", default="../shared/data")
@@ -110,7 +110,7 @@ def main() -> int:
     a = ap.parse_args()
     labels = label_set(a.labels)
     torch.set_num_threads(a.threads)
-    w = load_weights(Path(a.weights or f"Resources/Weights/metaseg{a.dims}.pt"))
+    w = load_weights(Path(a.weights or f"Resources/Weights/metaseg{a.dims}.safetensors"))
     net = w.build()
     subjects = a.subjects or load_splits()[a.split]
     rows = []

@@ -130,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subjects", nargs="+", default=["ws01", "ecog", "oas1-0040", "oas1-0191"])
     ap.add_argument("--data", default="..", help="folder holding shared/data (default: the worktree's parent)")
-    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.pt")
+    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.safetensors")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fits", type=int, default=1, help="fits averaged per scan (3: --quality best)")
     ap.add_argument("--runs", default="seed,regjitter,header,reslice,noise")

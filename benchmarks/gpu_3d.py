@@ -35,7 +35,7 @@ def sync(dev: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="pack/aligned.npz")
-    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.pt")
+    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.safetensors")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--subjects", nargs="+", default=["ecog", "ws01"])
     a = ap.parse_args()

@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--json", default="docs/quality_modes.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    w = load_weights(Path(a.weights or f"Resources/Weights/metaseg{a.dims}.pt"))
+    w = load_weights(Path(a.weights or f"Resources/Weights/metaseg{a.dims}.safetensors"))
     net = w.build()
     subjects = a.subjects or load_splits()["validation"]
     rows = []

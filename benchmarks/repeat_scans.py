@@ -91,7 +91,7 @@ def volumes_ml(labels: sitk.Image) -> Dict[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scan", default="Resources/Sample/ecog_t1.nii.gz")
-    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.pt")
+    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.safetensors")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--fits", type=int, default=1, help="fits averaged per scan (3: --quality best)")

@@ -71,7 +71,8 @@ def main() -> int:
                for k in keys}
     print("mean / worst |ΔV| %: " + ", ".join(f"{k} {v['mean']} / {v['max']}" for k, v in summary.items()))
     with open(a.json, "a") as f:
-        f.write(json.dumps({"rows": rows, "summary": summary, "weights": a.weights or "metaseg3d_structures.pt", "quality": a.quality,
+        f.write(json.dumps({"rows": rows, "summary": summary, "weights": a.weights or "metaseg3d_structures.safetensors",
+                            "quality": a.quality,
                             "machine": f"{platform.machine()}, {a.threads} threads", "torch": torch.__version__,
                             "command": "benchmarks/structures_repeats.py " + " ".join(sys.argv[1:]),
                             "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")

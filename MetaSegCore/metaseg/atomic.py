@@ -146,7 +146,7 @@ def _publish_new(tmp: str, path: Path) -> None:
 def suffix(path: Path) -> str:
     """The extension writers dispatch on (".seg.nrrd" and ".nii.gz" included)."""
     name = path.name.lower()
-    for s in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".json", ".pt"):
+    for s in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".json", ".safetensors"):
         if name.endswith(s):
             return s
     return path.suffix

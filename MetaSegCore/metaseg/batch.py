@@ -49,7 +49,7 @@ from .weights import WeightsError
 
 # a scan's files in OUT/<id>/; the keys are those of the report's "outputs"
 OUTPUT_FILES = {"labels": "labels.nii.gz", "report": "report.json", "preview": "preview.png",
-                "seg_nrrd": "labels.seg.nrrd", "uncertainty": "uncertainty.nii.gz", "inr": "fitted.pt"}
+                "seg_nrrd": "labels.seg.nrrd", "uncertainty": "uncertainty.nii.gz", "inr": "fitted.safetensors"}
 @dataclass(frozen=True)
 class Job:
     scan: Scan

@@ -1,4 +1,4 @@
-"""The `metaseg` command line: segment, batch, reslice, evaluate, prepare, train, info."""
+"""The `metaseg` command line: segment, batch, reslice, evaluate, prepare, train, info, convert-weights."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,7 @@ def _add_train(sub) -> None:
     p.add_argument("--head-prior", action="store_true",
                    help="the head also reads the spatial prior: each class's frequency at the point across the training "
                    "brains (3D; each training brain reads the other brains' prior)")
-    p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.pt) instead of the SIREN "
+    p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.safetensors) or weights file instead of the SIREN "
                    "initialization; with --steps 0 only stage 2 runs (e.g. a new head for the same initialization)")
     p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
     p.add_argument("--fit-batch", type=int, help="coordinates per inner step (2D 2048, 3D 8192)")
@@ -240,7 +240,8 @@ def _add_segment(sub) -> None:
                    help="3D: divide the brain by SimpleITK's N4 bias field before fitting; auto: only when the brain "
                    "was extracted from a whole head (default: %(default)s)")
     p.add_argument("--uncertainty", help="3D: also write the per-voxel entropy of the class probabilities (0 certain .. 1)")
-    p.add_argument("--save-inr", help="3D: save the fitted INR (.pt) for `metaseg reslice`: new planes without refitting")
+    p.add_argument("--save-inr", help="3D: save the fitted INR (.safetensors, ~2 MB) for `metaseg reslice`: new planes "
+                   "without refitting")
     p.add_argument("--live-dir", help="write the labels as they form into this folder (live preview, with --live-every)")
     p.add_argument("--live-every", type=int, default=0, help="steps between live label snapshots (default: off)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
@@ -292,7 +293,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--preview", action="store_true", help="also write <id>/preview.png")
     p.add_argument("--seg-nrrd", action="store_true", help="also write <id>/labels.seg.nrrd (Slicer segmentation)")
     p.add_argument("--uncertainty", action="store_true", help="3D: also write <id>/uncertainty.nii.gz")
-    p.add_argument("--save-inr", action="store_true", help="3D: also write <id>/fitted.pt for `metaseg reslice`")
+    p.add_argument("--save-inr", action="store_true", help="3D: also write <id>/fitted.safetensors for `metaseg reslice`")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps or gpu (default: %(default)s)")
     p.add_argument("--devices", help="one worker process per device, e.g. cuda:0,cuda:1")
     p.add_argument("--jobs", type=int, help="worker processes (default: one per --devices entry, else 1)")
@@ -328,7 +329,7 @@ def _add_reslice(sub) -> None:
         "one-slice image placed on that plane.",
         epilog="exit codes: 0 done, 2 bad input/arguments, 1 unexpected error",
     )
-    p.add_argument("inr", help="fitted INR file (.pt, with its .sha256 beside it)")
+    p.add_argument("inr", help="fitted INR file (.safetensors, with its .sha256 beside it)")
     p.add_argument("-o", "--output", required=True, help="image to write (.nii.gz, .nrrd, ...)")
     p.add_argument("--what", choices=("labels", "probabilities", "intensity"), default="labels",
                    help="what to render (default: %(default)s)")
@@ -465,6 +466,41 @@ def _info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert-weights",
+        help="convert a trusted PyTorch pickle (.pt) of metaseg <= 0.4.0 to the safetensors format",
+        description="MetaSeg no longer opens PyTorch pickle files (.pt): opening one can run any code it holds. "
+        "This converts weights, a fitted INR (--save-inr), or a training run's best_stage1.pt or checkpoint.pt into "
+        "a .safetensors file (with its .sha256). The .pt is unpickled only if its sha256 is that of weights MetaSeg "
+        "shipped, or the one you pass with --sha256 (the hash you trust the file by, e.g. from train.log or a report).",
+        epilog="exit codes: 0 converted, 2 refused or bad arguments",
+    )
+    p.add_argument("old", help="the .pt file")
+    p.add_argument("new", help="the .safetensors file to write")
+    p.add_argument("--sha256", help="the file's sha256, if it is not one of the weights MetaSeg shipped")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_convert)
+
+
+def _convert(a: argparse.Namespace) -> int:
+    from .legacy import convert
+    from .output_paths import check_output
+    from .safefile import WeightsError
+    from .io import InputError
+
+    try:
+        if Path(a.new).exists() and not a.force:
+            raise InputError(f"output {a.new} exists; pass --force to overwrite it")
+        check_output(Path(a.new), "fitted", True, [Path(a.old)], "new")
+        done = convert(Path(a.old), Path(a.new), a.sha256)
+    except (WeightsError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {done['path']} ({done['kind']}, sha256 {done['sha256']})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="metaseg",
@@ -479,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_info(sub)
+    _add_convert(sub)
     return p
 
 

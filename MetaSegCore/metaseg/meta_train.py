@@ -46,6 +46,8 @@ from .preprocess import add_noise, augment_2d, augment_points, grid_coords, norm
 from .segment import segment_array
 from .atomic import write_all
 from .labelsets import LabelSet, label_set as get_label_set
+from .legacy import CHECKPOINT_FORMAT, STAGE1_FORMAT
+from .safefile import dumps_tree, load_tree, loads, loads_tree, pickle_message, read_bytes
 from .weights import FORMAT as WEIGHTS_FORMAT, Weights, WeightsError, load_weights, save_weights
 
 
@@ -87,7 +89,7 @@ class TrainSettings:
     seed: int = 0
     label_set: str = "tissues"  # what the head outputs (metaseg.labelsets): tissues or structures
     splits: str = ""  # a splits JSON like metaseg/splits.json (train/validation lists); "" = the package's
-    init: str = ""  # a best_stage1.pt to start from instead of the SIREN init (with outer_steps 0: stage 2 only)
+    init: str = ""  # a best_stage1.safetensors (or weights file) to start from instead of the SIREN init (with outer_steps 0: stage 2 only)
     device: str = "auto"
     command: str = ""
 
@@ -356,10 +358,13 @@ def _dist_finish() -> None:
 
 
 def meta_train(s: TrainSettings) -> Path:
-    """Run (or resume) stage 1 and stage 2; write `<out_dir>/metaseg.pt` and return its path."""
+    """Run (or resume) stage 1 and stage 2; write `<out_dir>/metaseg.safetensors` and return its path."""
     torch.manual_seed(s.seed)
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "checkpoint.safetensors").exists() and (out / "checkpoint.pt").exists():
+        # a run of metaseg <= 0.4.0: its checkpoint is a pickle, never opened here
+        raise SystemExit(pickle_message(out / "checkpoint.pt", "checkpoint") + "; then rerun to resume")
     log = Log(out / "train.log")
     root = Path(s.data_root)
     splits = load_splits(Path(s.splits)) if s.splits else load_splits()
@@ -379,9 +384,9 @@ def meta_train(s: TrainSettings) -> Path:
     gen = torch.Generator().manual_seed(s.seed)  # draws the task indices (and stage 2's randomness)
     state = {"step": 0, "best": -1.0, "best_step": 0, "head_loaded": True}
 
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / "checkpoint.safetensors"
     if ckpt.exists():
-        c = torch.load(ckpt, map_location=dev, weights_only=True)
+        c = load_tree(ckpt, CHECKPOINT_FORMAT, "training checkpoint")
         old, new = json.loads(c["settings_core"]), json.loads(_core(s))
         differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
         if differ:
@@ -406,11 +411,11 @@ def meta_train(s: TrainSettings) -> Path:
             "gen": gen.get_state(), "state": json.dumps(state), "settings": json.dumps(s.to_dict()),
             "settings_core": _core(s),
         }
-        write_all([(ckpt, lambda tmp: torch.save(blob, tmp))])
+        write_all([(ckpt, lambda tmp: Path(tmp).write_bytes(dumps_tree(blob, CHECKPOINT_FORMAT)))])
 
     def save_best() -> None:
         blob = {"net": net.state_dict(), "log_lr": log_lr.detach().clone()}
-        write_all([(out / "best_stage1.pt", lambda tmp: torch.save(blob, tmp))])
+        write_all([(out / "best_stage1.safetensors", lambda tmp: Path(tmp).write_bytes(dumps_tree(blob, STAGE1_FORMAT)))])
 
     t0 = time.time()
     start = state["step"]
@@ -439,10 +444,10 @@ def meta_train(s: TrainSettings) -> Path:
 
     _dist_finish()
     if not lead:  # stage 2 and the weights are rank 0's
-        return out / "metaseg.pt"
+        return out / "metaseg.safetensors"
     if s.outer_steps == 0:  # ablation: no meta-training, the SIREN init as it is
         save_best()
-    best = torch.load(out / "best_stage1.pt", map_location=dev, weights_only=True)
+    best = load_tree(out / "best_stage1.safetensors", STAGE1_FORMAT, "stage-1 result")
     net.load_state_dict(best["net"])
     log_lr.data.copy_(best["log_lr"])
     test_lr = s.test_log_lr(log_lr)
@@ -480,7 +485,7 @@ def meta_train(s: TrainSettings) -> Path:
     }
     prior = net.prior.to_uint8() if net.prior is not None else None
     w = Weights(s.model, {k: v.cpu() for k, v in net.state_dict().items()}, test_lr.cpu(), card, prior=prior)
-    path = out / "metaseg.pt"
+    path = out / "metaseg.safetensors"
     digest = save_weights(w, path)
     log.write(event="done", path=str(path), sha256=digest, minutes=(time.time() - t0) / 60)
     print(f"\nwrote {path} (sha256 {digest})", file=sys.stderr)
@@ -503,22 +508,24 @@ def build_priors(train: List[LabeledImage], s: TrainSettings, points: TaskPoints
 
 
 def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> bool:
-    """Start from another run's stage-1 result (`best_stage1.pt`) or from a weights file (e.g. the
-    shipped `metaseg3d.pt`, checked by its sha256: fine-tuning on new data). A paper head
+    """Start from another run's stage-1 result (`best_stage1.safetensors`) or from a weights file (e.g. the
+    shipped `metaseg3d.safetensors`, checked by its sha256: fine-tuning on new data). A paper head
     (penultimate features only) becomes this model's wider head (`head_all_layers`,
     `head_intensity`) with zero weights for the new inputs: it starts as the old head, and stage 2
     teaches it the rest. A head for another label set is not loaded: the trunk is, and the head starts
     afresh. A weights file holds the test-time learning rates only, so the inner loop's per-step rates
     keep their initial value (`--inner-lr`) and are meta-learned again. Returns whether the head was loaded."""
     if not path.is_file():
-        raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.pt or a weights file")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and blob.get("format") == WEIGHTS_FORMAT:
-        try:
-            w = load_weights(path)
-        except WeightsError as e:
-            raise SystemExit(f"--init: {e}") from None
-        blob = {"net": w.state, "log_lr": None}
+        raise SystemExit(f"--init: no such file {path}; expected a run's best_stage1.safetensors or a weights file")
+    try:  # a safetensors file (never a pickle: refused with how to convert it), weights or a stage-1 result
+        data = read_bytes(path, "stage-1 or weights", 1 << 30)
+        fmt = loads(data, path, "stage-1 or weights")[1].get("format")
+        if fmt == WEIGHTS_FORMAT:
+            blob = {"net": load_weights(path).state, "log_lr": None}
+        else:
+            blob = loads_tree(data, STAGE1_FORMAT, path, "stage-1 result")
+    except WeightsError as e:
+        raise SystemExit(f"--init: {e}") from None
     state = dict(blob["net"])
     head_shapes = {k: v.shape for k, v in net.state_dict().items() if k.startswith("head.")}
     if state.get("head.2.weight") is not None and state["head.2.weight"].shape != head_shapes["head.2.weight"]:

@@ -19,12 +19,12 @@ SUFFIXES = {
     "segmentation": (".seg.nrrd",),
     "png": (".png",),
     "json": (".json",),
-    "fitted": (".pt",),
+    "fitted": (".safetensors",),
     "pack": (".npz",),
     "table": (".tsv",),
 }
 WHAT = {"image": "an image", "segmentation": "a Slicer segmentation", "png": "a PNG picture",
-        "json": "a JSON file", "fitted": "a fitted INR (.pt)", "pack": "a training pack",
+        "json": "a JSON file", "fitted": "a fitted INR (safetensors)", "pack": "a training pack",
         "table": "a tab-separated table"}
 
 

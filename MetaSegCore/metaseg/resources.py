@@ -8,8 +8,9 @@ from typing import Dict, List
 WEIGHTS_ENV = "METASEG_WEIGHTS_DIR"
 # label set -> the shipped weights file per input dimension; a weights card names its set ("label_set",
 # "tissues" when absent) and carries the set's table (value, name, colour) under "labels"
-LABEL_SETS: Dict[str, Dict[int, str]] = {"tissues": {2: "metaseg2d.pt", 3: "metaseg3d.pt"},
-                                         "structures": {2: "metaseg2d_structures.pt", 3: "metaseg3d_structures.pt"}}
+LABEL_SETS: Dict[str, Dict[int, str]] = {
+    "tissues": {2: "metaseg2d.safetensors", 3: "metaseg3d.safetensors"},
+    "structures": {2: "metaseg2d_structures.safetensors", 3: "metaseg3d_structures.safetensors"}}
 
 
 def weights_dirs() -> List[Path]:

@@ -94,7 +94,7 @@ class Segmentation:
         existing file replaced unless `force` (InputError, before anything is written; a file that appears
         meanwhile is kept: OutputExistsError). `seg_nrrd`: Slicer's segmentation (names, colours, terminology);
         `preview`: PNG; `report`: JSON; `uncertainty` (3D): the entropy map; `brain_mask` (3D): the brain used;
-        `fitted` (3D): the fitted network (.pt) for `metaseg reslice`. Returns the files written, by kind.
+        `fitted` (3D): the fitted network (.safetensors) for `metaseg reslice`. Returns the files written, by kind.
         """
         outputs = Outputs(labels=path, report=report, preview=preview, seg_nrrd=seg_nrrd, uncertainty=uncertainty,
                           inr=fitted, brain_mask=brain_mask, force=force)

@@ -1,13 +1,14 @@
-"""Weights files: tensors + a JSON card, loaded without executing code and checked by sha256.
+"""Weights files: tensors + a JSON card, in a format that cannot run code, checked by sha256.
 
-A file is a `torch.save` of plain tensors and strings, read back with `weights_only=True`
-(no pickle code runs). Next to it, `<file>.sha256` holds the expected hash; a file whose
-hash differs is refused.
+A file is a safetensors file (metaseg/safefile.py): the network's tensors and the learning rates as raw
+tensors, the model card (configuration included) as JSON in the header's metadata. Next to it,
+`<file>.sha256` holds the expected hash; a file whose hash differs is refused. The shipped files' hashes
+are also in their model cards (Resources/Weights/*.md). An old PyTorch pickle (.pt) is refused, never
+unpickled: `metaseg convert-weights` converts a trusted one (metaseg/legacy.py).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +20,14 @@ from .config import ModelConfig
 from .labelsets import TISSUES
 from .fit import FitPlan
 from .atomic import write_all
-from .file_limits import oversize, read_sidecar
 from .model import MetaSegNet
 from .prior import SpatialPrior, coarse_shape
+from .safefile import PickleRefused, WeightsError, check_not_pickle, dumps, loads, metadata_json, read_bytes  # noqa: F401
 
-FORMAT = "metaseg-weights/1"
+FORMAT = "metaseg-weights/2"  # /1 was the torch.save pickle of metaseg <= 0.4.0
+MAX_BYTES = 1 << 30  # a weights file larger than this is refused before it is read
 
 LABELS = TISSUES.card_labels()  # the tissue models' classes (metaseg.labelsets)
-
-
-class WeightsError(ValueError):
-    """A weights file is missing, corrupt, tampered with or of an unknown format."""
 
 
 @dataclass
@@ -41,7 +39,7 @@ class Weights:
     log_lr: torch.Tensor  # (steps, n_inr_tensors) meta-learned log learning rates of the fit
     card: Dict[str, Any] = field(default_factory=dict)
     sha256: Optional[str] = None
-    prior: Optional[torch.Tensor] = None  # uint8 (classes, d, h, w): the spatial prior of a `head_prior` model
+    prior: Optional[torch.Tensor] = None  # uint8 (classes, d, h, w): the spatial prior of a model that reads one
 
     @property
     def spatial_prior(self) -> Optional[SpatialPrior]:
@@ -58,7 +56,7 @@ class Weights:
     def build(self, device: torch.device = torch.device("cpu")) -> MetaSegNet:
         net = MetaSegNet(self.config)
         net.load_state_dict(self.state)
-        net.prior = None if self.spatial_prior is None else self.spatial_prior.to(device)
+        net.prior = None if self.prior is None else self.spatial_prior.to(device)
         return net.to(device).eval()
 
 
@@ -70,86 +68,108 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def checked_writers(blob: Dict[str, Any], path: Path) -> list:
-    """(path, writer) pairs for `io.write_all`: the torch.save'd `blob` and its `.sha256` sidecar.
-
-    The blob is serialized once in memory, so the file and its hash are published together.
-    """
+def checked_writers(data: bytes, path: Path) -> list:
+    """(path, writer) pairs for `io.write_all`: the file's bytes and its `.sha256` sidecar, published together."""
     path = Path(path)
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     return [(path, lambda tmp: Path(tmp).write_bytes(data)),
             (Path(str(path) + ".sha256"), lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n", encoding="utf-8"))]
 
 
-def save_checked(blob: Dict[str, Any], path: Path) -> str:
-    """torch.save `blob` (tensors, strings, numbers only) with a `.sha256` sidecar, atomically; return the hash."""
-    writers = checked_writers(blob, path)
-    write_all(writers)
-    return Path(writers[1][0]).read_text(encoding="utf-8").split()[0]
+def save_checked(data: bytes, path: Path) -> str:
+    """Write `data` with a `.sha256` sidecar, atomically; return the hash."""
+    write_all(checked_writers(data, path))
+    return hashlib.sha256(data).hexdigest()
 
 
-def load_checked(path: Path, fmt: str, expected_sha256: Optional[str] = None, what: str = "weights") -> tuple:
-    """Verify the sha256 (argument or sidecar), load without executing code, check the format: (blob, digest)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{what} file not found: {path}")
-    too_large = oversize(path, what)  # before a byte is read: a padded file is not hashed or loaded whole
-    if too_large:
-        raise WeightsError(too_large)
+def expected_hash(path: Path, expected_sha256: Optional[str]) -> str:
+    """The hash a file must have: the argument, else its `.sha256` sidecar."""
     if expected_sha256 is None:
         side = Path(str(path) + ".sha256")
         if not side.is_file():
             raise WeightsError(f"no checksum for {path}: expected {side.name} beside it (or pass the sha256 explicitly)")
-        expected_sha256 = read_sidecar(side)
-    digest = sha256_of(path)
-    if digest != expected_sha256.lower():
+        words = side.read_text(encoding="utf-8", errors="replace").split()
+        expected_sha256 = words[0] if words else ""
+    return expected_sha256.lower()
+
+
+def load_checked(path: Path, fmt: str, expected_sha256: Optional[str] = None, what: str = "weights",
+                 limit: int = MAX_BYTES) -> tuple:
+    """Read the file once, refuse a pickle, verify the sha256 (argument or sidecar), parse the safetensors and
+    check the format: (tensors, metadata, digest). Nothing in the file is executed."""
+    path = Path(path)
+    data = read_bytes(path, what, limit)
+    check_not_pickle(data, path, what)  # before the hash: a pickle is refused with how to convert it
+    expected = expected_hash(path, expected_sha256)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
         raise WeightsError(
-            f"checksum mismatch for {path}: file has sha256 {digest[:16]}..., expected {expected_sha256[:16]}...; "
+            f"checksum mismatch for {path}: file has sha256 {digest[:16]}..., expected {expected[:16]}...; "
             f"the file is corrupt or was modified: restore the original {what}"
         )
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a hash-valid file that does not parse: wrong kind of file. torch's own text is not
-        # shown: it is many lines, and for a file holding code it advises loading it unsafely
-        raise WeightsError(f"cannot read {what} {path}: it is not a MetaSeg {what} file or it is damaged (it does not "
-                           "load as plain tensors and text; MetaSeg never runs code from a file); restore the "
-                           "original file") from e
-    if not isinstance(blob, dict) or blob.get("format") != fmt:
-        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise WeightsError(f"{path} is not a MetaSeg {what} file (format {found!r}, expected {fmt!r})")
-    return blob, digest
+    tensors, metadata = loads(data, path, what)
+    if metadata.get("format") != fmt:
+        raise WeightsError(f"{path} is not a MetaSeg {what} file (format {metadata.get('format')!r}, expected {fmt!r})")
+    return tensors, metadata, digest
 
 
 def save_weights(w: Weights, path: Path) -> str:
     """Write the file and its `.sha256` sidecar atomically; return the hash."""
+    return save_checked(weights_bytes(w), path)
+
+
+def weights_bytes(w: Weights) -> bytes:
+    """The weights file's content: `state/<name>` tensors, `log_lr`, and the card (with the configuration)
+    as JSON metadata. Every tensor keeps its dtype and shape."""
     card = dict(w.card, config=w.config.to_dict(), format=FORMAT)
-    blob = {
-        "format": FORMAT,
-        "card_json": json.dumps(card, sort_keys=True),
-        "state": {k: v.detach().cpu().contiguous() for k, v in w.state.items()},
-        "log_lr": w.log_lr.detach().cpu().contiguous(),
-    }
+    tensors = {f"state/{k}": v for k, v in w.state.items()}
+    tensors["log_lr"] = w.log_lr
     if w.prior is not None:
-        blob["prior"] = w.prior.detach().cpu().to(torch.uint8).contiguous()
-    return save_checked(blob, path)
+        tensors["prior"] = w.prior.to(torch.uint8)
+    return dumps(tensors, {"format": FORMAT, "card": json.dumps(card, sort_keys=True)})
 
 
 def load_weights(path: Path, expected_sha256: Optional[str] = None) -> Weights:
     """Load and verify a weights file; the expected hash comes from the argument or the sidecar."""
-    blob, digest = load_checked(path, FORMAT, expected_sha256)
+    tensors, metadata, digest = load_checked(path, FORMAT, expected_sha256)
     try:
-        card = json.loads(blob["card_json"])
+        card = metadata_json(metadata, "card", path, "weights")
+        if not isinstance(card, dict):
+            raise ValueError("the card is not a JSON object")
         config = ModelConfig.from_dict(card.pop("config"))
-        w = Weights(config, dict(blob["state"]), blob["log_lr"], card, digest, blob.get("prior"))
+        problem = config_problem(config)
+        if problem:
+            raise ValueError(problem)
+        state = {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}
+        w = Weights(config, state, tensors["log_lr"], card, digest, tensors.get("prior"))
+    except WeightsError:
+        raise
     except Exception as e:
         raise WeightsError(f"cannot read weights {path}: {_what(e)}") from e
     problem = weights_problem(w)
     if problem:
         raise WeightsError(f"weights {path} are damaged or incomplete: {problem}; restore the original weights")
     return w
+
+
+def config_problem(config: ModelConfig, dims: Optional[int] = None) -> Optional[str]:
+    """What makes a configuration read from a file unusable or absurd (checked before any network is built,
+    so a crafted width cannot allocate gigabytes); None if nothing."""
+    if config.in_dim not in (2, 3) or (dims is not None and config.in_dim != dims):
+        return f"the network reads {config.in_dim}D points"
+    if not 1 <= config.width <= 4096 or not 0 <= config.hidden_layers <= 32:
+        return f"the network's size (width {config.width}, {config.hidden_layers} hidden layers) is out of range"
+    if not 2 <= config.n_classes <= 256 or not all(0 <= v <= 255 for v in config.values):
+        return f"the network's classes ({config.n_classes}, values {list(config.values)[:8]}) are out of range 0..255"
+    if not (isinstance(config.omega0, (int, float)) and 0 < config.omega0 < 1e4):
+        return f"the network's omega0 {config.omega0!r} is out of range"
+    return None
+
+
+def expected_state_shapes(config: ModelConfig) -> Dict[str, tuple]:
+    """The tensors a network of `config` has, with their shapes, without allocating them (meta device)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in MetaSegNet(config).state_dict().items()}
 
 
 def weights_problem(w: Weights) -> Optional[str]:
@@ -167,16 +187,19 @@ def weights_problem(w: Weights) -> Optional[str]:
         return f"the card is malformed ({_what(e)})"
     if plan.steps < 1 or plan.batch_size < 1:
         return f"the card's fit plan {plan.to_dict()} has no steps or no batch"
-    if dims not in (2, 3) or dims != w.config.in_dim or len(canvas) != dims or min(canvas) < 1:
+    if dims not in (2, 3) or dims != w.config.in_dim or len(canvas) != dims or min(canvas) < 1 or max(canvas) > 1024:
         return f"the card's input (dims {dims}, canvas {canvas}) does not match a {w.config.in_dim}D network"
     if values != list(w.config.values):
         return f"the card's labels {values} do not match the network's classes {list(w.config.values)}"
-    expected = MetaSegNet(w.config).state_dict()
+    problem = config_problem(w.config)
+    if problem:
+        return problem
+    expected = expected_state_shapes(w.config)
     for name, ref in expected.items():
         got = w.state.get(name)
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != ref:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else "missing"
-            return f"tensor {name} has shape {shape}, expected {tuple(ref.shape)}"
+            return f"tensor {name} has shape {shape}, expected {ref}"
         if not torch.isfinite(got).all():
             return f"tensor {name} holds NaN or infinite values"
     extra = set(w.state) - set(expected)
@@ -188,7 +211,8 @@ def weights_problem(w: Weights) -> Optional[str]:
             return f"the spatial prior has shape {tuple(getattr(w.prior, 'shape', ()))}, expected {want} (uint8)"
     elif w.prior is not None:
         return "the file holds a spatial prior but the network does not read one"
-    n_inr = len(MetaSegNet(w.config).inr_parameter_names())
+    with torch.device("meta"):
+        n_inr = len(MetaSegNet(w.config).inr_parameter_names())
     if not isinstance(w.log_lr, torch.Tensor) or w.log_lr.dim() != 2 or w.log_lr.shape[1] != n_inr \
             or not torch.isfinite(w.log_lr).all():
         return f"the learning rates have shape {tuple(getattr(w.log_lr, 'shape', ()))}, expected (steps, {n_inr}), finite"

@@ -11,7 +11,8 @@
   (MRML); `views`: the slice views of the current layout.
 - `preview`: live labels decoded off the main thread, shown with the final names and colours (MRML).
 - `report`: human-readable text for progress and the run report.
-- `fitted`: the fitted 3D network as text (kept in the scene, saved with it); `segfile`: stable
+- `fitted`: the fitted 3D network as text (an attribute of its segmentation, saved in the scene file),
+  decoded without trusting the scene; `segfile`: stable
   segment IDs (the names) in the core's `.seg.nrrd`.
 """
 import importlib

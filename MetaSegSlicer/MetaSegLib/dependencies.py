@@ -18,12 +18,13 @@ from typing import Iterable, List, Optional, Sequence
 from packaging.requirements import Requirement  # shipped with Slicer's Python
 from packaging.version import InvalidVersion, Version
 
-CORE = ("torch>=2.0", "numpy>=1.21", "SimpleITK>=2.2", "slicerio>=1.0")
+CORE = ("torch>=2.0", "numpy>=1.21", "SimpleITK>=2.2", "slicerio>=1.0", "safetensors>=0.4.3")
 BRAIN = ("deepbet==1.0.2",)  # the core's [brain] extra: brain extraction of whole-head scans
 REQUIREMENTS = CORE + BRAIN
 PURPOSE = {"slicerio": "reads and writes Slicer segmentation files",
            "deepbet": "finds the brain in a whole-head scan (skull present)",
-           "SimpleITK": "reads and writes images", "numpy": "arrays"}
+           "SimpleITK": "reads and writes images", "numpy": "arrays",
+           "safetensors": "reads and writes the network files without running code"}
 
 
 @dataclass(frozen=True)

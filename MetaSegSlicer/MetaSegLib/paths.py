@@ -2,11 +2,11 @@
 
 Installed extension (build or install tree), all beside the module file `MetaSeg.py`:
   qt-scripted-modules/MetaSeg.py
-  qt-scripted-modules/Resources/Weights/metaseg2d.pt (+ .sha256)
+  qt-scripted-modules/Resources/Weights/metaseg2d.safetensors (+ .sha256)
   qt-scripted-modules/metaseg/            the core package (MetaSegCore/CMakeLists.txt)
 Source checkout:
   MetaSegSlicer/MetaSeg.py
-  Resources/Weights/metaseg2d.pt          (repository root)
+  Resources/Weights/metaseg2d.safetensors          (repository root)
   MetaSegCore/metaseg/
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 # (label set, dims) -> shipped weights file (the core's resources.LABEL_SETS, for the module's own lookups)
-WEIGHTS_FILES = {("tissues", 2): "metaseg2d.pt", ("tissues", 3): "metaseg3d.pt",
-                 ("structures", 2): "metaseg2d_structures.pt", ("structures", 3): "metaseg3d_structures.pt"}
+WEIGHTS_FILES = {("tissues", 2): "metaseg2d.safetensors", ("tissues", 3): "metaseg3d.safetensors",
+                 ("structures", 2): "metaseg2d_structures.safetensors",
+                 ("structures", 3): "metaseg3d_structures.safetensors"}
 CORE_PACKAGE = "metaseg"
 
 

@@ -355,7 +355,7 @@ class SegmentProcess(WorkdirProcess):
         self.segmentation_path = workdir / "segmentation.seg.nrrd"
         self.report_path = workdir / "report.json"
         self.live_dir = workdir / "live"
-        self.fitted_path = workdir / "fitted.pt" if self.save_inr else None  # 3D: for cross-sections later
+        self.fitted_path = workdir / "fitted.safetensors" if self.save_inr else None  # 3D: for cross-sections later
         self.uncertainty_path = workdir / "uncertainty.nrrd" if self.uncertainty else None  # 3D: entropy map
         self.brain_mask_path = workdir / "brain_mask.nrrd" if self.brain_mask else None  # 3D: the brain used
 

@@ -100,7 +100,7 @@ def test_save_writes_what_the_command_line_writes_and_never_overwrites(scans, cl
     seg = api_runs[("volume", "path")]
     out = tmp_path / "out"
     files = seg.save(out / "labels.nii.gz", seg_nrrd=out / "s.seg.nrrd", report=out / "r.json",
-                     brain_mask=out / "brain.nii.gz", fitted=out / "fitted.pt")
+                     brain_mask=out / "brain.nii.gz", fitted=out / "fitted.safetensors")
     assert sorted(files) == ["brain_mask", "inr", "labels", "report", "seg_nrrd"]
     assert np.array_equal(_labels(out / "labels.nii.gz"), _labels(cli_runs["volume"] / "labels.nii.gz"))
     ours, cli = (slicerio.read_segmentation(str(d / "s.seg.nrrd")) for d in (out, cli_runs["volume"]))
@@ -108,9 +108,10 @@ def test_save_writes_what_the_command_line_writes_and_never_overwrites(scans, cl
     assert [{k: v for k, v in x.items() if k != "id"} for x in ours["segments"]] == \
         [{k: v for k, v in x.items() if k != "id"} for x in cli["segments"]]  # ids are random UIDs
     np.testing.assert_array_equal(ours["ijkToLPS"], cli["ijkToLPS"])
-    again = metaseg.FittedVolume.load(out / "fitted.pt")
+    again = metaseg.FittedVolume.load(out / "fitted.safetensors")
     plane = metaseg.standard_plane(again.info["reference"], "axial")
-    assert np.array_equal(sitk.GetArrayFromImage(again.reslice(plane)), sitk.GetArrayFromImage(seg.fitted.reslice(plane)))
+    stored, full = (sitk.GetArrayFromImage(v.reslice(plane)) for v in (again, seg.fitted))
+    assert np.mean(stored != full) < 0.003  # stored compactly: float16 parameters, 8-bit image
 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(metaseg.InputError, match="exists; pass --force to overwrite it"):

@@ -154,9 +154,9 @@ def test_existing_output_is_kept_without_force(sample_slice, tiny_weights, tmp_p
 
 
 def test_tampered_weights_are_refused(sample_slice, tiny_weights, tmp_path, capsys):
-    bad = tmp_path / "t.pt"
+    bad = tmp_path / "t.safetensors"
     bad.write_bytes(tiny_weights.read_bytes() + b"x")
-    (tmp_path / "t.pt.sha256").write_text((tiny_weights.parent / "tiny.pt.sha256").read_text(encoding="utf-8"))
+    (tmp_path / "t.safetensors.sha256").write_text((tiny_weights.parent / "tiny.safetensors.sha256").read_text(encoding="utf-8"))
     assert main(["segment", str(sample_slice), "-o", str(tmp_path / "o.nii.gz"), "--weights", str(bad)]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()

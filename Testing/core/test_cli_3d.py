@@ -38,15 +38,15 @@ def with_inf(t: Path) -> Path:
 @pytest.fixture(scope="module")
 def fitted_file(tmp_path_factory) -> Path:
     """A small fitted-INR file (random network) for the reslice cases."""
-    return small_fitted_file(tmp_path_factory.mktemp("inr") / "fitted.pt", mask=False)
+    return small_fitted_file(tmp_path_factory.mktemp("inr") / "fitted.safetensors", mask=False)
 
 
 def tampered(t: Path, fitted_file: Path) -> Path:
     data = bytearray(fitted_file.read_bytes())
     data[200] ^= 1
-    (t / "bad.pt").write_bytes(bytes(data))
-    (t / "bad.pt.sha256").write_text((fitted_file.parent / "fitted.pt.sha256").read_text())
-    return t / "bad.pt"
+    (t / "bad.safetensors").write_bytes(bytes(data))
+    (t / "bad.safetensors.sha256").write_text((fitted_file.parent / "fitted.safetensors.sha256").read_text())
+    return t / "bad.safetensors"
 
 
 SEGMENT_CASES = {
@@ -61,8 +61,8 @@ SEGMENT_CASES = {
     "tiny volume": (lambda t: vol(t, "tiny.nii.gz", brainish((40, 40, 8))), [], "too small"),
     "2D weights on a volume": (lambda t: vol(t, "v.nii.gz", brainish()), ["--weights", str(WEIGHTS_2D)], "are for 2D images but the input is 3D"),
     "mask of another grid": (lambda t: vol(t, "v.nii.gz", brainish()), ["--mask", "MASK"], "does not have the scan's geometry"),
-    "--save-inr not .pt": (lambda t: vol(t, "v.nii.gz", brainish()), ["--save-inr", "OUT/f.nii.gz"], "must be named .pt"),
-    "--save-inr on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--save-inr", "OUT/f.pt"], "needs a 3D volume"),
+    "--save-inr not .safetensors": (lambda t: vol(t, "v.nii.gz", brainish()), ["--save-inr", "OUT/f.nii.gz"], "must be named .safetensors"),
+    "--save-inr on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--save-inr", "OUT/f.safetensors"], "needs a 3D volume"),
     "--uncertainty on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--uncertainty", "OUT/u.nii.gz"], "needs a 3D volume"),
     "--mask on a slice": (lambda t: vol(t, "s.nii.gz", brainish((1, 40, 40))), ["--mask", "MASK"], "--mask needs a 3D volume"),
     "unknown output extension": (lambda t: vol(t, "v.nii.gz", brainish()), ["-o", "OUT/labels.txt"], "an image must be named .nii"),
@@ -96,7 +96,7 @@ RESLICE_CASES = {
     "huge plane": (lambda t, f: f, ["--spacing", "0.002"], "use a larger --spacing"),
     "tampered file": (tampered, [], "checksum mismatch"),
     "weights instead of a fitted INR": (lambda t, f: WEIGHTS_3D, [], "is not a MetaSeg fitted INR file"),
-    "missing file": (lambda t, f: t / "absent.pt", [], "fitted INR file not found"),
+    "missing file": (lambda t, f: t / "absent.safetensors", [], "fitted INR file not found"),
 }
 
 

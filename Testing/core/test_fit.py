@@ -173,16 +173,22 @@ def test_init_from_a_features_only_head_starts_as_that_head(tmp_path, sample_can
     torch.manual_seed(0)
     old = MetaSegNet(SMALL)
     log_lr = _log_lr(old, 3)
-    torch.save({"net": old.state_dict(), "log_lr": log_lr}, tmp_path / "best_stage1.pt")
+    from metaseg.legacy import STAGE1_FORMAT
+    from metaseg.safefile import dumps_tree
+
+    (tmp_path / "best_stage1.safetensors").write_bytes(dumps_tree({"net": old.state_dict(), "log_lr": log_lr}, STAGE1_FORMAT))
     new = MetaSegNet(ModelConfig(width=32, hidden_layers=2, head_intensity=True, head_all_layers=True))
     assert new.head[0].in_features == 3 * 32 + 1
     new_lr = torch.zeros_like(log_lr)
-    load_init(new, new_lr, tmp_path / "best_stage1.pt")
+    load_init(new, new_lr, tmp_path / "best_stage1.safetensors")
     assert torch.equal(new_lr, log_lr)
     with torch.no_grad():
         x, pixels = coords[:100], torch.rand(100)
         assert torch.allclose(new.head(new.head_input(new.features(x), pixels)), old.head(old.features(x)), atol=1e-6)
     with pytest.raises(SystemExit, match="does not fit this model"):
-        load_init(MetaSegNet(ModelConfig(width=16, hidden_layers=2)), new_lr, tmp_path / "best_stage1.pt")
+        load_init(MetaSegNet(ModelConfig(width=16, hidden_layers=2)), new_lr, tmp_path / "best_stage1.safetensors")
     with pytest.raises(SystemExit, match="no such file"):
-        load_init(new, new_lr, tmp_path / "missing.pt")
+        load_init(new, new_lr, tmp_path / "missing.safetensors")
+    torch.save({"net": old.state_dict(), "log_lr": log_lr}, tmp_path / "best_stage1.pt")  # a run of metaseg <= 0.4.0
+    with pytest.raises(SystemExit, match="pickle file.*metaseg convert-weights"):
+        load_init(new, new_lr, tmp_path / "best_stage1.pt")

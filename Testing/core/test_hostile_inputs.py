@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from metaseg import safefile
 from metaseg.atomic import OutputExistsError, write_all
 from metaseg.cli import main
 from metaseg.config import ModelConfig
@@ -37,7 +39,7 @@ def run(args, capsys):
 # ---- 1. a plane that misses the tissue gives background, not a crash ----
 
 def fitted_file(folder: Path) -> Path:
-    return small_fitted_file(folder / "fitted.pt", mask=True)
+    return small_fitted_file(folder / "fitted.safetensors", mask=True)
 
 
 def test_plane_outside_the_tissue_is_background(tmp_path, capsys):
@@ -200,7 +202,7 @@ def test_reslice_checks_its_output_and_never_replaces_its_input(tmp_path, capsys
     assert rc == 2 and "is a file, not a folder" in err
     rc, err = run(["reslice", f, "-o", tmp_path / "p.txt"], capsys)
     assert rc == 2 and "an image must be named" in err
-    assert f.read_bytes() == before and files_in(tmp_path) == ["afile", "fitted.pt", "fitted.pt.sha256"]
+    assert f.read_bytes() == before and files_in(tmp_path) == ["afile", "fitted.safetensors", "fitted.safetensors.sha256"]
 
 
 def test_evaluate_json_is_not_overwritten_without_force(tiny_weights, tmp_path, capsys):
@@ -212,17 +214,20 @@ def test_evaluate_json_is_not_overwritten_without_force(tiny_weights, tmp_path, 
 # ---- 6. malformed-but-hashed files and odd arguments: exit 2 with a message ----
 
 def rehashed_weights(tmp_path: Path, tiny_weights: Path, change) -> Path:
-    blob = torch.load(tiny_weights, weights_only=True)
+    """The tiny weights with `change` applied to {"state", "log_lr", "card"}, written with a matching hash."""
+    tensors, meta = safefile.loads(tiny_weights.read_bytes(), tiny_weights)
+    blob = {"state": {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")},
+            "log_lr": tensors["log_lr"], "card": json.loads(meta["card"])}
     change(blob)
-    path = tmp_path / "bad.pt"
-    save_checked(blob, path)
+    out = {f"state/{k}": v for k, v in blob["state"].items()}
+    out["log_lr"] = blob["log_lr"]
+    path = tmp_path / "bad.safetensors"
+    save_checked(safefile.dumps(out, dict(meta, card=json.dumps(blob["card"]))), path)
     return path
 
 
 def drop_card_key(blob):
-    card = json.loads(blob["card_json"])
-    del card["fit"]
-    blob["card_json"] = json.dumps(card)
+    del blob["card"]["fit"]
 
 
 def wrong_shape(blob):
@@ -247,20 +252,30 @@ def test_hashed_but_malformed_weights(change, message, tiny_weights, tmp_path, c
 
 
 def fitted_variant(tmp_path: Path, change) -> Path:
+    """The small fitted file with `change` applied to (tensors, metadata), written with a matching hash."""
     src = fitted_file(tmp_path)
-    blob = torch.load(src, weights_only=True)
-    change(blob)
-    path = tmp_path / "variant.pt"
-    save_checked(blob, path)
+    tensors, meta = safefile.loads(src.read_bytes(), src)
+    change(tensors, meta)
+    path = tmp_path / "variant.safetensors"
+    save_checked(safefile.dumps(tensors, meta), path)
     return path
 
 
+def _with_config(meta, **change):
+    meta["config"] = json.dumps(dict(json.loads(meta["config"]), **change))
+
+
 FITTED_CASES = {
-    "missing key": (lambda b: b.pop("physical_to_model"), "missing entry 'physical_to_model'"),
-    "wrong tensor shape": (lambda b: b["state"].update({next(iter(b["state"])): torch.zeros(2)}), "has shape (2,)"),
-    "bad mask shape": (lambda b: b.update(mask_shape=torch.tensor([7, 7, 7])), "does not match its"),
-    "NaN affine": (lambda b: b["physical_to_model"].fill_(float("nan")), "not a finite, invertible 4x4"),
-    "no reference grid": (lambda b: b.update(info_json="{}"), "no 'reference' grid"),
+    "missing key": (lambda t, m: t.pop("physical_to_model"), "missing entry 'physical_to_model'"),
+    "wrong tensor shape": (lambda t, m: t.update({next(k for k in t if k.startswith("param/")): torch.zeros(2)}),
+                           "has shape (2,)"),
+    "bad mask shape": (lambda t, m: m.update(mask=json.dumps({"shape": [7, 7, 7]})), "does not hold the 43 bytes"),
+    "mask inflating past its shape": (lambda t, m: t.update({"mask.zlib": torch.frombuffer(bytearray(zlib.compress(
+        b"\xff" * 50_000_000)), dtype=torch.uint8)}), "does not hold the 8,000 bytes"),
+    "absurd mask shape": (lambda t, m: m.update(mask=json.dumps({"shape": [4096, 4096, 4096]})), "not a 3D canvas"),
+    "absurd network width": (lambda t, m: _with_config(m, width=10**7), "out of range"),
+    "NaN affine": (lambda t, m: t["physical_to_model"].fill_(float("nan")), "not a finite, invertible 4x4"),
+    "no reference grid": (lambda t, m: m.update(info="{}"), "no 'reference' grid"),
 }
 
 

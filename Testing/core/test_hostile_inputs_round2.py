@@ -259,7 +259,7 @@ def test_a_second_batch_on_the_same_table_is_refused(tiny_weights, tmp_path, cap
 
 def hostile_cases(t: Path, tiny_weights: Path) -> dict:
     long = "y" * 300
-    fitted = small_fitted_file(t / "fitted.pt", mask=True)
+    fitted = small_fitted_file(t / "fitted.safetensors", mask=True)
     ev = t / "ev" / "s1"
     ev.mkdir(parents=True)
     shutil.copy(SLICE, ev / "slice_norm.nii.gz")

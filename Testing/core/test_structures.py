@@ -28,12 +28,12 @@ PAIRS = ("Cerebral-White-Matter", "Cerebral-Cortex", "Thalamus", "Putamen", "Hip
 
 @pytest.fixture(scope="module")
 def run3d(tmp_path_factory) -> Path:
-    if not (WEIGHTS / "metaseg3d_structures.pt").is_file():
+    if not (WEIGHTS / "metaseg3d_structures.safetensors").is_file():
         pytest.skip("shipped 3D structures weights not built yet")
     out = tmp_path_factory.mktemp("structures3d")
     rc = main(["segment", str(SAMPLE_T1), "-o", str(out / "labels.nii.gz"), "--labels", "structures",
                "--seg-nrrd", str(out / "s.seg.nrrd"), "--report", str(out / "report.json"),
-               "--save-inr", str(out / "fitted.pt"), "--preview", str(out / "preview.png"), "--progress", "none"])
+               "--save-inr", str(out / "fitted.safetensors"), "--preview", str(out / "preview.png"), "--progress", "none"])
     assert rc == 0
     return out
 
@@ -99,13 +99,13 @@ def test_report_gives_structure_volumes_and_tissue_sums(run3d):
 
 def test_reslice_of_a_structures_fit_gives_structure_values(run3d, tmp_path):
     out = tmp_path / "plane.nii.gz"
-    assert main(["reslice", str(run3d / "fitted.pt"), "-o", str(out), "--orientation", "coronal"]) == 0
+    assert main(["reslice", str(run3d / "fitted.safetensors"), "-o", str(out), "--orientation", "coronal"]) == 0
     values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out)))).tolist())
     assert values <= set(STRUCTURES.values) and len(values - {0}) >= 10
 
 
 def test_2d_batch_writes_a_column_per_structure(tmp_path):
-    if not (WEIGHTS / "metaseg2d_structures.pt").is_file():
+    if not (WEIGHTS / "metaseg2d_structures.safetensors").is_file():
         pytest.skip("shipped 2D structures weights not built yet")
     out = tmp_path / "cohort"
     assert main(["batch", str(SAMPLE / "ecog_slice_t1.nii.gz"), "-o", str(out), "--labels", "structures",

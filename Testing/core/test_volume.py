@@ -85,12 +85,19 @@ def test_fitted_volume_save_load_reproduces_labels(native_run, tmp_path):
     scan, res = native_run
     flat = np.flatnonzero(sitk.GetArrayViewFromImage(scan).reshape(-1) > 0)[::97]
     points = voxel_points(scan, flat)
-    path = tmp_path / "fitted.pt"
+    path = tmp_path / "fitted.safetensors"
     res.fitted.save(path)
     again = FittedVolume.load(path)
-    assert np.array_equal(again.query(points), res.fitted.query(points))
-    assert np.array_equal(again.query(points), sitk.GetArrayViewFromImage(res.labels).reshape(-1)[flat])
-    np.testing.assert_allclose(again.query(points, "intensity"), res.fitted.query(points, "intensity"), atol=1e-6)
+    # stored compactly (float16 parameters, 8-bit image: docs/results.md "Stored fitted networks"): the labels
+    # agree with the full-precision network's but for a few boundary voxels (0.08 % on the whole scan)
+    stored = again.query(points)
+    assert np.mean(stored != res.fitted.query(points)) < 0.003
+    assert np.mean(stored != sitk.GetArrayViewFromImage(res.labels).reshape(-1)[flat]) < 0.003
+    np.testing.assert_allclose(again.query(points, "intensity"), res.fitted.query(points, "intensity"), atol=0.02)
+    # and storing what was read back loses nothing more
+    twice = FittedVolume.from_bytes(again.to_bytes())
+    assert np.array_equal(twice.query(points), stored)
+    assert np.array_equal(twice.query(points, "intensity"), again.query(points, "intensity"))
     with open(path, "r+b") as f:  # one flipped byte: refused by the checksum
         f.seek(100)
         b = f.read(1)

@@ -84,7 +84,7 @@ def any_weights(tmp_path_factory) -> Path:
     log_lr = torch.full((plan.steps, len(net.inr_parameter_names())), -7.0)
     card = {"name": "untrained test model", "labels": LABELS,
             "input": {"dims": 2, "canvas": [192, 192]}, "fit": plan.to_dict()}
-    path = tmp_path_factory.mktemp("weights") / "untrained2d.pt"
+    path = tmp_path_factory.mktemp("weights") / "untrained2d.safetensors"
     save_weights(Weights(config, net.state_dict(), log_lr, card), path)
     return path
 
@@ -98,10 +98,10 @@ def fitted_3d(tmp_path_factory) -> Path:
     from mrml_helpers import ROOT, SAMPLE_T1_3D
 
     folder = tmp_path_factory.mktemp("fitted3d")
-    if not (ROOT / "Resources" / "Weights" / "metaseg3d.pt").is_file():
+    if not (ROOT / "Resources" / "Weights" / "metaseg3d.safetensors").is_file():
         pytest.skip("no shipped 3D weights")
     out = subprocess.run([sys.executable, "-m", "metaseg", "segment", str(SAMPLE_T1_3D), "-o", str(folder / "labels.nrrd"),
-                          "--steps", "2", "--save-inr", str(folder / "fitted.pt"), "--progress", "none"],
+                          "--steps", "2", "--save-inr", str(folder / "fitted.safetensors"), "--progress", "none"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    return folder / "fitted.pt"
+    return folder / "fitted.safetensors"

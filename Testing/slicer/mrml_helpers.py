@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "MetaSegSlicer"
 SAMPLE_T1 = ROOT / "Resources" / "Sample" / "ecog_slice_t1.nii.gz"
 SAMPLE_SEG = ROOT / "Resources" / "Sample" / "ecog_slice_seg4.nii.gz"
-SHIPPED_2D = ROOT / "Resources" / "Weights" / "metaseg2d.pt"
+SHIPPED_2D = ROOT / "Resources" / "Weights" / "metaseg2d.safetensors"
 
 
 def load_volume(scene, path: Path, name: str = None, labelmap: bool = False):

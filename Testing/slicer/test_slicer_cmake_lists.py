@@ -47,7 +47,7 @@ def test_shipped_weights_and_sample_are_installed_with_the_module():
         for p in (ROOT / "Resources" / sub).glob("*"):
             if p.is_file() and not p.name.startswith("."):
                 assert f"{sub}/{p.name}" in shared, f"Resources/{sub}/{p.name} is not installed with the module"
-    assert {"Weights/metaseg2d.pt", "Weights/metaseg2d.pt.sha256"} <= shared
+    assert {"Weights/metaseg2d.safetensors", "Weights/metaseg2d.safetensors.sha256"} <= shared
 
 
 def committed_files(folder: Path):

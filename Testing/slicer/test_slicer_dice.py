@@ -15,7 +15,7 @@ DICE_FLOOR = 0.75
 
 
 @pytest.mark.skipif(not SHIPPED_2D.is_file(),
-                    reason="shipped weights Resources/Weights/metaseg2d.pt are not in this checkout")
+                    reason="shipped weights Resources/Weights/metaseg2d.safetensors are not in this checkout")
 def test_mean_foreground_dice_of_sample(scene):
     import slicer
 

@@ -260,11 +260,11 @@ def test_failing_process_is_an_error_not_a_hang(scene, MetaSeg, tmp_path):
     logic = MetaSeg.MetaSegLogic()
     t0 = time.monotonic()
     with pytest.raises(MetaSeg.MetaSegError, match="weights file not found"):
-        logic.segment(volume, device="cpu", steps=1, weights=str(tmp_path / "bogus.pt"), timeout=120)
+        logic.segment(volume, device="cpu", steps=1, weights=str(tmp_path / "bogus.safetensors"), timeout=120)
     assert time.monotonic() - t0 < 60
-    bad = tmp_path / "corrupt.pt"
+    bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(b"not a weights file")
-    (tmp_path / "corrupt.pt.sha256").write_text("0" * 64 + "  corrupt.pt\n")
+    (tmp_path / "corrupt.safetensors.sha256").write_text("0" * 64 + "  corrupt.safetensors\n")
     finished = []
     job = logic.segment(volume, device="cpu", steps=1, weights=str(bad), wait=False, onFinished=finished.append)
     with pytest.raises(MetaSeg.MetaSegError, match="checksum mismatch"):

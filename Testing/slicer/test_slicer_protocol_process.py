@@ -91,13 +91,13 @@ def test_paths_helpers(tmp_path):
     (tmp_path / "Resources" / "Weights").mkdir(parents=True)
     module.mkdir()
     assert paths.find_weights(2, module) is None
-    w = tmp_path / "Resources" / "Weights" / "metaseg2d.pt"
+    w = tmp_path / "Resources" / "Weights" / "metaseg2d.safetensors"
     w.write_bytes(b"x")
-    Path(str(w) + ".sha256").write_text("abc123  metaseg2d.pt\n")
+    Path(str(w) + ".sha256").write_text("abc123  metaseg2d.safetensors\n")
     assert paths.find_weights(2, module) == w and paths.weights_sha256(w) == "abc123"
     (module / "Resources" / "Weights").mkdir(parents=True)
-    (module / "Resources" / "Weights" / "metaseg2d.pt").write_bytes(b"y")  # installed copy wins
-    assert paths.find_weights(2, module) == module / "Resources" / "Weights" / "metaseg2d.pt"
+    (module / "Resources" / "Weights" / "metaseg2d.safetensors").write_bytes(b"y")  # installed copy wins
+    assert paths.find_weights(2, module) == module / "Resources" / "Weights" / "metaseg2d.safetensors"
     assert paths.find_weights(3, module) is None
     assert paths.core_python_path(ROOT / "MetaSegSlicer") == ROOT / "MetaSegCore"
 

@@ -18,7 +18,7 @@ from metaseg.metrics import dice_per_class, foreground_dice
 from common import fit_features_2d, train_head_2d
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
-w = load_weights(Path("Resources/Weights/metaseg2d.pt"))
+w = load_weights(Path("Resources/Weights/metaseg2d.safetensors"))
 net = w.build()
 s = settings_for(2)
 grid = grid_coords(s.canvas)

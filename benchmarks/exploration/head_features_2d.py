@@ -10,7 +10,7 @@ from metaseg.data import load_splits
 from metaseg.preprocess import grid_coords
 from common import fit_features_2d
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
-w = load_weights(Path("Resources/Weights/metaseg2d.pt"))
+w = load_weights(Path("Resources/Weights/metaseg2d.safetensors"))
 net = w.build()
 s = settings_for(2)
 root = Path("../shared/data/brains"); sp = load_splits()

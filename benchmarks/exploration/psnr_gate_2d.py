@@ -4,7 +4,7 @@ from metaseg.weights import load_weights
 from metaseg.data import load_slice, load_splits
 from metaseg.segment import segment_array
 from metaseg.preprocess import normalize_intensity
-w = load_weights(Path("Resources/Weights/metaseg2d.pt")); net = w.build()
+w = load_weights(Path("Resources/Weights/metaseg2d.safetensors")); net = w.build()
 root = Path("../shared/data/brains"); sp = load_splits()
 rng = np.random.default_rng(0)
 for s in sp["train"] + sp["validation"] + sp["test"]:
