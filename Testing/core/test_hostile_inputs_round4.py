@@ -241,20 +241,20 @@ def test_a_malicious_fitted_file_gets_one_line_and_no_unsafe_advice(tmp_path, ca
     torch.save({"format": "metaseg-fitted/1", "state": _Payload(marker)}, evil)
     rc, err = run(["reslice", _with_sidecar(evil), "-o", tmp_path / "out" / "p.nii.gz"], capsys)
     lines = [x for x in err.splitlines() if x.strip()]
-    assert rc == 2 and len(lines) == 1 and "it is not a MetaSeg fitted INR file or it is damaged" in err, err
-    assert "weights_only" not in err and "False" not in err and "torch" not in err.lower()
+    assert rc == 2 and len(lines) == 1 and "no longer opens pickle files" in err, err  # refused unread (issue 25)
+    assert "weights_only" not in err and "False" not in err
     assert not marker.exists() and files_in(tmp_path / "out") == []
     rc, err = run(["info", evil], capsys)  # the weights loader, the same rule
     assert rc == 2 and "weights_only" not in err and len(err.strip().splitlines()) == 1 and not marker.exists()
 
 
 def test_a_padded_fitted_file_is_refused_by_its_size_without_being_read(tmp_path, capsys):
-    padded = small_fitted_file(tmp_path / "padded.pt", mask=True)
+    padded = small_fitted_file(tmp_path / "padded.safetensors", mask=True)
     with open(padded, "r+b") as f:
         f.truncate(1_500_000_000)  # 1.5 GB (sparse: no disk used), its sidecar left as it was
     rc, err = run(["reslice", padded, "-o", tmp_path / "out" / "p.nii.gz"], capsys)
-    assert rc == 2 and "is 1431 MB, more than any MetaSeg fitted INR (128 MB at most)" in err, err
-    assert "it was not read" in err and files_in(tmp_path / "out") == []
+    assert rc == 2 and "has 1,500,000,000 bytes; a MetaSeg fitted INR file has at most" in err, err
+    assert len(err.strip().splitlines()) == 1 and files_in(tmp_path / "out") == []
 
 
 # ---- smaller messages ----

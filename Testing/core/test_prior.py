@@ -7,10 +7,12 @@ import torch
 from metaseg.config import ModelConfig
 from metaseg.fit import FitPlan, adapt, fit
 from metaseg.labelsets import label_set
+from metaseg.legacy import STAGE1_FORMAT
 from metaseg.meta_train import load_init
 from metaseg.model import MetaSegNet
 from metaseg.preprocess import grid_coords
 from metaseg.prior import SpatialPrior, class_fractions, coarse_shape
+from metaseg.safefile import dumps_tree
 from metaseg.weights import Weights, WeightsError, load_weights, save_weights, weights_problem
 from testdata import SAMPLE
 
@@ -79,8 +81,9 @@ def test_init_from_a_head_without_the_prior_starts_as_that_head(tmp_path):
     net, prior, canvas = _prior_net()
     old = MetaSegNet(ModelConfig(in_dim=3, width=16, hidden_layers=1, n_classes=4, head_intensity=True))
     log_lr = torch.zeros(2, len(old.inr_parameter_names()))
-    torch.save({"net": old.state_dict(), "log_lr": log_lr}, tmp_path / "best_stage1.pt")
-    load_init(net, torch.zeros_like(log_lr), tmp_path / "best_stage1.pt")
+    stage1 = tmp_path / "best_stage1.safetensors"
+    stage1.write_bytes(dumps_tree({"net": old.state_dict(), "log_lr": log_lr}, STAGE1_FORMAT))
+    load_init(net, torch.zeros_like(log_lr), stage1)
     net.prior = prior
     x, pixels = grid_coords(canvas)[:100], torch.rand(100)
     with torch.no_grad():
@@ -93,17 +96,17 @@ def test_weights_carry_the_prior_and_refuse_a_missing_one(tmp_path):
     card = {"labels": [{"value": i, "name": f"c{i}", "color": [i, i, i]} for i in range(4)],
             "fit": FitPlan(steps=2, batch_size=64, average_last=1).to_dict(), "input": {"dims": 3, "canvas": list(canvas)}}
     w = Weights(net.config, net.state_dict(), torch.zeros(2, len(net.inr_parameter_names())), card, prior=prior.to_uint8())
-    save_weights(w, tmp_path / "w.pt")
-    back = load_weights(tmp_path / "w.pt")
+    save_weights(w, tmp_path / "w.safetensors")
+    back = load_weights(tmp_path / "w.safetensors")
     assert torch.equal(back.prior, prior.to_uint8())
     assert back.plan.average_last == 1
     built = back.build()
     assert torch.allclose(built.prior.probs, SpatialPrior.from_uint8(prior.to_uint8()).probs)
     w.prior = None
     assert "spatial prior" in weights_problem(w)
-    save_weights(w, tmp_path / "bad.pt")
+    save_weights(w, tmp_path / "bad.safetensors")
     with pytest.raises(WeightsError, match="spatial prior"):
-        load_weights(tmp_path / "bad.pt")
+        load_weights(tmp_path / "bad.safetensors")
 
 
 def test_a_fit_averaged_over_its_last_steps_decodes_the_mean_parameters():
