@@ -531,7 +531,7 @@ class MetaSegJob:
         self._t0 = time.monotonic()
         self._previewNode = None  # hidden node showing the live labels; removed at the end
         self._preview: Optional[PreviewSegments] = None
-        self._reader = LabelReader() if livePreview else None  # decodes snapshot files off the main thread
+        self._reader = LabelReader() if livePreview else None  # the newest snapshot, decoded when polled
         self._polling = False
         self._timer = None
         _RUNNING_JOBS.add(self)  # kept alive until it ends; cancelled and cleaned up at exit
@@ -1001,6 +1001,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         """Block until the process ends; in Slicer the GUI keeps processing events meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while process.returncode is None:
+            process.poll()  # reads its output as it comes: a full pipe must never block the child
             if deadline is not None and time.monotonic() > deadline:
                 process.cancel(grace=0.5)
                 raise MetaSegError(f"the cross-section took more than {timeout} s and was cancelled")

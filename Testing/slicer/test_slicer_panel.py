@@ -316,13 +316,12 @@ def test_the_panel_is_disabled_while_a_cross_section_renders_and_a_closed_scene_
         assert not ui.crossSectionButton.enabled  # nothing left to render
 
 
-def test_labels_reach_the_child_process_command(slicer_core, tmp_path):
+def test_labels_reach_the_child_process(slicer_core, tmp_path):
     from MetaSegLib.process import SegmentProcess
 
     default = SegmentProcess(weights="w.pt", temp_root=str(tmp_path))
-    assert "--labels" not in default.command()  # a core without --labels still runs the tissues
+    assert default.job_settings()["options"]["labels"] == "tissues"
     structures = SegmentProcess(weights="w.pt", labels="structures", temp_root=str(tmp_path))
-    cmd = structures.command()
-    assert cmd[cmd.index("--labels") + 1] == "structures"
+    assert structures.job_settings()["options"]["labels"] == "structures"
     default.cleanup()
     structures.cleanup()
