@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -27,7 +28,7 @@ import slicer
 import vtk
 import vtk.util.numpy_support
 
-from MetaSegLib import dependencies, fitted, frames, paths, planes, rundirs, segfile, views
+from MetaSegLib import dependencies, fitted, frames, paths, planes, refusals, rundirs, segfile, views
 from MetaSegLib.preview import LabelReader, PreviewSegments
 from MetaSegLib.process import ProcessError, ResliceProcess, SegmentProcess, python_executable
 from MetaSegLib.protocol import Event, format_progress, format_seconds
@@ -83,6 +84,7 @@ FITTED_INFO_ATTRIBUTE = "MetaSeg.FittedInfo"  # JSON: the input's voxel spacing 
 CROSS_SECTIONS_ATTRIBUTE = "MetaSeg.CrossSections"  # "1" on results with a fitted network (the selector's filter)
 UNCERTAINTY_REFERENCE = "MetaSeg.Uncertainty"  # node reference: the uncertainty volume of a 3D result
 BRAIN_MASK_SEGMENT = "MetaSeg brain mask"  # segment ID and name of the kept brain mask (hidden)
+MAX_STEPS = 10_000  # the core's metaseg.options.MAX_STEPS (a test checks): more test-time steps are refused
 LIVE_EVERY = {2: 10, 3: 50}  # live-preview interval (steps) per input dimension: overhead <= 10 % (docs/results.md)
 DEVICES = ("auto", "cpu", "gpu")
 LABEL_SETS = ("tissues", "structures")  # `metaseg segment --labels`; what the segments are comes from the result
@@ -127,7 +129,13 @@ if not globals().get("_AT_EXIT_REGISTERED"):  # once per session, not again on r
 
 
 class MetaSegError(RuntimeError):
-    """A run that could not start or did not give a result; the message says why."""
+    """A run that could not start or did not give a result; the message says why, in the panel's words.
+    `failure` (MetaSegLib.refusals.Failure) adds the technical details and what the panel offers
+    (e.g. "Segment anyway": `segment(..., acceptPoorMatch=True)` from the console)."""
+
+    def __init__(self, message: str, failure: Optional["refusals.Failure"] = None):
+        super().__init__(message)
+        self.failure = failure if failure is not None else refusals.local(str(message))
 
 
 class MetaSegCancelled(MetaSegError):
@@ -219,9 +227,9 @@ def registerSampleData() -> bool:
 # Parameter node (Slicer application only)
 #
 if HAVE_GUI:
-    from typing import Annotated
+    from typing import Annotated, Union
 
-    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+    from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
     # Every field is bound to a widget of MetaSeg.ui (its SlicerParameterName) under the rules of
@@ -235,13 +243,14 @@ if HAVE_GUI:
         outputSegmentation: vtkMRMLSegmentationNode  # None: create a new segmentation
         device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
         labels: Annotated[str, Choice(["tissues", "structures"])] = "tissues"
-        steps: Annotated[int, WithinRange(0, 100000)] = 0  # 0: the weights' own number of steps
+        steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the weights' own number of steps; the core's MAX_STEPS
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
         keepLabelmap: bool = False
         livePreview: bool = False
         uncertainty: bool = False
         surfaces: bool = False
         brainExtraction: Annotated[str, Choice(["auto", "on", "off"])] = "auto"  # 3D
+        brainMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]  # 3D: None = find the brain
         keepBrainMask: bool = False
         quality: Annotated[str, Choice(["fast", "best"])] = "fast"  # 3D: best = 3 fits averaged
         crossSectionSegmentation: vtkMRMLSegmentationNode  # a 3D MetaSeg result with a fitted network
@@ -267,6 +276,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._busy = None  # what pumps events right now ("install", "render"): the panel is disabled meanwhile
+        self._anywayFor = None  # ID of the input last refused as a poor match: "Segment anyway" is offered for it
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -278,11 +288,13 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # the selector lists the segmentations that carry a fitted network (any MetaSeg 3D result)
         self.ui.crossSectionSegmentationSelector.addAttribute("vtkMRMLSegmentationNode", CROSS_SECTIONS_ATTRIBUTE, "1")
         self.ui.progressBar.hide()
+        self.ui.segmentAnywayButton.hide()
         self.updateSliceViews()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.segmentAnywayButton.connect("clicked(bool)", self.onSegmentAnywayButton)
         self.ui.crossSectionButton.connect("clicked(bool)", self.onCrossSectionButton)
         manager = layoutManager()
         if manager is not None:
@@ -373,6 +385,10 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             w.enabled = idle
         result = pn.crossSectionSegmentation if pn else None
         self.ui.crossSectionButton.enabled = idle and self.logic.hasFittedNetwork(result)
+        # "Segment anyway" stays offered, after a refusal as a poor match, for that input only
+        anyway = idle and ok and volume is not None and volume.GetID() == self._anywayFor
+        self.ui.segmentAnywayButton.visible = anyway
+        self.ui.segmentAnywayButton.enabled = anyway
         if self._busy == "install":
             self.ui.segmentButton.text = _("Segment")
             self.ui.segmentButton.enabled = False
@@ -396,6 +412,14 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling…")
             self._job.cancel()
             return
+        self._startSegmentation()
+
+    def onSegmentAnywayButton(self) -> None:
+        """Segment the input that was refused as a poor match, this once."""
+        if self._job is None and self._busy is None:
+            self._startSegmentation(acceptPoorMatch=True)
+
+    def _startSegmentation(self, acceptPoorMatch: bool = False) -> None:
         if self._busy is not None or self._job is not None:  # a click delivered while events are pumped
             return
         pn = self._parameterNode
@@ -407,20 +431,55 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             question = _("Replace all segments of '{name}' with the MetaSeg result?").format(name=output.GetName())
             if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("MetaSeg")):
                 return
+        self._anywayFor = None
+        failure = None
         with slicer.util.tryWithErrorDisplay(_("MetaSeg could not start."), waitCursor=True):
-            self._job = self.logic.segment(
-                pn.inputVolume, device=pn.device, labels=pn.labels, steps=pn.steps or None, seed=pn.seed,
-                wait=False, outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
-                uncertainty=pn.uncertainty, surfaces=pn.surfaces, brainExtraction=pn.brainExtraction,
-                keepBrainMask=pn.keepBrainMask, quality=pn.quality, onProgress=self.onJobProgress,
-                onFinished=self.onJobFinished)
-            # events arrive from the job's timer, after this method returns
-            self.ui.reportText.plainText = ""
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.setFormat(_("starting…"))
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Starting the MetaSeg process…")
+            try:
+                self._job = self.logic.segment(
+                    pn.inputVolume, device=pn.device, labels=pn.labels, steps=pn.steps or None, seed=pn.seed,
+                    wait=False, outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
+                    uncertainty=pn.uncertainty, surfaces=pn.surfaces, brainExtraction=pn.brainExtraction,
+                    keepBrainMask=pn.keepBrainMask, quality=pn.quality, brainMask=pn.brainMask,
+                    acceptPoorMatch=acceptPoorMatch, onProgress=self.onJobProgress, onFinished=self.onJobFinished)
+            except MetaSegError as e:  # refused before it started (a setting, a missing file): in the panel's words
+                failure = e.failure
+            else:  # events arrive from the job's timer, after this method returns
+                self.ui.reportText.plainText = ""
+                self.ui.progressBar.value = 0
+                self.ui.progressBar.setFormat(_("starting…"))
+                self.ui.progressBar.show()
+                self.ui.statusLabel.text = (_("Starting the MetaSeg process (segmenting anyway)…") if acceptPoorMatch
+                                            else _("Starting the MetaSeg process…"))
+        if failure is not None:
+            self._showFailure(failure, _("MetaSeg could not start"))
         self.updateGUI()
+
+    def _showFailure(self, failure: "refusals.Failure", title: str) -> bool:
+        """Show a failure: its text in the status line, and a dialog (not in testing mode and not without a main
+        window, as slicer.util.errorDisplay does) with the technical details behind "Show Details..." and, for a
+        refusal as a poor match, a "Segment anyway" button. True when that button was pressed."""
+        self.ui.statusLabel.text = failure.text
+        if refusals.SHOW_ADVANCED in failure.actions:
+            self.ui.advancedCollapsibleButton.collapsed = False
+        app = getattr(slicer, "app", None)
+        if app is None or app.testingEnabled() or slicer.util.mainWindow() is None:
+            return False
+        import ctk
+
+        box = ctk.ctkMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle(title)
+        box.setIcon(qt.QMessageBox.Warning)
+        box.setText(failure.text)
+        if failure.details:
+            box.setDetailedText(failure.details)
+        anyway = None
+        if refusals.SEGMENT_ANYWAY in failure.actions:
+            anyway = box.addButton(_("Segment anyway"), qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Close)
+        box.setDefaultButton(qt.QMessageBox.Close)
+        box.deleteLater()
+        box.exec_()
+        return anyway is not None and box.clickedButton() == anyway
 
     def _ensureDependencies(self) -> bool:
         """Install what is missing after confirmation; False (with the reason shown) if not ready."""
@@ -444,15 +503,25 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = "render"  # the render pumps events while its process runs: the panel is disabled
         self.updateGUI()
         try:
+            # Expected outcomes are handled inside: tryWithErrorDisplay shows a dialog for any exception that
+            # leaves the block, before an outer handler could catch it.
             with slicer.util.tryWithErrorDisplay(_("MetaSeg could not render the cross-section."), waitCursor=True):
-                sliceNode = views.slice_node(layoutManager(), view)
-                node = self.logic.crossSection(pn.crossSectionSegmentation, sliceNode, pn.superResolution,
-                                               pn.crossSectionWhat)
+                try:
+                    sliceNode = views.slice_node(layoutManager(), view)
+                    node = self.logic.crossSection(pn.crossSectionSegmentation, sliceNode, pn.superResolution,
+                                                   pn.crossSectionWhat)
+                except MetaSegCancelled as e:  # the scene was closed meanwhile: nothing to show, nothing to report
+                    self.ui.statusLabel.text = str(e)
+                    return
+                except MetaSegError as e:
+                    self._showFailure(e.failure, _("MetaSeg could not render the cross-section"))
+                    return
+                except ValueError as e:  # the view is not in the layout (anymore): views.slice_node says what to do
+                    self._showFailure(refusals.local(str(e)), _("MetaSeg could not render the cross-section"))
+                    return
                 dims = node.GetImageData().GetDimensions()
                 self.ui.statusLabel.text = _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit.").format(
                     name=node.GetName(), w=dims[0], h=dims[1], s=node.GetSpacing()[0])
-        except MetaSegCancelled as e:  # the scene was closed meanwhile: nothing to show, nothing to report
-            self.ui.statusLabel.text = str(e)
         finally:
             self._busy = None
             self.updateGUI()
@@ -484,9 +553,14 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif job.state == "cancelled":
             self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
         else:
-            self.ui.statusLabel.text = _("Failed.")
-            self.ui.reportText.plainText = job.error or ""
-            slicer.util.errorDisplay(_("MetaSeg failed:\n{error}").format(error=job.error), windowTitle=_("MetaSeg"))
+            failure = job.failure or refusals.local(job.error or _("MetaSeg failed."))
+            self.ui.reportText.plainText = failure.text
+            if refusals.SEGMENT_ANYWAY in failure.actions:
+                self._anywayFor = job.volumeNode.GetID()
+            self.updateGUI()
+            if self._showFailure(failure, _("MetaSeg: nothing was segmented")) and self._anywayFor is not None:
+                self._startSegmentation(acceptPoorMatch=True)
+                return
         self.updateGUI()
 
 
@@ -521,7 +595,8 @@ class MetaSegJob:
         self.onProgress = onProgress
         self.onFinished = onFinished
         self.state = "running"
-        self.error: Optional[str] = None
+        self.error: Optional[str] = None  # the failure's text (as the panel words it)
+        self.failure: Optional[refusals.Failure] = None  # the text, the technical details, what the panel offers
         self.report: Dict[str, Any] = {}
         self.warnings: List[str] = []
         self.device: Optional[str] = None
@@ -566,7 +641,8 @@ class MetaSegJob:
         except Exception as e:  # a failure in our own MRML work must end the job, not leave it hanging
             logging.exception("MetaSeg: error while following the process")
             self.process.cancel(grace=0.5)
-            self._finish(error=f"{type(e).__name__}: {e}")
+            self._finish(failure=refusals.local(_("MetaSeg could not show the run's progress: {error}").format(
+                error=f"{type(e).__name__}: {e}"), traceback.format_exc()))
         finally:
             self._polling = False
         return self.running
@@ -621,27 +697,31 @@ class MetaSegJob:
         if self.state == "cancelled":
             raise MetaSegCancelled("the segmentation was cancelled")
         if self.state == "failed":
-            raise MetaSegError(self.error)
+            raise MetaSegError(self.error, self.failure)
         return self.segmentationNode
 
     # ---------------------------------------------------------------- finish
-    def _finish(self, error: Optional[str] = None) -> None:
+    def _finish(self, failure: Optional[refusals.Failure] = None) -> None:
         try:
-            if error is None and self.state == "cancelling":
+            if failure is None and self.state == "cancelling":
                 self.state = "cancelled"
-            elif error is None and (self.process.cancelled or self.process.returncode == 3):
+            elif failure is None and (self.process.cancelled or self.process.returncode == 3):
                 self.state = "cancelled"
             else:
-                error = error or dependencies.for_gui(self.process.error_message())
-                if error is None:
+                if failure is None:
+                    reported = self.process.failure()  # the core's error event, or how the process ended
+                    failure = refusals.explain(reported) if reported is not None else None
+                if failure is None:
                     try:
                         self._loadResult()
                         self.state = "done"
                     except Exception as e:
                         logging.exception("MetaSeg: could not load the result")
-                        error = f"could not load the result: {e}"
-                if error is not None:
-                    self.state, self.error = "failed", error
+                        failure = refusals.local(_("MetaSeg could not add the result to the scene: {error}").format(
+                            error=e), traceback.format_exc())
+                if failure is not None:
+                    self.state, self.error, self.failure = "failed", failure.text, failure
+                    logging.error("MetaSeg: %s%s", failure.text, f"\n{failure.details}" if failure.details else "")
             if self.state != "done":
                 self._removePreview()
         finally:
@@ -838,7 +918,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 livePreview: bool = False, liveEvery: Optional[int] = None,
                 onProgress: Optional[Callable[[Event], None]] = None,
                 onFinished: Optional[Callable[[MetaSegJob], None]] = None,
-                timeout: Optional[float] = None):
+                timeout: Optional[float] = None, brainMask=None, acceptPoorMatch: bool = False):
         """Segment `volumeNode` into one segment per label; segment IDs are the segments' names, so a
         re-run on the same input (into a new or the same output) gives the same IDs.
 
@@ -864,6 +944,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
           Default interval: LIVE_EVERY for the input's dimension, measured to slow the fit by <= 10 %.
         :param onProgress: called with each protocol Event (stage, progress, labels, warning).
         :param onFinished: called with the job once it is done, failed or cancelled.
+        :param brainMask: 3D: the brain of this scan (a labelmap volume, nonzero = brain; or a segmentation: its
+          BRAIN_MASK_SEGMENT, else all of its segments), in any geometry and under any linear transform: it is
+          resampled onto the input's grid. Voxels outside are ignored and no brain extraction is done.
+        :param acceptPoorMatch: segment even an input refused as not matching the model (the panel's
+          "Segment anyway"); the result is then likely wrong.
+        A refusal raises MetaSegError (wait=True) or ends the job "failed"; its `failure` says what to do.
         """
         self._checkInput(volumeNode, outputSegmentation)
         if str(device).lower() not in DEVICES and not str(device).lower().startswith(("cuda", "mps")):
@@ -876,7 +962,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError(f"quality must be fast or best (got {quality!r})")
         if labels not in LABEL_SETS:
             raise MetaSegError(f"labels must be one of {', '.join(LABEL_SETS)} (got {labels!r})")
+        if steps is not None and int(steps) > MAX_STEPS:
+            raise MetaSegError(_("Test-time steps can be at most {n} (0 uses the number the model was trained "
+                                 "with).").format(n=MAX_STEPS))
         dims = self.inputDimension(volumeNode)
+        if brainMask is not None:
+            self._checkBrainMask(brainMask, volumeNode, dims, brainExtraction)
         if weights is None:
             weights = self.weightsPath(dims, labels)
             if weights is None:
@@ -898,12 +989,18 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                                      brain_extraction=brainExtraction if dims == 3 else "auto",
                                      brain_mask=keepBrainMask and dims == 3,
                                      quality=quality if dims == 3 else "fast", labels=labels,
+                                     accept_poor_match=bool(acceptPoorMatch), mask=brainMask is not None,
                                      python_path=[str(corePath)], temp_root=str(self.runRoot))
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
         try:
             self._exportVolume(volumeNode, process.input_path)
+            if brainMask is not None:
+                self._exportBrainMask(brainMask, volumeNode, process.mask_path)
             process.start()
+        except MetaSegError:
+            process.cleanup()
+            raise
         except Exception as e:
             process.cleanup()
             raise MetaSegError(f"could not start MetaSeg: {e}") from e
@@ -976,9 +1073,10 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         try:
             process.start()
             self._waitForProcess(process, timeout)
-            error = process.error_message()
-            if error is not None:
-                raise MetaSegError(error)
+            reported = process.failure()
+            if reported is not None:
+                failure = refusals.explain(reported, what=_("render the cross-section"))
+                raise MetaSegError(failure.text, failure)
             if segmentationNode.GetScene() is None:  # the scene was closed while the process ran
                 raise MetaSegCancelled("the scene was closed: the cross-section was not added")
             node = self._loadPlane(process.output_path, segmentationNode, sliceNode, what, info,
@@ -1119,6 +1217,81 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 frames.between(volumeNode, outputSegmentation)
             except frames.FrameError as e:
                 raise MetaSegError(f"cannot place the result in '{outputSegmentation.GetName()}': {e}") from e
+
+    @staticmethod
+    def _checkBrainMask(maskNode, volumeNode, dims: int, brainExtraction: str) -> None:
+        """A brain mask the run can use, or MetaSegError in the panel's words."""
+        if not (maskNode.IsA("vtkMRMLLabelMapVolumeNode") or maskNode.IsA("vtkMRMLSegmentationNode")):
+            raise MetaSegError(_("The brain mask must be a labelmap volume or a segmentation."))
+        if maskNode.GetScene() is not volumeNode.GetScene():
+            raise MetaSegError(_("The brain mask is not in the input volume's scene."))
+        if dims != 3:
+            raise MetaSegError(refusals.explain({"reason": "needs_3d", "facts": {"option": "--mask"}}).text)
+        if brainExtraction == "on":
+            raise MetaSegError(refusals.explain({"reason": "mask_and_extraction"}).text)
+        if maskNode.IsA("vtkMRMLSegmentationNode") and maskNode.GetSegmentation().GetNumberOfSegments() == 0:
+            raise MetaSegError(_("The brain mask '{name}' has no segment.").format(name=maskNode.GetName()))
+        if maskNode.IsA("vtkMRMLLabelMapVolumeNode") and maskNode.GetImageData() is None:
+            raise MetaSegError(_("The brain mask '{name}' has no image data.").format(name=maskNode.GetName()))
+        try:
+            frames.between(maskNode, volumeNode)
+        except frames.FrameError as e:
+            raise MetaSegError(_("The brain mask cannot be placed on the input volume: {error}").format(error=e)) from e
+
+    @staticmethod
+    def _exportBrainMask(maskNode, volumeNode, path: Path) -> None:
+        """Write the brain mask onto the input volume's own grid (its voxels, in its untransformed frame: where the
+        exported input lies) as a labelmap file, nonzero = brain. A labelmap volume counts where it is nonzero; a
+        segmentation by its BRAIN_MASK_SEGMENT (a MetaSeg result's kept mask) or else all of its segments. Done in
+        a private scene: the user's nodes are only read."""
+        private = slicer.vtkMRMLScene()
+        work = private.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation = work.GetSegmentation()
+        labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+        if maskNode.IsA("vtkMRMLSegmentationNode"):
+            source = maskNode.GetSegmentation()
+            segmentation.DeepCopy(source)
+            keep = [BRAIN_MASK_SEGMENT] if source.GetSegment(BRAIN_MASK_SEGMENT) is not None else \
+                list(source.GetSegmentIDs())
+            for segmentId in list(segmentation.GetSegmentIDs()):
+                if segmentId not in keep:
+                    segmentation.RemoveSegment(segmentId)
+            if not work.CreateBinaryLabelmapRepresentation():
+                raise MetaSegError(_("The brain mask '{name}' cannot be turned into voxels.").format(
+                    name=maskNode.GetName()))
+            work.SetSourceRepresentationToBinaryLabelmap()
+            toVolume = frames.between(maskNode, volumeNode)
+        else:
+            # the labelmap's voxels in world coordinates (its parent transform applied), as 0/1
+            image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(maskNode)
+            scalars = image.GetPointData().GetScalars()
+            inside = (vtk.util.numpy_support.vtk_to_numpy(scalars) > 0).astype(np.uint8)
+            image.GetPointData().SetScalars(vtk.util.numpy_support.numpy_to_vtk(
+                inside, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+            segment = slicer.vtkSegment()
+            segment.SetName("brain")
+            segment.AddRepresentation(labelmapName, image)
+            segmentation.AddSegment(segment, "brain")
+            toVolume = frames.world_to_local(volumeNode)
+        if not np.allclose(toVolume, np.eye(4)):
+            transform = vtk.vtkTransform()
+            transform.SetMatrix(frames.to_vtk(toVolume))
+            segmentation.ApplyLinearTransform(transform)
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)  # the input's own grid, without its parent transform
+        converter = slicer.vtkSegmentationConverter
+        segmentation.SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                                            converter.SerializeImageGeometry(ijkToRas, volumeNode.GetImageData()))
+        labelmap = private.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+                work, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise MetaSegError(_("The brain mask '{name}' could not be placed on the input's grid.").format(
+                name=maskNode.GetName()))
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(False)
+        if not storage.WriteData(labelmap) or not Path(path).is_file():
+            raise MetaSegError(f"could not write the brain mask to {path}")
 
     # ----------------------------------------------------------- MRML glue
     @staticmethod

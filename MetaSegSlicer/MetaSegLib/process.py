@@ -32,6 +32,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 EXIT_CANCELLED = 3  # the core's exit code for a cancelled run (metaseg/pipeline.py)
 IS_WINDOWS = os.name == "nt"
 READ_CHUNK = 65536
+# What CTK's launcher (PythonSlicer) prints when the interpreter it started crashed (ctkAppLauncher.cpp); it then
+# exits with code 1.
+LAUNCHER_CRASH = re.compile(r"^error: \[.*\] exit abnormally")
 
 
 class ProcessError(RuntimeError):
@@ -511,7 +515,25 @@ class ResliceProcess(WorkdirProcess):
         rc = self.returncode
         if rc == 0 and not self._cancelled:
             return None if self.output_path.is_file() else "The MetaSeg process wrote no cross-section."
-        core = [line[len("error: "):] for line in self._stderr if line.startswith("error: ")]
+        core = self._core_errors()
         if core and not self._cancelled:
             return core[-1]
         return super().error_message()
+
+    def _core_errors(self) -> List[str]:
+        """The core's `error: ...` lines; not the launcher's own "error: [python-real] exit abnormally" of a crash."""
+        return [line[len("error: "):] for line in self._stderr
+                if line.startswith("error: ") and not LAUNCHER_CRASH.match(line)]
+
+    def failure(self) -> Optional[Dict[str, Any]]:
+        """As JsonLinesProcess.failure; `reslice` sends no events: its `error: ...` line is the core's message."""
+        rc = self.returncode
+        if rc is None or self._cancelled:
+            return None
+        if rc == 0:
+            return None if self.output_path.is_file() else {"message": "The MetaSeg process wrote no cross-section.",
+                                                            "crash": True, "details": self.stderr_tail(60)}
+        core = self._core_errors()
+        if core:
+            return {"message": core[-1]}
+        return super().failure()
