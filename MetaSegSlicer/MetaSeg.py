@@ -28,7 +28,7 @@ import slicer
 import vtk
 import vtk.util.numpy_support
 
-from MetaSegLib import dependencies, fitted, frames, paths, planes, refusals, rundirs, segfile, views
+from MetaSegLib import dependencies, fitted, frames, install, paths, planes, refusals, rundirs, segfile, views
 from MetaSegLib.preview import LabelReader, PreviewSegments
 from MetaSegLib.process import ProcessError, ResliceProcess, SegmentProcess, python_executable
 from MetaSegLib.protocol import Event, format_progress, format_seconds
@@ -277,6 +277,8 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._busy = None  # what pumps events right now ("install", "render"): the panel is disabled meanwhile
         self._anywayFor = None  # ID of the input last refused as a poor match: "Segment anyway" is offered for it
+        self._install = None  # the running InstallJob (the first Segment click on a fresh Slicer)
+        self._installState = {}
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -322,6 +324,10 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _stopJob(self) -> None:
         """Cancel the running job and detach it from this widget; it still finishes and cleans up on its own."""
+        installing, self._install = self._install, None
+        if installing is not None:
+            installing.onProgress = installing.onFinished = None
+            installing.cancel()
         job, self._job = self._job, None
         if job is not None:
             job.onProgress = job.onFinished = None
@@ -390,9 +396,9 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentAnywayButton.visible = anyway
         self.ui.segmentAnywayButton.enabled = anyway
         if self._busy == "install":
-            self.ui.segmentButton.text = _("Segment")
-            self.ui.segmentButton.enabled = False
-            self.ui.segmentButton.toolTip = _("Installing the Python packages MetaSeg needs…")
+            self.ui.segmentButton.text = _("Cancel")
+            self.ui.segmentButton.enabled = True
+            self.ui.segmentButton.toolTip = _("Stop installing the Python packages MetaSeg needs")
         elif self._busy is not None:
             self.ui.segmentButton.text = _("Segment")
             self.ui.segmentButton.enabled = False
@@ -408,6 +414,10 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- running
     def onSegmentButton(self) -> None:
+        if self._install is not None and self._install.running:
+            self.ui.statusLabel.text = _("Cancelling the installation…")
+            self._install.cancel()
+            return
         if self._job is not None and self._job.running:
             self.ui.statusLabel.text = _("Cancelling…")
             self._job.cancel()
@@ -424,7 +434,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         pn = self._parameterNode
         # Dialogs (install confirmations, replace?) without the wait cursor; the button is disabled meanwhile.
-        if not self._ensureDependencies():
+        if not self._ensureDependencies(acceptPoorMatch):
             return
         output = pn.outputSegmentation
         if output is not None:
@@ -481,19 +491,58 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         box.exec_()
         return anyway is not None and box.clickedButton() == anyway
 
-    def _ensureDependencies(self) -> bool:
-        """Install what is missing after confirmation; False (with the reason shown) if not ready."""
-        self._busy = "install"
-        self.updateGUI()
+    def _ensureDependencies(self, acceptPoorMatch: bool = False) -> bool:
+        """True when every package the core needs is installed. Otherwise, after one confirmation that lists what
+        is installed and about how much it downloads, the install starts in the panel (progress bar, status line,
+        Cancel) and the segmentation follows it by itself; False meanwhile, and when something stands in the way."""
         try:
-            with slicer.util.tryWithErrorDisplay(_("MetaSeg could not install its Python packages.")):
-                if self.logic.installDependencies(askConfirmation=True):
-                    return True
+            steps = self.logic.installPlan()
+        except MetaSegError as e:  # a package in an unsuitable version: what to do
+            self._showFailure(e.failure, _("MetaSeg needs other Python packages"))
+            return False
+        if not steps:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(install.describe_plan(steps), windowTitle=_("MetaSeg")):
             self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
             return False
-        finally:
-            self._busy = None
+        self._installState = {}
+        self._busy = "install"
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setFormat(_("installing…"))
+        self.ui.progressBar.show()
+        self._install = self.logic.startInstall(
+            steps, onProgress=self.onInstallProgress,
+            onFinished=lambda job: self.onInstallFinished(job, acceptPoorMatch))
+        self.updateGUI()
+        return False
+
+    def onInstallProgress(self, step, event) -> None:
+        text, fraction = install.progress_text(step, event, self._installState)
+        index = self._install.index if self._install is not None else 0
+        total = len(self._install.steps) if self._install is not None else 1
+        self.ui.statusLabel.text = (f"({index + 1}/{total}) " if total > 1 else "") + text
+        if fraction is not None:
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.value = int(round(100 * fraction))
+            self.ui.progressBar.setFormat("%p%")
+        elif event.get("what") in ("downloading", "collecting", "starting", "installing"):
+            self.ui.progressBar.setRange(0, 0)  # busy: pip says what, not how far (pip before 24.1)
+
+    def onInstallFinished(self, job, acceptPoorMatch: bool) -> None:
+        self._install, self._busy = None, None
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.hide()
+        importlib.invalidate_caches()
+        if job.state == "done":
+            self.ui.statusLabel.text = _("Python packages installed.")
             self.updateGUI()
+            self._startSegmentation(acceptPoorMatch)
+            return
+        if job.state == "cancelled":
+            self.ui.statusLabel.text = _("Installation cancelled: segmentation not started.")
+        else:
+            self._showFailure(job.failure, _("MetaSeg could not install its Python packages"))
+        self.updateGUI()
 
     def onCrossSectionButton(self) -> None:
         if self._busy is not None or (self._job is not None and self._job.running):
@@ -608,6 +657,7 @@ class MetaSegJob:
         self._preview: Optional[PreviewSegments] = None
         self._reader = LabelReader() if livePreview else None  # the newest snapshot, decoded when polled
         self._polling = False
+        self._ended = False  # _finish has run (its callback may still raise: poll must not finish twice)
         self._timer = None
         _RUNNING_JOBS.add(self)  # kept alive until it ends; cancelled and cleaned up at exit
 
@@ -639,6 +689,9 @@ class MetaSegJob:
             if self.process.finished:
                 self._finish()
         except Exception as e:  # a failure in our own MRML work must end the job, not leave it hanging
+            if self._ended:  # it came from the onFinished callback: the job has ended already
+                logging.exception("MetaSeg: error in the callback of a finished run")
+                return False
             logging.exception("MetaSeg: error while following the process")
             self.process.cancel(grace=0.5)
             self._finish(failure=refusals.local(_("MetaSeg could not show the run's progress: {error}").format(
@@ -702,6 +755,7 @@ class MetaSegJob:
 
     # ---------------------------------------------------------------- finish
     def _finish(self, failure: Optional[refusals.Failure] = None) -> None:
+        self._ended = True
         try:
             if failure is None and self.state == "cancelling":
                 self.state = "cancelled"
@@ -807,6 +861,100 @@ class MetaSegJob:
 
 
 #
+# InstallJob
+#
+class InstallJob:
+    """The install steps of MetaSegLib.install, run one after the other as child processes and followed like a
+    segmentation (`poll()` on the main thread: a QTimer in Slicer). state: running, then done, failed or cancelled;
+    `failure` says what went wrong and, offline, how to install from files fetched on another computer."""
+
+    POLL_MS = 100
+
+    def __init__(self, steps, python: str, onProgress=None, onFinished=None):
+        self.steps = list(steps)
+        self.python = python
+        self.onProgress, self.onFinished = onProgress, onFinished
+        self.state = "running"
+        self.failure: Optional[refusals.Failure] = None
+        self.index = -1
+        self.process: Optional[install.PipProcess] = None
+        self._timer = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def step(self):
+        return self.steps[self.index] if 0 <= self.index < len(self.steps) else None
+
+    def start(self) -> None:
+        self._next()
+        if qt is not None and IN_SLICER_APP and self.running:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(self.POLL_MS)
+            self._timer.connect("timeout()", self.poll)
+            self._timer.start()
+
+    def _next(self) -> None:
+        self.index += 1
+        if self.index >= len(self.steps):
+            self._end("done")
+            return
+        self.process = install.PipProcess(self.step, self.python)
+        try:
+            self.process.start()
+        except ProcessError as e:
+            self._end("failed", refusals.local(str(e)))
+            return
+        if self.onProgress is not None:
+            self.onProgress(self.step, Event("install", {"what": "starting"}))
+
+    def poll(self) -> bool:
+        if not self.running or self.process is None:
+            return self.running
+        for event in self.process.poll():
+            if self.onProgress is not None:
+                self.onProgress(self.step, event)
+        if self.process.finished:
+            if self.process.cancelled:
+                self._end("cancelled")
+            elif self.process.returncode == 0:
+                self._next()
+            else:
+                reported = self.process.failure() or {}
+                requirements = [r for s in self.steps[self.index:] for r in s.requirements]
+                text = _("MetaSeg could not install {what}. Most often the computer is offline or a proxy blocks the "
+                         "Python package index: connect to the internet and press Segment again.").format(
+                    what=self.step.what)
+                self._end("failed", refusals.Failure(text + "\n\n" + install.offline_text(
+                    requirements, cuda=install.has_cuda_gpu()), reported.get("details", "")))
+        return self.running
+
+    def cancel(self) -> None:
+        if self.running and self.process is not None:
+            self.process.cancel()
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+            if IN_SLICER_APP:
+                slicer.app.processEvents()
+            time.sleep(0.05)
+        return self.state
+
+    def _end(self, state: str, failure: Optional[refusals.Failure] = None) -> None:
+        self.state, self.failure = state, failure
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        if self.onFinished is not None:
+            self.onFinished(self)
+
+
+#
 # MetaSegLogic
 #
 class MetaSegLogic(ScriptedLoadableModuleLogic):
@@ -858,51 +1006,44 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         """Requirements of the core that are missing or installed in an unsuitable version (nothing imported)."""
         return [p.requirement for p in dependencies.check()]
 
-    def installDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what the core needs (Slicer application only); True when every requirement is met.
-
-        torch comes from the PyTorch extension (it picks the CUDA build that fits the driver);
-        the small pure-Python packages are pip-installed after a confirmation. A package present
-        in an unsuitable version (e.g. a torch 1.x from another extension) is not replaced
-        behind the user's back: the error says what to do.
-        """
+    def installPlan(self) -> "List[install.Step]":
+        """The install steps for what is missing (MetaSegLib.install.plan: PyTorch without torchvision, a CPU build
+        where there is no NVIDIA GPU); MetaSegError saying what to do when a package is there in an unsuitable
+        version (e.g. a torch 1.x from another extension: it is not replaced behind the user's back)."""
         problems = dependencies.check()
-        if not problems:
-            return True
         wrong = [p for p in problems if p.installed is not None]
-        if wrong or not IN_SLICER_APP:
-            raise MetaSegError(dependencies.describe(problems))
-        if any(p.name == "torch" for p in problems):
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise MetaSegError(_('MetaSeg needs PyTorch: install the "PyTorch" extension from the Extensions '
-                                     "Manager, restart Slicer and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            requirement = next(p.requirement for p in problems if p.name == "torch")
-            try:
-                if torchLogic.installTorch(askConfirmation=askConfirmation,
-                                           torchVersionRequirement=requirement[len("torch"):]) is None:
-                    return False
-            except Exception as e:  # offline or a failing download
-                raise MetaSegError(_("MetaSeg could not install PyTorch: {error}. Check the internet connection "
-                                     "and try again, or install PyTorch in the PyTorch Utils module.").format(
-                    error=e)) from e
-        others = [p.requirement for p in dependencies.check() if p.name != "torch"]
-        if others:
-            question = _("MetaSeg needs the Python packages {packages} (deepbet finds the brain in a whole-head "
-                         "scan). Install them now? This downloads them once from the Python package index.").format(
-                packages=", ".join(others))
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MetaSeg")):
-                return False
-            try:
-                with slicer.util.WaitCursor():
-                    slicer.util.pip_install(" ".join(f'"{r}"' for r in others))
-            except Exception as e:  # offline, proxy, permissions: guidance, not a raw CalledProcessError
-                detail = getattr(e, "output", None) or getattr(e, "stderr", None) or str(e)
-                if isinstance(detail, bytes):
-                    detail = detail.decode("utf-8", "replace")
-                raise MetaSegError(dependencies.install_failure(others, str(detail))) from e
+        if wrong:
+            raise MetaSegError(dependencies.describe(wrong))
+        if not problems:
+            return []
+        have_ltt = dependencies.installed_version("light-the-torch") is not None
+        return install.plan(problems, cuda=install.has_cuda_gpu(), raw_progress=install.pip_supports_raw_progress(),
+                            have_light_the_torch=have_ltt)
+
+    def startInstall(self, steps, onProgress=None, onFinished=None) -> "InstallJob":
+        """Run the install steps one after the other in child processes (`PythonSlicer -m pip ...`); returns at
+        once. onProgress(step, event) for each of pip's lines the panel shows; onFinished(job) at the end."""
+        job = InstallJob(steps, python_executable(IN_SLICER_APP), onProgress=onProgress, onFinished=onFinished)
+        job.start()
+        return job
+
+    def installDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install what the core needs (Slicer application only; blocks, for the Python console); True when every
+        requirement is met. The panel does the same without blocking, showing the progress (startInstall)."""
+        steps = self.installPlan()
+        if not steps:
+            return True
+        if not IN_SLICER_APP:
+            raise MetaSegError(dependencies.describe(dependencies.check()))
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(install.describe_plan(steps),
+                                                                      windowTitle=_("MetaSeg")):
+            return False
+        job = self.startInstall(steps)
+        job.wait()
+        if job.state == "failed":
+            raise MetaSegError(job.failure.text, job.failure)
+        if job.state == "cancelled":
+            return False
         importlib.invalidate_caches()
         problems = dependencies.check()
         if problems:

@@ -356,9 +356,11 @@ def make_message_box_class():
             chosen = chosen or self.defaultButton() or self.escapeButton()
             if chosen is None:
                 raise AssertionError(f"a message box without a default button was shown and the test named no "
-                                     f"button to press: {self.text()!r} {[b.text() for b in buttons]}")
-            MESSAGE_BOXES.append({"title": self.windowTitle(), "text": self.text(), "details": self.detailedText(),
-                                  "buttons": [b.text().replace("&", "") for b in buttons],
+                                     f"button to press: {QtWidgets.QMessageBox.text(self)!r} "
+                                     f"{[b.text() for b in buttons]}")
+            box = QtWidgets.QMessageBox  # Qt's getters: PythonQt shows the properties as attributes on the class
+            MESSAGE_BOXES.append({"title": QtWidgets.QWidget.windowTitle(self), "text": box.text(self),
+                                  "details": box.detailedText(self), "buttons": [b.text().replace("&", "") for b in buttons],
                                   "pressed": chosen.text().replace("&", "") if chosen is not None else None})
             if chosen is not None:
                 chosen.click()  # QMessageBox records it as the clicked button

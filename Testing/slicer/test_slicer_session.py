@@ -102,10 +102,10 @@ def test_dependency_versions_are_checked(tmp_path, MetaSeg):
     missing = dependencies.describe([dependencies.Problem("deepbet==1.0.2", None)])
     assert "finds the brain in a whole-head scan" in missing and "press Segment" in missing
     assert "metaseg[brain]" not in text + missing and "pip install" not in missing
-    core = "the scan needs brain extraction, which needs deepbet: " + dependencies.CORE_BRAIN_HINT
-    assert "metaseg[brain]" not in dependencies.for_gui(core) and "Brain extraction to off" in dependencies.for_gui(core)
-    offline = dependencies.install_failure(["deepbet==1.0.2"], "ERROR: Could not find a version (no network)")
-    assert "offline" in offline and "--no-index --find-links" in offline and "no network" in offline
+    from MetaSegLib import refusals
+
+    core = refusals.explain({"message": 'needs deepbet: pip install "metaseg[brain]"', "reason": "needs_deepbet"})
+    assert "metaseg[brain]" not in core.text and "Brain extraction to off" in core.text
     plant(tmp_path / "cuda", "torch", "2.5.1+cu121")  # a local version label is fine
     assert dependencies.check(["torch>=2.0"], path=[str(tmp_path / "cuda")]) == []
     assert dependencies.check(path=None) == []  # this environment meets them all
