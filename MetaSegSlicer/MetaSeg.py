@@ -510,10 +510,10 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.progressBar.setFormat(_("installing…"))
         self.ui.progressBar.show()
+        self.updateGUI()
         self._install = self.logic.startInstall(
             steps, onProgress=self.onInstallProgress,
             onFinished=lambda job: self.onInstallFinished(job, acceptPoorMatch))
-        self.updateGUI()
         return False
 
     def onInstallProgress(self, step, event) -> None:
