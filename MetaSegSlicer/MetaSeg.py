@@ -345,6 +345,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.updateSliceViews()  # the layout may have changed while the module was not shown
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -386,6 +387,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = pn.inputVolume if pn else None
         text, ok = self.logic.modelDescription(volume, pn.labels if pn else "tissues")
         self.ui.modelLabel.text = text
+        self.ui.modelLabel.toolTip = self.logic.modelDetails(volume, pn.labels if pn else "tissues")
         for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.labelsComboBox,
                   self.ui.advancedCollapsibleButton, self.ui.crossSectionCollapsibleButton):
             w.enabled = idle
@@ -996,9 +998,19 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         if weights is None:
             return _("No {dims}D {labels} model is installed for this {size} input.").format(
                 dims=dims, labels=labels, size=size), False
+        what = _("the 31 brain structures") if labels == "structures" else _("4 tissues")
+        return (_("MetaSeg {dims}D model ({what}) for this {size} volume").format(dims=dims, what=what, size=size),
+                True)
+
+    def modelDetails(self, volumeNode, labels: str = "tissues") -> str:
+        """The model's file and checksum, for the model line's details (its tooltip), not for its text."""
+        if volumeNode is None or volumeNode.GetImageData() is None or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            return _("The shipped model is chosen by the input's dimension (2D slice or 3D volume) and the labels.")
+        weights = self.weightsPath(self.inputDimension(volumeNode), labels)
+        if weights is None:
+            return _("Searched: {folders}").format(folders=", ".join(str(d) for d in paths.weights_dirs(self.moduleDir)))
         digest = paths.weights_sha256(weights)
-        return (_("MetaSeg {dims}D ({name}{sha}) for this {size} input").format(
-            dims=dims, name=weights.name, sha=f", sha256 {digest[:8]}…" if digest else "", size=size), True)
+        return _("Weights: {path}\nsha256: {sha}").format(path=weights, sha=digest or _("(no .sha256 file)"))
 
     # --------------------------------------------------------- dependencies
     @staticmethod
