@@ -82,6 +82,8 @@ REPORT_ATTRIBUTE = "MetaSeg.Report"
 FITTED_REFERENCE = "MetaSeg.FittedNetwork"  # node reference: the text node holding the fitted 3D network
 FITTED_INFO_ATTRIBUTE = "MetaSeg.FittedInfo"  # JSON: the input's voxel spacing and size, the labels
 CROSS_SECTIONS_ATTRIBUTE = "MetaSeg.CrossSections"  # "1" on results with a fitted network (the selector's filter)
+CROSS_SECTION_OF = "MetaSeg.CrossSectionOf"  # on a rendered cross-section: the ID of its segmentation
+CROSS_SECTION_VIEW = "MetaSeg.CrossSectionView"  # ... and of the slice node of its view (one node per pair and kind)
 UNCERTAINTY_REFERENCE = "MetaSeg.Uncertainty"  # node reference: the uncertainty volume of a 3D result
 BRAIN_MASK_SEGMENT = "MetaSeg brain mask"  # segment ID and name of the kept brain mask (hidden)
 MAX_STEPS = 10_000  # the core's metaseg.options.MAX_STEPS (a test checks): more test-time steps are refused
@@ -278,6 +280,8 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = None  # what pumps events right now ("install", "render"): the panel is disabled meanwhile
         self._anywayFor = None  # ID of the input last refused as a poor match: "Segment anyway" is offered for it
         self._install = None  # the running InstallJob (the first Segment click on a fresh Slicer)
+        self._followed = None  # the last rendered cross-section, kept on its view's plane (see _render)
+        self._followTimer = None
         self._installState = {}
 
     def setup(self) -> None:
@@ -306,6 +310,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Module reload or application exit: the widget goes away, so the job must stop calling it."""
         self._stopJob()
+        self._unfollow()
         manager = layoutManager()
         if manager is not None:
             try:
@@ -354,6 +359,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._unfollow()
         if self._job is not None:
             self._job.cancel()
         self.setParameterNode(None)
@@ -550,32 +556,92 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._busy is not None or (self._job is not None and self._job.running):
             return
         pn = self._parameterNode
-        view = self.ui.sliceViewComboBox.currentText
+        try:
+            sliceNode = views.slice_node(layoutManager(), self.ui.sliceViewComboBox.currentText)
+        except ValueError as e:  # the view is not in the layout (anymore): views.slice_node says what to do
+            self._showFailure(refusals.local(str(e)), _("MetaSeg could not render the cross-section"))
+            return
+        self._render(pn.crossSectionSegmentation, sliceNode, pn.superResolution, pn.crossSectionWhat)
+
+    def _render(self, segmentationNode, sliceNode, superResolution: int, what: str, follow: bool = False) -> None:
+        """Render (or render again, into the same node) the cross-section of a result on a view's plane, and keep it
+        there: when the view moves to another plane (scrolling, rotating), it is rendered again on the new one once
+        the view has stopped moving (`_onFollowedViewModified`), so that it never just vanishes from the view."""
         self._busy = "render"  # the render pumps events while its process runs: the panel is disabled
         self.updateGUI()
+        node = None
         try:
             # Expected outcomes are handled inside: tryWithErrorDisplay shows a dialog for any exception that
             # leaves the block, before an outer handler could catch it.
             with slicer.util.tryWithErrorDisplay(_("MetaSeg could not render the cross-section."), waitCursor=True):
                 try:
-                    sliceNode = views.slice_node(layoutManager(), view)
-                    node = self.logic.crossSection(pn.crossSectionSegmentation, sliceNode, pn.superResolution,
-                                                   pn.crossSectionWhat)
+                    node = self.logic.crossSection(segmentationNode, sliceNode, superResolution, what)
                 except MetaSegCancelled as e:  # the scene was closed meanwhile: nothing to show, nothing to report
                     self.ui.statusLabel.text = str(e)
                     return
                 except MetaSegError as e:
                     self._showFailure(e.failure, _("MetaSeg could not render the cross-section"))
                     return
-                except ValueError as e:  # the view is not in the layout (anymore): views.slice_node says what to do
-                    self._showFailure(refusals.local(str(e)), _("MetaSeg could not render the cross-section"))
-                    return
                 dims = node.GetImageData().GetDimensions()
-                self.ui.statusLabel.text = _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit.").format(
-                    name=node.GetName(), w=dims[0], h=dims[1], s=node.GetSpacing()[0])
+                text = (_("Rendered '{name}' again on the view's new plane: {w}×{h} pixels of {s:.2g} mm.") if follow
+                        else _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit."))
+                self.ui.statusLabel.text = text.format(name=node.GetName(), w=dims[0], h=dims[1],
+                                                       s=node.GetSpacing()[0])
         finally:
             self._busy = None
             self.updateGUI()
+            if node is not None:
+                self._follow(segmentationNode, sliceNode, superResolution, what)
+            elif not follow:
+                self._unfollow()
+
+    # the cross-section kept on its view's plane
+    FOLLOW_DELAY_MS = 600  # the view must stand still this long before the cross-section is rendered again
+
+    def _follow(self, segmentationNode, sliceNode, superResolution: int, what: str) -> None:
+        if self._followed is not None and self._followed["sliceNode"] is not sliceNode:
+            self._unfollow()
+        if self._followed is None:
+            self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self._onFollowedViewModified)
+        self._followed = {"sliceNode": sliceNode, "segmentation": segmentationNode, "superResolution": superResolution,
+                          "what": what, "plane": self._planeOf(sliceNode)}
+
+    def _unfollow(self) -> None:
+        if self._followed is not None:
+            self.removeObserver(self._followed["sliceNode"], vtk.vtkCommand.ModifiedEvent,
+                                self._onFollowedViewModified)
+            self._followed = None
+        if self._followTimer is not None:
+            self._followTimer.stop()
+
+    @staticmethod
+    def _planeOf(sliceNode):
+        return np.concatenate([frames.to_numpy(sliceNode.GetSliceToRAS()).ravel(), list(sliceNode.GetFieldOfView())])
+
+    def _onFollowedViewModified(self, caller=None, event=None) -> None:
+        followed = self._followed
+        if followed is None or np.allclose(self._planeOf(followed["sliceNode"]), followed["plane"], atol=1e-6):
+            return
+        if self._followTimer is None:
+            self._followTimer = qt.QTimer()
+            self._followTimer.setSingleShot(True)
+            self._followTimer.setInterval(self.FOLLOW_DELAY_MS)
+            self._followTimer.connect("timeout()", self._renderFollowed)
+        self._followTimer.start()  # (re)started by each move: the render waits until the view stands still
+
+    def _renderFollowed(self) -> None:
+        followed = self._followed
+        if followed is None:
+            return
+        segmentation = followed["segmentation"]
+        node = self.logic.crossSectionNode(segmentation, followed["sliceNode"], followed["what"])
+        if node is None or node.GetScene() is None or not self.logic.hasFittedNetwork(segmentation):
+            self._unfollow()  # the cross-section or its result was removed: nothing to keep on the plane
+            return
+        if self._busy is not None or (self._job is not None and self._job.running):
+            self._followTimer.start()  # later, when the panel is free
+            return
+        self._render(segmentation, followed["sliceNode"], followed["superResolution"], followed["what"], follow=True)
 
     def onJobProgress(self, event: Event) -> None:
         if event.kind == "stage":
@@ -1261,8 +1327,23 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             time.sleep(0.02)
         process.wait(30.0)
 
+    @staticmethod
+    def crossSectionNode(segmentationNode, sliceNode, what: str = "labels"):
+        """The volume node that holds the cross-section of `segmentationNode` rendered for the view of `sliceNode`
+        (one per result, view and kind, reused by every render), or None before the first."""
+        scene = segmentationNode.GetScene() if segmentationNode is not None else None
+        if scene is None:
+            return None
+        kind = "vtkMRMLLabelMapVolumeNode" if what == "labels" else "vtkMRMLScalarVolumeNode"
+        for node in scene.GetNodesByClass(kind):
+            if (node.GetClassName() == kind and node.GetAttribute(CROSS_SECTION_OF) == segmentationNode.GetID()
+                    and node.GetAttribute(CROSS_SECTION_VIEW) == sliceNode.GetID()):
+                return node
+        return None
+
     def _loadPlane(self, path: Path, segmentationNode, sliceNode, what: str, info: Dict[str, Any], toSegmentation):
-        """The rendered plane file as a new volume node in the segmentation's frame, under its transform."""
+        """The rendered plane file in a volume node in the segmentation's frame, under its transform: the node of an
+        earlier render of this result, view and kind (its voxels and place replaced), else a new one."""
         private = slicer.vtkMRMLScene()
         source = private.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
         storage = private.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -1271,13 +1352,18 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError(f"could not read the cross-section {path}")
         scene = segmentationNode.GetScene()
         kind = "vtkMRMLLabelMapVolumeNode" if what == "labels" else "vtkMRMLScalarVolumeNode"
-        node = scene.AddNewNodeByClass(kind, scene.GenerateUniqueName(
-            f"{segmentationNode.GetName()} {sliceNode.GetName()} {what}"))
+        node = self.crossSectionNode(segmentationNode, sliceNode, what)
+        if node is None:
+            node = scene.AddNewNodeByClass(kind, scene.GenerateUniqueName(
+                f"{segmentationNode.GetName()} {sliceNode.GetName()} {what}"))
+            node.SetAttribute(CROSS_SECTION_OF, segmentationNode.GetID())
+            node.SetAttribute(CROSS_SECTION_VIEW, sliceNode.GetID())
         node.SetAndObserveImageData(source.GetImageData())
         matrix = vtk.vtkMatrix4x4()
         source.GetIJKToRASMatrix(matrix)
         node.SetIJKToRASMatrix(frames.to_vtk(toSegmentation @ frames.to_numpy(matrix)))
-        node.CreateDefaultDisplayNodes()
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
         if what == "labels":
             node.GetDisplayNode().SetAndObserveColorNodeID(self._tissueColors(scene, info.get("labels", [])).GetID())
         node.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())

@@ -300,3 +300,60 @@ def test_labels_reach_the_child_process(slicer_core, tmp_path):
     assert structures.job_settings()["options"]["labels"] == "structures"
     default.cleanup()
     structures.cleanup()
+
+
+def test_a_rendered_cross_section_is_reused_and_kept_on_its_views_plane(scene, tmp_path, fitted_3d):
+    """Issue 25, section 7: Render again into the same node, not another one; and when the view moves to another
+    plane (scrolling), the cross-section is rendered on the new plane once the view stands still, so it never
+    just vanishes from the view."""
+    import numpy as np
+
+    from mrml_helpers import SAMPLE_T1_3D
+
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    slice_node.SetLayoutName("Red")
+    slice_node.SetFieldOfView(160.0, 160.0, 1.0)
+    slice_node.UpdateMatrices()
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+
+    class SliceLogicStandIn:
+        def GetSliceCompositeNode(self):
+            return composite
+
+    class RedOnly(LayoutManagerStandIn):
+        def sliceWidget(self, name):
+            widget = super().sliceWidget(name)
+            if widget is not None:
+                widget.mrmlSliceNode = lambda: slice_node
+                widget.sliceLogic = SliceLogicStandIn
+            return widget
+
+    with Panel(tmp_path, scene, setup=False, layout_manager=RedOnly({"Red": True}), main_window=True) as panel:
+        volume = add_volume(scene, SAMPLE_T1_3D, "ecog")
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ecog MetaSeg")
+        panel.MetaSeg.MetaSegLogic()._keepFitted(seg, fitted_3d, volume, np.eye(4))
+        panel.setup()
+        ui, widget = panel.ui, panel.widget
+        widget.FOLLOW_DELAY_MS = 200
+        ui.crossSectionSegmentationSelector.setCurrentNode(seg)
+        ui.superResolutionSpinBox.value = 1
+        ui.crossSectionButton.click()
+        assert ui.statusLabel.text.startswith("Rendered"), ui.statusLabel.text
+        labelmaps = lambda: [n for n in scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode")]  # noqa: E731
+        [node] = labelmaps()
+        assert composite.GetLabelVolumeID() == node.GetID()
+        first = node.GetImageData()
+        ui.crossSectionButton.click()  # Render again: the same node
+        assert labelmaps() == [node] and node.GetImageData() is not first
+
+        def plane_z():  # where the node lies along the view's normal (an axial view: RAS z)
+            m = __import__("vtk").vtkMatrix4x4()
+            node.GetIJKToRASMatrix(m)
+            return m.GetElement(2, 3)
+
+        before = plane_z()
+        slice_node.SetSliceOffset(slice_node.GetSliceOffset() + 12.0)  # the user scrolls the view by 12 mm
+        panel.pump(lambda: "again on the view's new plane" in ui.statusLabel.text, timeout=300,
+                   what="the render on the new plane")
+        assert labelmaps() == [node] and abs(plane_z() - (before + 12.0)) < 1e-3
+        assert panel.message_boxes == []
