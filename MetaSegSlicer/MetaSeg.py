@@ -93,7 +93,22 @@ LABEL_SETS = ("tissues", "structures")  # `metaseg segment --labels`; what the s
 BRAIN_EXTRACTION = ("auto", "on", "off")
 QUALITIES = ("fast", "best")
 CROSS_SECTION_WHAT = ("labels", "intensity")
-README_URL = "https://github.com/metaseg/SlicerMetaSeg#in-3d-slicer"
+
+
+def extensionInfo() -> Dict[str, Any]:
+    """Resources/extension.json: the extension's URLs and contributors, in one place (the top-level CMakeLists.txt
+    reads the same file for the extension's metadata), with {repository} and {raw} expanded."""
+    info = json.loads((MODULE_DIR / "Resources" / "extension.json").read_text(encoding="utf-8"))
+    raw = info["repository"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/" + info["branch"]
+
+    def expand(text: str) -> str:
+        return text.replace("{repository}", info["repository"]).replace("{raw}", raw)
+
+    return {**info, "homepage": expand(info["homepage"]), "icon": expand(info["icon"]),
+            "screenshots": [expand(u) for u in info["screenshots"]]}
+
+
+README_URL = extensionInfo()["homepage"]
 SAMPLES = (  # Sample Data: (name, file in Resources/Sample, node name)
     ("MetaSegHead", "ecog_head.nii.gz", "MetaSegHead"),
     ("MetaSegSlice", "ecog_slice_t1.nii.gz", "MetaSegSlice"),
@@ -153,7 +168,7 @@ class MetaSeg(ScriptedLoadableModule):
         self.parent.title = _("MetaSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorch (extension), slicerio and deepbet are checked when segmenting
-        self.parent.contributors = ["MetaSeg developers"]
+        self.parent.contributors = list(extensionInfo()["contributors"])
         self.parent.helpText = _(
             "Segment a T1-weighted brain MRI: a 3D scan (whole head with skull, or skull-stripped) or one aligned "
             "coronal slice, into cortical grey matter, subcortical grey matter, white matter and CSF "
