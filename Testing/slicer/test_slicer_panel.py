@@ -177,8 +177,8 @@ def test_view_list_holds_the_visible_views_of_the_layout(scene, tmp_path):
     with Panel(tmp_path, scene, layout_manager=layout) as panel:
         assert combo_items(panel.ui.sliceViewComboBox) == ["Red", "Green", "Slice4"]
         assert layout.connections == [("layoutChanged(int)", panel.widget.updateSliceViews)]
-        layout.views["Slice4"] = False
-        panel.widget.updateSliceViews()
+        layout.views["Slice4"] = False  # changed while the module was not shown (no layoutChanged reached it)
+        panel.widget.enter()  # entering the module refreshes the list (issue 25, section 7)
         assert combo_items(panel.ui.sliceViewComboBox) == ["Red", "Green"]
         from MetaSegLib import views
 
