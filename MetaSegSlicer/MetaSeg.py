@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -27,7 +28,7 @@ import slicer
 import vtk
 import vtk.util.numpy_support
 
-from MetaSegLib import dependencies, fitted, frames, paths, planes, rundirs, segfile, views
+from MetaSegLib import dependencies, fitted, frames, install, paths, planes, refusals, rundirs, segfile, views
 from MetaSegLib.preview import LabelReader, PreviewSegments
 from MetaSegLib.process import ProcessError, ResliceProcess, SegmentProcess, python_executable
 from MetaSegLib.protocol import Event, format_progress, format_seconds
@@ -82,15 +83,33 @@ FITTED_NETWORK_ATTRIBUTE = "MetaSeg.FittedNetwork.safetensors"  # the fitted 3D 
 FITTED_REFERENCE = "MetaSeg.FittedNetwork"  # metaseg <= 0.4.0: node reference to a text node holding a pickle
 FITTED_INFO_ATTRIBUTE = "MetaSeg.FittedInfo"  # JSON: the input's voxel spacing and size, the labels
 CROSS_SECTIONS_ATTRIBUTE = "MetaSeg.CrossSections"  # "1" on results with a fitted network (the selector's filter)
+CROSS_SECTION_OF = "MetaSeg.CrossSectionOf"  # on a rendered cross-section: the ID of its segmentation
+CROSS_SECTION_VIEW = "MetaSeg.CrossSectionView"  # ... and of the slice node of its view (one node per pair and kind)
 UNCERTAINTY_REFERENCE = "MetaSeg.Uncertainty"  # node reference: the uncertainty volume of a 3D result
 BRAIN_MASK_SEGMENT = "MetaSeg brain mask"  # segment ID and name of the kept brain mask (hidden)
+MAX_STEPS = 10_000  # the core's metaseg.options.MAX_STEPS (a test checks): more test-time steps are refused
 LIVE_EVERY = {2: 10, 3: 50}  # live-preview interval (steps) per input dimension: overhead <= 10 % (docs/results.md)
 DEVICES = ("auto", "cpu", "gpu")
 LABEL_SETS = ("tissues", "structures")  # `metaseg segment --labels`; what the segments are comes from the result
 BRAIN_EXTRACTION = ("auto", "on", "off")
 QUALITIES = ("fast", "best")
 CROSS_SECTION_WHAT = ("labels", "intensity")
-README_URL = "https://github.com/metaseg/SlicerMetaSeg#in-3d-slicer"
+
+
+def extensionInfo() -> Dict[str, Any]:
+    """Resources/extension.json: the extension's URLs and contributors, in one place (the top-level CMakeLists.txt
+    reads the same file for the extension's metadata), with {repository} and {raw} expanded."""
+    info = json.loads((MODULE_DIR / "Resources" / "extension.json").read_text(encoding="utf-8"))
+    raw = info["repository"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/" + info["branch"]
+
+    def expand(text: str) -> str:
+        return text.replace("{repository}", info["repository"]).replace("{raw}", raw)
+
+    return {**info, "homepage": expand(info["homepage"]), "icon": expand(info["icon"]),
+            "screenshots": [expand(u) for u in info["screenshots"]]}
+
+
+README_URL = extensionInfo()["homepage"]
 SAMPLES = (  # Sample Data: (name, file in Resources/Sample, node name)
     ("MetaSegHead", "ecog_head.nii.gz", "MetaSegHead"),
     ("MetaSegSlice", "ecog_slice_t1.nii.gz", "MetaSegSlice"),
@@ -128,7 +147,13 @@ if not globals().get("_AT_EXIT_REGISTERED"):  # once per session, not again on r
 
 
 class MetaSegError(RuntimeError):
-    """A run that could not start or did not give a result; the message says why."""
+    """A run that could not start or did not give a result; the message says why, in the panel's words.
+    `failure` (MetaSegLib.refusals.Failure) adds the technical details and what the panel offers
+    (e.g. "Segment anyway": `segment(..., acceptPoorMatch=True)` from the console)."""
+
+    def __init__(self, message: str, failure: Optional["refusals.Failure"] = None):
+        super().__init__(message)
+        self.failure = failure if failure is not None else refusals.local(str(message))
 
 
 class MetaSegCancelled(MetaSegError):
@@ -144,7 +169,7 @@ class MetaSeg(ScriptedLoadableModule):
         self.parent.title = _("MetaSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorch (extension), slicerio and deepbet are checked when segmenting
-        self.parent.contributors = ["MetaSeg developers"]
+        self.parent.contributors = list(extensionInfo()["contributors"])
         self.parent.helpText = _(
             "Segment a T1-weighted brain MRI: a 3D scan (whole head with skull, or skull-stripped) or one aligned "
             "coronal slice, into cortical grey matter, subcortical grey matter, white matter and CSF "
@@ -220,9 +245,9 @@ def registerSampleData() -> bool:
 # Parameter node (Slicer application only)
 #
 if HAVE_GUI:
-    from typing import Annotated
+    from typing import Annotated, Union
 
-    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+    from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
     # Every field is bound to a widget of MetaSeg.ui (its SlicerParameterName) under the rules of
@@ -236,13 +261,14 @@ if HAVE_GUI:
         outputSegmentation: vtkMRMLSegmentationNode  # None: create a new segmentation
         device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
         labels: Annotated[str, Choice(["tissues", "structures"])] = "tissues"
-        steps: Annotated[int, WithinRange(0, 100000)] = 0  # 0: the weights' own number of steps
+        steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the weights' own number of steps; the core's MAX_STEPS
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
         keepLabelmap: bool = False
         livePreview: bool = False
         uncertainty: bool = False
         surfaces: bool = False
         brainExtraction: Annotated[str, Choice(["auto", "on", "off"])] = "auto"  # 3D
+        brainMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]  # 3D: None = find the brain
         keepBrainMask: bool = False
         quality: Annotated[str, Choice(["fast", "best"])] = "fast"  # 3D: best = 3 fits averaged
         crossSectionSegmentation: vtkMRMLSegmentationNode  # a 3D MetaSeg result with a fitted network
@@ -268,6 +294,11 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._busy = None  # what pumps events right now ("install", "render"): the panel is disabled meanwhile
+        self._anywayFor = None  # ID of the input last refused as a poor match: "Segment anyway" is offered for it
+        self._install = None  # the running InstallJob (the first Segment click on a fresh Slicer)
+        self._followed = None  # the last rendered cross-section, kept on its view's plane (see _render)
+        self._followTimer = None
+        self._installState = {}
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -279,11 +310,13 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # the selector lists the segmentations that carry a fitted network (any MetaSeg 3D result)
         self.ui.crossSectionSegmentationSelector.addAttribute("vtkMRMLSegmentationNode", CROSS_SECTIONS_ATTRIBUTE, "1")
         self.ui.progressBar.hide()
+        self.ui.segmentAnywayButton.hide()
         self.updateSliceViews()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.segmentAnywayButton.connect("clicked(bool)", self.onSegmentAnywayButton)
         self.ui.crossSectionButton.connect("clicked(bool)", self.onCrossSectionButton)
         manager = layoutManager()
         if manager is not None:
@@ -293,6 +326,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Module reload or application exit: the widget goes away, so the job must stop calling it."""
         self._stopJob()
+        self._unfollow()
         manager = layoutManager()
         if manager is not None:
             try:
@@ -311,6 +345,10 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _stopJob(self) -> None:
         """Cancel the running job and detach it from this widget; it still finishes and cleans up on its own."""
+        installing, self._install = self._install, None
+        if installing is not None:
+            installing.onProgress = installing.onFinished = None
+            installing.cancel()
         job, self._job = self._job, None
         if job is not None:
             job.onProgress = job.onFinished = None
@@ -328,6 +366,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.updateSliceViews()  # the layout may have changed while the module was not shown
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -336,6 +375,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._unfollow()
         if self._job is not None:
             self._job.cancel()
         self.setParameterNode(None)
@@ -369,15 +409,20 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = pn.inputVolume if pn else None
         text, ok = self.logic.modelDescription(volume, pn.labels if pn else "tissues")
         self.ui.modelLabel.text = text
+        self.ui.modelLabel.toolTip = self.logic.modelDetails(volume, pn.labels if pn else "tissues")
         for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.deviceComboBox, self.ui.labelsComboBox,
                   self.ui.advancedCollapsibleButton, self.ui.crossSectionCollapsibleButton):
             w.enabled = idle
         result = pn.crossSectionSegmentation if pn else None
         self.ui.crossSectionButton.enabled = idle and self.logic.hasFittedNetwork(result)
+        # "Segment anyway" stays offered, after a refusal as a poor match, for that input only
+        anyway = idle and ok and volume is not None and volume.GetID() == self._anywayFor
+        self.ui.segmentAnywayButton.visible = anyway
+        self.ui.segmentAnywayButton.enabled = anyway
         if self._busy == "install":
-            self.ui.segmentButton.text = _("Segment")
-            self.ui.segmentButton.enabled = False
-            self.ui.segmentButton.toolTip = _("Installing the Python packages MetaSeg needs…")
+            self.ui.segmentButton.text = _("Cancel")
+            self.ui.segmentButton.enabled = True
+            self.ui.segmentButton.toolTip = _("Stop installing the Python packages MetaSeg needs")
         elif self._busy is not None:
             self.ui.segmentButton.text = _("Segment")
             self.ui.segmentButton.enabled = False
@@ -393,70 +438,226 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- running
     def onSegmentButton(self) -> None:
+        if self._install is not None and self._install.running:
+            self.ui.statusLabel.text = _("Cancelling the installation…")
+            self._install.cancel()
+            return
         if self._job is not None and self._job.running:
             self.ui.statusLabel.text = _("Cancelling…")
             self._job.cancel()
             return
+        self._startSegmentation()
+
+    def onSegmentAnywayButton(self) -> None:
+        """Segment the input that was refused as a poor match, this once."""
+        if self._job is None and self._busy is None:
+            self._startSegmentation(acceptPoorMatch=True)
+
+    def _startSegmentation(self, acceptPoorMatch: bool = False) -> None:
         if self._busy is not None or self._job is not None:  # a click delivered while events are pumped
             return
         pn = self._parameterNode
         # Dialogs (install confirmations, replace?) without the wait cursor; the button is disabled meanwhile.
-        if not self._ensureDependencies():
+        if not self._ensureDependencies(acceptPoorMatch):
             return
         output = pn.outputSegmentation
         if output is not None:
             question = _("Replace all segments of '{name}' with the MetaSeg result?").format(name=output.GetName())
             if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("MetaSeg")):
                 return
+        self._anywayFor = None
+        failure = None
         with slicer.util.tryWithErrorDisplay(_("MetaSeg could not start."), waitCursor=True):
-            self._job = self.logic.segment(
-                pn.inputVolume, device=pn.device, labels=pn.labels, steps=pn.steps or None, seed=pn.seed,
-                wait=False, outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
-                uncertainty=pn.uncertainty, surfaces=pn.surfaces, brainExtraction=pn.brainExtraction,
-                keepBrainMask=pn.keepBrainMask, quality=pn.quality, onProgress=self.onJobProgress,
-                onFinished=self.onJobFinished)
-            # events arrive from the job's timer, after this method returns
-            self.ui.reportText.plainText = ""
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.setFormat(_("starting…"))
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Starting the MetaSeg process…")
+            try:
+                self._job = self.logic.segment(
+                    pn.inputVolume, device=pn.device, labels=pn.labels, steps=pn.steps or None, seed=pn.seed,
+                    wait=False, outputSegmentation=output, keepLabelmap=pn.keepLabelmap, livePreview=pn.livePreview,
+                    uncertainty=pn.uncertainty, surfaces=pn.surfaces, brainExtraction=pn.brainExtraction,
+                    keepBrainMask=pn.keepBrainMask, quality=pn.quality, brainMask=pn.brainMask,
+                    acceptPoorMatch=acceptPoorMatch, onProgress=self.onJobProgress, onFinished=self.onJobFinished)
+            except MetaSegError as e:  # refused before it started (a setting, a missing file): in the panel's words
+                failure = e.failure
+            else:  # events arrive from the job's timer, after this method returns
+                self.ui.reportText.plainText = ""
+                self.ui.progressBar.value = 0
+                self.ui.progressBar.setFormat(_("starting…"))
+                self.ui.progressBar.show()
+                self.ui.statusLabel.text = (_("Starting the MetaSeg process (segmenting anyway)…") if acceptPoorMatch
+                                            else _("Starting the MetaSeg process…"))
+        if failure is not None:
+            self._showFailure(failure, _("MetaSeg could not start"))
         self.updateGUI()
 
-    def _ensureDependencies(self) -> bool:
-        """Install what is missing after confirmation; False (with the reason shown) if not ready."""
-        self._busy = "install"
-        self.updateGUI()
+    def _showFailure(self, failure: "refusals.Failure", title: str) -> bool:
+        """Show a failure: its text in the status line, and a dialog (not in testing mode and not without a main
+        window, as slicer.util.errorDisplay does) with the technical details behind "Show Details..." and, for a
+        refusal as a poor match, a "Segment anyway" button. True when that button was pressed."""
+        self.ui.statusLabel.text = failure.text
+        if refusals.SHOW_ADVANCED in failure.actions:
+            self.ui.advancedCollapsibleButton.collapsed = False
+        app = getattr(slicer, "app", None)
+        if app is None or app.testingEnabled() or slicer.util.mainWindow() is None:
+            return False
+        import ctk
+
+        box = ctk.ctkMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle(title)
+        box.setIcon(qt.QMessageBox.Warning)
+        box.setText(failure.text)
+        if failure.details:
+            box.setDetailedText(failure.details)
+        anyway = None
+        if refusals.SEGMENT_ANYWAY in failure.actions:
+            anyway = box.addButton(_("Segment anyway"), qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Close)
+        box.setDefaultButton(qt.QMessageBox.Close)
+        box.deleteLater()
+        box.exec_()
+        return anyway is not None and box.clickedButton() == anyway
+
+    def _ensureDependencies(self, acceptPoorMatch: bool = False) -> bool:
+        """True when every package the core needs is installed. Otherwise, after one confirmation that lists what
+        is installed and about how much it downloads, the install starts in the panel (progress bar, status line,
+        Cancel) and the segmentation follows it by itself; False meanwhile, and when something stands in the way."""
         try:
-            with slicer.util.tryWithErrorDisplay(_("MetaSeg could not install its Python packages.")):
-                if self.logic.installDependencies(askConfirmation=True):
-                    return True
+            steps = self.logic.installPlan()
+        except MetaSegError as e:  # a package in an unsuitable version: what to do
+            self._showFailure(e.failure, _("MetaSeg needs other Python packages"))
+            return False
+        if not steps:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(install.describe_plan(steps), windowTitle=_("MetaSeg")):
             self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
             return False
-        finally:
-            self._busy = None
+        self._installState = {}
+        self._busy = "install"
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setFormat(_("installing…"))
+        self.ui.progressBar.show()
+        self.updateGUI()
+        self._install = self.logic.startInstall(
+            steps, onProgress=self.onInstallProgress,
+            onFinished=lambda job: self.onInstallFinished(job, acceptPoorMatch))
+        return False
+
+    def onInstallProgress(self, step, event) -> None:
+        text, fraction = install.progress_text(step, event, self._installState)
+        index = self._install.index if self._install is not None else 0
+        total = len(self._install.steps) if self._install is not None else 1
+        self.ui.statusLabel.text = (f"({index + 1}/{total}) " if total > 1 else "") + text
+        if fraction is not None:
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.value = int(round(100 * fraction))
+            self.ui.progressBar.setFormat("%p%")
+        elif event.get("what") in ("downloading", "collecting", "starting", "installing"):
+            self.ui.progressBar.setRange(0, 0)  # busy: pip says what, not how far (pip before 24.1)
+
+    def onInstallFinished(self, job, acceptPoorMatch: bool) -> None:
+        self._install, self._busy = None, None
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.hide()
+        importlib.invalidate_caches()
+        if job.state == "done":
+            self.ui.statusLabel.text = _("Python packages installed.")
             self.updateGUI()
+            self._startSegmentation(acceptPoorMatch)
+            return
+        if job.state == "cancelled":
+            self.ui.statusLabel.text = _("Installation cancelled: segmentation not started.")
+        else:
+            self._showFailure(job.failure, _("MetaSeg could not install its Python packages"))
+        self.updateGUI()
 
     def onCrossSectionButton(self) -> None:
         if self._busy is not None or (self._job is not None and self._job.running):
             return
         pn = self._parameterNode
-        view = self.ui.sliceViewComboBox.currentText
+        try:
+            sliceNode = views.slice_node(layoutManager(), self.ui.sliceViewComboBox.currentText)
+        except ValueError as e:  # the view is not in the layout (anymore): views.slice_node says what to do
+            self._showFailure(refusals.local(str(e)), _("MetaSeg could not render the cross-section"))
+            return
+        self._render(pn.crossSectionSegmentation, sliceNode, pn.superResolution, pn.crossSectionWhat)
+
+    def _render(self, segmentationNode, sliceNode, superResolution: int, what: str, follow: bool = False) -> None:
+        """Render (or render again, into the same node) the cross-section of a result on a view's plane, and keep it
+        there: when the view moves to another plane (scrolling, rotating), it is rendered again on the new one once
+        the view has stopped moving (`_onFollowedViewModified`), so that it never just vanishes from the view."""
         self._busy = "render"  # the render pumps events while its process runs: the panel is disabled
         self.updateGUI()
+        node = None
         try:
+            # Expected outcomes are handled inside: tryWithErrorDisplay shows a dialog for any exception that
+            # leaves the block, before an outer handler could catch it.
             with slicer.util.tryWithErrorDisplay(_("MetaSeg could not render the cross-section."), waitCursor=True):
-                sliceNode = views.slice_node(layoutManager(), view)
-                node = self.logic.crossSection(pn.crossSectionSegmentation, sliceNode, pn.superResolution,
-                                               pn.crossSectionWhat)
+                try:
+                    node = self.logic.crossSection(segmentationNode, sliceNode, superResolution, what)
+                except MetaSegCancelled as e:  # the scene was closed meanwhile: nothing to show, nothing to report
+                    self.ui.statusLabel.text = str(e)
+                    return
+                except MetaSegError as e:
+                    self._showFailure(e.failure, _("MetaSeg could not render the cross-section"))
+                    return
                 dims = node.GetImageData().GetDimensions()
-                self.ui.statusLabel.text = _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit.").format(
-                    name=node.GetName(), w=dims[0], h=dims[1], s=node.GetSpacing()[0])
-        except MetaSegCancelled as e:  # the scene was closed meanwhile: nothing to show, nothing to report
-            self.ui.statusLabel.text = str(e)
+                text = (_("Rendered '{name}' again on the view's new plane: {w}×{h} pixels of {s:.2g} mm.") if follow
+                        else _("Rendered '{name}': {w}×{h} pixels of {s:.2g} mm, no refit."))
+                self.ui.statusLabel.text = text.format(name=node.GetName(), w=dims[0], h=dims[1],
+                                                       s=node.GetSpacing()[0])
         finally:
             self._busy = None
             self.updateGUI()
+            if node is not None:
+                self._follow(segmentationNode, sliceNode, superResolution, what)
+            elif not follow:
+                self._unfollow()
+
+    # the cross-section kept on its view's plane
+    FOLLOW_DELAY_MS = 600  # the view must stand still this long before the cross-section is rendered again
+
+    def _follow(self, segmentationNode, sliceNode, superResolution: int, what: str) -> None:
+        if self._followed is not None and self._followed["sliceNode"] is not sliceNode:
+            self._unfollow()
+        if self._followed is None:
+            self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self._onFollowedViewModified)
+        self._followed = {"sliceNode": sliceNode, "segmentation": segmentationNode, "superResolution": superResolution,
+                          "what": what, "plane": self._planeOf(sliceNode)}
+
+    def _unfollow(self) -> None:
+        if self._followed is not None:
+            self.removeObserver(self._followed["sliceNode"], vtk.vtkCommand.ModifiedEvent,
+                                self._onFollowedViewModified)
+            self._followed = None
+        if self._followTimer is not None:
+            self._followTimer.stop()
+
+    @staticmethod
+    def _planeOf(sliceNode):
+        return np.concatenate([frames.to_numpy(sliceNode.GetSliceToRAS()).ravel(), list(sliceNode.GetFieldOfView())])
+
+    def _onFollowedViewModified(self, caller=None, event=None) -> None:
+        followed = self._followed
+        if followed is None or np.allclose(self._planeOf(followed["sliceNode"]), followed["plane"], atol=1e-6):
+            return
+        if self._followTimer is None:
+            self._followTimer = qt.QTimer()
+            self._followTimer.setSingleShot(True)
+            self._followTimer.setInterval(self.FOLLOW_DELAY_MS)
+            self._followTimer.connect("timeout()", self._renderFollowed)
+        self._followTimer.start()  # (re)started by each move: the render waits until the view stands still
+
+    def _renderFollowed(self) -> None:
+        followed = self._followed
+        if followed is None:
+            return
+        segmentation = followed["segmentation"]
+        node = self.logic.crossSectionNode(segmentation, followed["sliceNode"], followed["what"])
+        if node is None or node.GetScene() is None or not self.logic.hasFittedNetwork(segmentation):
+            self._unfollow()  # the cross-section or its result was removed: nothing to keep on the plane
+            return
+        if self._busy is not None or (self._job is not None and self._job.running):
+            self._followTimer.start()  # later, when the panel is free
+            return
+        self._render(segmentation, followed["sliceNode"], followed["superResolution"], followed["what"], follow=True)
 
     def onJobProgress(self, event: Event) -> None:
         if event.kind == "stage":
@@ -485,9 +686,14 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif job.state == "cancelled":
             self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
         else:
-            self.ui.statusLabel.text = _("Failed.")
-            self.ui.reportText.plainText = job.error or ""
-            slicer.util.errorDisplay(_("MetaSeg failed:\n{error}").format(error=job.error), windowTitle=_("MetaSeg"))
+            failure = job.failure or refusals.local(job.error or _("MetaSeg failed."))
+            self.ui.reportText.plainText = failure.text
+            if refusals.SEGMENT_ANYWAY in failure.actions:
+                self._anywayFor = job.volumeNode.GetID()
+            self.updateGUI()
+            if self._showFailure(failure, _("MetaSeg: nothing was segmented")) and self._anywayFor is not None:
+                self._startSegmentation(acceptPoorMatch=True)
+                return
         self.updateGUI()
 
 
@@ -522,7 +728,8 @@ class MetaSegJob:
         self.onProgress = onProgress
         self.onFinished = onFinished
         self.state = "running"
-        self.error: Optional[str] = None
+        self.error: Optional[str] = None  # the failure's text (as the panel words it)
+        self.failure: Optional[refusals.Failure] = None  # the text, the technical details, what the panel offers
         self.report: Dict[str, Any] = {}
         self.warnings: List[str] = []
         self.device: Optional[str] = None
@@ -532,8 +739,9 @@ class MetaSegJob:
         self._t0 = time.monotonic()
         self._previewNode = None  # hidden node showing the live labels; removed at the end
         self._preview: Optional[PreviewSegments] = None
-        self._reader = LabelReader() if livePreview else None  # decodes snapshot files off the main thread
+        self._reader = LabelReader() if livePreview else None  # the newest snapshot, decoded when polled
         self._polling = False
+        self._ended = False  # _finish has run (its callback may still raise: poll must not finish twice)
         self._timer = None
         _RUNNING_JOBS.add(self)  # kept alive until it ends; cancelled and cleaned up at exit
 
@@ -565,9 +773,13 @@ class MetaSegJob:
             if self.process.finished:
                 self._finish()
         except Exception as e:  # a failure in our own MRML work must end the job, not leave it hanging
+            if self._ended:  # it came from the onFinished callback: the job has ended already
+                logging.exception("MetaSeg: error in the callback of a finished run")
+                return False
             logging.exception("MetaSeg: error while following the process")
             self.process.cancel(grace=0.5)
-            self._finish(error=f"{type(e).__name__}: {e}")
+            self._finish(failure=refusals.local(_("MetaSeg could not show the run's progress: {error}").format(
+                error=f"{type(e).__name__}: {e}"), traceback.format_exc()))
         finally:
             self._polling = False
         return self.running
@@ -622,27 +834,32 @@ class MetaSegJob:
         if self.state == "cancelled":
             raise MetaSegCancelled("the segmentation was cancelled")
         if self.state == "failed":
-            raise MetaSegError(self.error)
+            raise MetaSegError(self.error, self.failure)
         return self.segmentationNode
 
     # ---------------------------------------------------------------- finish
-    def _finish(self, error: Optional[str] = None) -> None:
+    def _finish(self, failure: Optional[refusals.Failure] = None) -> None:
+        self._ended = True
         try:
-            if error is None and self.state == "cancelling":
+            if failure is None and self.state == "cancelling":
                 self.state = "cancelled"
-            elif error is None and (self.process.cancelled or self.process.returncode == 3):
+            elif failure is None and (self.process.cancelled or self.process.returncode == 3):
                 self.state = "cancelled"
             else:
-                error = error or dependencies.for_gui(self.process.error_message())
-                if error is None:
+                if failure is None:
+                    reported = self.process.failure()  # the core's error event, or how the process ended
+                    failure = refusals.explain(reported) if reported is not None else None
+                if failure is None:
                     try:
                         self._loadResult()
                         self.state = "done"
                     except Exception as e:
                         logging.exception("MetaSeg: could not load the result")
-                        error = f"could not load the result: {e}"
-                if error is not None:
-                    self.state, self.error = "failed", error
+                        failure = refusals.local(_("MetaSeg could not add the result to the scene: {error}").format(
+                            error=e), traceback.format_exc())
+                if failure is not None:
+                    self.state, self.error, self.failure = "failed", failure.text, failure
+                    logging.error("MetaSeg: %s%s", failure.text, f"\n{failure.details}" if failure.details else "")
             if self.state != "done":
                 self._removePreview()
         finally:
@@ -729,6 +946,100 @@ class MetaSegJob:
 
 
 #
+# InstallJob
+#
+class InstallJob:
+    """The install steps of MetaSegLib.install, run one after the other as child processes and followed like a
+    segmentation (`poll()` on the main thread: a QTimer in Slicer). state: running, then done, failed or cancelled;
+    `failure` says what went wrong and, offline, how to install from files fetched on another computer."""
+
+    POLL_MS = 100
+
+    def __init__(self, steps, python: str, onProgress=None, onFinished=None):
+        self.steps = list(steps)
+        self.python = python
+        self.onProgress, self.onFinished = onProgress, onFinished
+        self.state = "running"
+        self.failure: Optional[refusals.Failure] = None
+        self.index = -1
+        self.process: Optional[install.PipProcess] = None
+        self._timer = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def step(self):
+        return self.steps[self.index] if 0 <= self.index < len(self.steps) else None
+
+    def start(self) -> None:
+        self._next()
+        if qt is not None and IN_SLICER_APP and self.running:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(self.POLL_MS)
+            self._timer.connect("timeout()", self.poll)
+            self._timer.start()
+
+    def _next(self) -> None:
+        self.index += 1
+        if self.index >= len(self.steps):
+            self._end("done")
+            return
+        self.process = install.PipProcess(self.step, self.python)
+        try:
+            self.process.start()
+        except ProcessError as e:
+            self._end("failed", refusals.local(str(e)))
+            return
+        if self.onProgress is not None:
+            self.onProgress(self.step, Event("install", {"what": "starting"}))
+
+    def poll(self) -> bool:
+        if not self.running or self.process is None:
+            return self.running
+        for event in self.process.poll():
+            if self.onProgress is not None:
+                self.onProgress(self.step, event)
+        if self.process.finished:
+            if self.process.cancelled:
+                self._end("cancelled")
+            elif self.process.returncode == 0:
+                self._next()
+            else:
+                reported = self.process.failure() or {}
+                requirements = [r for s in self.steps[self.index:] for r in s.requirements]
+                text = _("MetaSeg could not install {what}. Most often the computer is offline or a proxy blocks the "
+                         "Python package index: connect to the internet and press Segment again.").format(
+                    what=self.step.what)
+                self._end("failed", refusals.Failure(text + "\n\n" + install.offline_text(
+                    requirements, cuda=install.has_cuda_gpu()), reported.get("details", "")))
+        return self.running
+
+    def cancel(self) -> None:
+        if self.running and self.process is not None:
+            self.process.cancel()
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+            if IN_SLICER_APP:
+                slicer.app.processEvents()
+            time.sleep(0.05)
+        return self.state
+
+    def _end(self, state: str, failure: Optional[refusals.Failure] = None) -> None:
+        self.state, self.failure = state, failure
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        if self.onFinished is not None:
+            self.onFinished(self)
+
+
+#
 # MetaSegLogic
 #
 class MetaSegLogic(ScriptedLoadableModuleLogic):
@@ -770,9 +1081,19 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         if weights is None:
             return _("No {dims}D {labels} model is installed for this {size} input.").format(
                 dims=dims, labels=labels, size=size), False
+        what = _("the 31 brain structures") if labels == "structures" else _("4 tissues")
+        return (_("MetaSeg {dims}D model ({what}) for this {size} volume").format(dims=dims, what=what, size=size),
+                True)
+
+    def modelDetails(self, volumeNode, labels: str = "tissues") -> str:
+        """The model's file and checksum, for the model line's details (its tooltip), not for its text."""
+        if volumeNode is None or volumeNode.GetImageData() is None or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            return _("The shipped model is chosen by the input's dimension (2D slice or 3D volume) and the labels.")
+        weights = self.weightsPath(self.inputDimension(volumeNode), labels)
+        if weights is None:
+            return _("Searched: {folders}").format(folders=", ".join(str(d) for d in paths.weights_dirs(self.moduleDir)))
         digest = paths.weights_sha256(weights)
-        return (_("MetaSeg {dims}D ({name}{sha}) for this {size} input").format(
-            dims=dims, name=weights.name, sha=f", sha256 {digest[:8]}…" if digest else "", size=size), True)
+        return _("Weights: {path}\nsha256: {sha}").format(path=weights, sha=digest or _("(no .sha256 file)"))
 
     # --------------------------------------------------------- dependencies
     @staticmethod
@@ -780,51 +1101,44 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         """Requirements of the core that are missing or installed in an unsuitable version (nothing imported)."""
         return [p.requirement for p in dependencies.check()]
 
-    def installDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what the core needs (Slicer application only); True when every requirement is met.
-
-        torch comes from the PyTorch extension (it picks the CUDA build that fits the driver);
-        the small pure-Python packages are pip-installed after a confirmation. A package present
-        in an unsuitable version (e.g. a torch 1.x from another extension) is not replaced
-        behind the user's back: the error says what to do.
-        """
+    def installPlan(self) -> "List[install.Step]":
+        """The install steps for what is missing (MetaSegLib.install.plan: PyTorch without torchvision, a CPU build
+        where there is no NVIDIA GPU); MetaSegError saying what to do when a package is there in an unsuitable
+        version (e.g. a torch 1.x from another extension: it is not replaced behind the user's back)."""
         problems = dependencies.check()
-        if not problems:
-            return True
         wrong = [p for p in problems if p.installed is not None]
-        if wrong or not IN_SLICER_APP:
-            raise MetaSegError(dependencies.describe(problems))
-        if any(p.name == "torch" for p in problems):
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise MetaSegError(_('MetaSeg needs PyTorch: install the "PyTorch" extension from the Extensions '
-                                     "Manager, restart Slicer and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            requirement = next(p.requirement for p in problems if p.name == "torch")
-            try:
-                if torchLogic.installTorch(askConfirmation=askConfirmation,
-                                           torchVersionRequirement=requirement[len("torch"):]) is None:
-                    return False
-            except Exception as e:  # offline or a failing download
-                raise MetaSegError(_("MetaSeg could not install PyTorch: {error}. Check the internet connection "
-                                     "and try again, or install PyTorch in the PyTorch Utils module.").format(
-                    error=e)) from e
-        others = [p.requirement for p in dependencies.check() if p.name != "torch"]
-        if others:
-            question = _("MetaSeg needs the Python packages {packages} (deepbet finds the brain in a whole-head "
-                         "scan). Install them now? This downloads them once from the Python package index.").format(
-                packages=", ".join(others))
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MetaSeg")):
-                return False
-            try:
-                with slicer.util.WaitCursor():
-                    slicer.util.pip_install(" ".join(f'"{r}"' for r in others))
-            except Exception as e:  # offline, proxy, permissions: guidance, not a raw CalledProcessError
-                detail = getattr(e, "output", None) or getattr(e, "stderr", None) or str(e)
-                if isinstance(detail, bytes):
-                    detail = detail.decode("utf-8", "replace")
-                raise MetaSegError(dependencies.install_failure(others, str(detail))) from e
+        if wrong:
+            raise MetaSegError(dependencies.describe(wrong))
+        if not problems:
+            return []
+        have_ltt = dependencies.installed_version("light-the-torch") is not None
+        return install.plan(problems, cuda=install.has_cuda_gpu(), raw_progress=install.pip_supports_raw_progress(),
+                            have_light_the_torch=have_ltt)
+
+    def startInstall(self, steps, onProgress=None, onFinished=None) -> "InstallJob":
+        """Run the install steps one after the other in child processes (`PythonSlicer -m pip ...`); returns at
+        once. onProgress(step, event) for each of pip's lines the panel shows; onFinished(job) at the end."""
+        job = InstallJob(steps, python_executable(IN_SLICER_APP), onProgress=onProgress, onFinished=onFinished)
+        job.start()
+        return job
+
+    def installDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install what the core needs (Slicer application only; blocks, for the Python console); True when every
+        requirement is met. The panel does the same without blocking, showing the progress (startInstall)."""
+        steps = self.installPlan()
+        if not steps:
+            return True
+        if not IN_SLICER_APP:
+            raise MetaSegError(dependencies.describe(dependencies.check()))
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(install.describe_plan(steps),
+                                                                      windowTitle=_("MetaSeg")):
+            return False
+        job = self.startInstall(steps)
+        job.wait()
+        if job.state == "failed":
+            raise MetaSegError(job.failure.text, job.failure)
+        if job.state == "cancelled":
+            return False
         importlib.invalidate_caches()
         problems = dependencies.check()
         if problems:
@@ -840,7 +1154,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 livePreview: bool = False, liveEvery: Optional[int] = None,
                 onProgress: Optional[Callable[[Event], None]] = None,
                 onFinished: Optional[Callable[[MetaSegJob], None]] = None,
-                timeout: Optional[float] = None):
+                timeout: Optional[float] = None, brainMask=None, acceptPoorMatch: bool = False):
         """Segment `volumeNode` into one segment per label; segment IDs are the segments' names, so a
         re-run on the same input (into a new or the same output) gives the same IDs.
 
@@ -866,6 +1180,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
           Default interval: LIVE_EVERY for the input's dimension, measured to slow the fit by <= 10 %.
         :param onProgress: called with each protocol Event (stage, progress, labels, warning).
         :param onFinished: called with the job once it is done, failed or cancelled.
+        :param brainMask: 3D: the brain of this scan (a labelmap volume, nonzero = brain; or a segmentation: its
+          BRAIN_MASK_SEGMENT, else all of its segments), in any geometry and under any linear transform: it is
+          resampled onto the input's grid. Voxels outside are ignored and no brain extraction is done.
+        :param acceptPoorMatch: segment even an input refused as not matching the model (the panel's
+          "Segment anyway"); the result is then likely wrong.
+        A refusal raises MetaSegError (wait=True) or ends the job "failed"; its `failure` says what to do.
         """
         self._checkInput(volumeNode, outputSegmentation)
         if str(device).lower() not in DEVICES and not str(device).lower().startswith(("cuda", "mps")):
@@ -878,7 +1198,12 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError(f"quality must be fast or best (got {quality!r})")
         if labels not in LABEL_SETS:
             raise MetaSegError(f"labels must be one of {', '.join(LABEL_SETS)} (got {labels!r})")
+        if steps is not None and int(steps) > MAX_STEPS:
+            raise MetaSegError(_("Test-time steps can be at most {n} (0 uses the number the model was trained "
+                                 "with).").format(n=MAX_STEPS))
         dims = self.inputDimension(volumeNode)
+        if brainMask is not None:
+            self._checkBrainMask(brainMask, volumeNode, dims, brainExtraction)
         if weights is None:
             weights = self.weightsPath(dims, labels)
             if weights is None:
@@ -900,12 +1225,18 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                                      brain_extraction=brainExtraction if dims == 3 else "auto",
                                      brain_mask=keepBrainMask and dims == 3,
                                      quality=quality if dims == 3 else "fast", labels=labels,
+                                     accept_poor_match=bool(acceptPoorMatch), mask=brainMask is not None,
                                      python_path=[str(corePath)], temp_root=str(self.runRoot))
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
         try:
             self._exportVolume(volumeNode, process.input_path)
+            if brainMask is not None:
+                self._exportBrainMask(brainMask, volumeNode, process.mask_path)
             process.start()
+        except MetaSegError:
+            process.cleanup()
+            raise
         except Exception as e:
             process.cleanup()
             raise MetaSegError(f"could not start MetaSeg: {e}") from e
@@ -981,9 +1312,10 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         try:
             process.start()
             self._waitForProcess(process, timeout)
-            error = process.error_message()
-            if error is not None:
-                raise MetaSegError(error)
+            reported = process.failure()
+            if reported is not None:
+                failure = refusals.explain(reported, what=_("render the cross-section"))
+                raise MetaSegError(failure.text, failure)
             if segmentationNode.GetScene() is None:  # the scene was closed while the process ran
                 raise MetaSegCancelled("the scene was closed: the cross-section was not added")
             node = self._loadPlane(process.output_path, segmentationNode, sliceNode, what, info,
@@ -1006,6 +1338,7 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
         """Block until the process ends; in Slicer the GUI keeps processing events meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while process.returncode is None:
+            process.poll()  # reads its output as it comes: a full pipe must never block the child
             if deadline is not None and time.monotonic() > deadline:
                 process.cancel(grace=0.5)
                 raise MetaSegError(f"the cross-section took more than {timeout} s and was cancelled")
@@ -1014,8 +1347,23 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             time.sleep(0.02)
         process.wait(30.0)
 
+    @staticmethod
+    def crossSectionNode(segmentationNode, sliceNode, what: str = "labels"):
+        """The volume node that holds the cross-section of `segmentationNode` rendered for the view of `sliceNode`
+        (one per result, view and kind, reused by every render), or None before the first."""
+        scene = segmentationNode.GetScene() if segmentationNode is not None else None
+        if scene is None:
+            return None
+        kind = "vtkMRMLLabelMapVolumeNode" if what == "labels" else "vtkMRMLScalarVolumeNode"
+        for node in scene.GetNodesByClass(kind):
+            if (node.GetClassName() == kind and node.GetAttribute(CROSS_SECTION_OF) == segmentationNode.GetID()
+                    and node.GetAttribute(CROSS_SECTION_VIEW) == sliceNode.GetID()):
+                return node
+        return None
+
     def _loadPlane(self, path: Path, segmentationNode, sliceNode, what: str, info: Dict[str, Any], toSegmentation):
-        """The rendered plane file as a new volume node in the segmentation's frame, under its transform."""
+        """The rendered plane file in a volume node in the segmentation's frame, under its transform: the node of an
+        earlier render of this result, view and kind (its voxels and place replaced), else a new one."""
         private = slicer.vtkMRMLScene()
         source = private.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
         storage = private.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -1024,13 +1372,18 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
             raise MetaSegError(f"could not read the cross-section {path}")
         scene = segmentationNode.GetScene()
         kind = "vtkMRMLLabelMapVolumeNode" if what == "labels" else "vtkMRMLScalarVolumeNode"
-        node = scene.AddNewNodeByClass(kind, scene.GenerateUniqueName(
-            f"{segmentationNode.GetName()} {sliceNode.GetName()} {what}"))
+        node = self.crossSectionNode(segmentationNode, sliceNode, what)
+        if node is None:
+            node = scene.AddNewNodeByClass(kind, scene.GenerateUniqueName(
+                f"{segmentationNode.GetName()} {sliceNode.GetName()} {what}"))
+            node.SetAttribute(CROSS_SECTION_OF, segmentationNode.GetID())
+            node.SetAttribute(CROSS_SECTION_VIEW, sliceNode.GetID())
         node.SetAndObserveImageData(source.GetImageData())
         matrix = vtk.vtkMatrix4x4()
         source.GetIJKToRASMatrix(matrix)
         node.SetIJKToRASMatrix(frames.to_vtk(toSegmentation @ frames.to_numpy(matrix)))
-        node.CreateDefaultDisplayNodes()
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
         if what == "labels":
             node.GetDisplayNode().SetAndObserveColorNodeID(self._tissueColors(scene, info.get("labels", [])).GetID())
         node.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
@@ -1131,6 +1484,81 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 frames.between(volumeNode, outputSegmentation)
             except frames.FrameError as e:
                 raise MetaSegError(f"cannot place the result in '{outputSegmentation.GetName()}': {e}") from e
+
+    @staticmethod
+    def _checkBrainMask(maskNode, volumeNode, dims: int, brainExtraction: str) -> None:
+        """A brain mask the run can use, or MetaSegError in the panel's words."""
+        if not (maskNode.IsA("vtkMRMLLabelMapVolumeNode") or maskNode.IsA("vtkMRMLSegmentationNode")):
+            raise MetaSegError(_("The brain mask must be a labelmap volume or a segmentation."))
+        if maskNode.GetScene() is not volumeNode.GetScene():
+            raise MetaSegError(_("The brain mask is not in the input volume's scene."))
+        if dims != 3:
+            raise MetaSegError(refusals.explain({"reason": "needs_3d", "facts": {"option": "--mask"}}).text)
+        if brainExtraction == "on":
+            raise MetaSegError(refusals.explain({"reason": "mask_and_extraction"}).text)
+        if maskNode.IsA("vtkMRMLSegmentationNode") and maskNode.GetSegmentation().GetNumberOfSegments() == 0:
+            raise MetaSegError(_("The brain mask '{name}' has no segment.").format(name=maskNode.GetName()))
+        if maskNode.IsA("vtkMRMLLabelMapVolumeNode") and maskNode.GetImageData() is None:
+            raise MetaSegError(_("The brain mask '{name}' has no image data.").format(name=maskNode.GetName()))
+        try:
+            frames.between(maskNode, volumeNode)
+        except frames.FrameError as e:
+            raise MetaSegError(_("The brain mask cannot be placed on the input volume: {error}").format(error=e)) from e
+
+    @staticmethod
+    def _exportBrainMask(maskNode, volumeNode, path: Path) -> None:
+        """Write the brain mask onto the input volume's own grid (its voxels, in its untransformed frame: where the
+        exported input lies) as a labelmap file, nonzero = brain. A labelmap volume counts where it is nonzero; a
+        segmentation by its BRAIN_MASK_SEGMENT (a MetaSeg result's kept mask) or else all of its segments. Done in
+        a private scene: the user's nodes are only read."""
+        private = slicer.vtkMRMLScene()
+        work = private.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation = work.GetSegmentation()
+        labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+        if maskNode.IsA("vtkMRMLSegmentationNode"):
+            source = maskNode.GetSegmentation()
+            segmentation.DeepCopy(source)
+            keep = [BRAIN_MASK_SEGMENT] if source.GetSegment(BRAIN_MASK_SEGMENT) is not None else \
+                list(source.GetSegmentIDs())
+            for segmentId in list(segmentation.GetSegmentIDs()):
+                if segmentId not in keep:
+                    segmentation.RemoveSegment(segmentId)
+            if not work.CreateBinaryLabelmapRepresentation():
+                raise MetaSegError(_("The brain mask '{name}' cannot be turned into voxels.").format(
+                    name=maskNode.GetName()))
+            work.SetSourceRepresentationToBinaryLabelmap()
+            toVolume = frames.between(maskNode, volumeNode)
+        else:
+            # the labelmap's voxels in world coordinates (its parent transform applied), as 0/1
+            image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(maskNode)
+            scalars = image.GetPointData().GetScalars()
+            inside = (vtk.util.numpy_support.vtk_to_numpy(scalars) > 0).astype(np.uint8)
+            image.GetPointData().SetScalars(vtk.util.numpy_support.numpy_to_vtk(
+                inside, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+            segment = slicer.vtkSegment()
+            segment.SetName("brain")
+            segment.AddRepresentation(labelmapName, image)
+            segmentation.AddSegment(segment, "brain")
+            toVolume = frames.world_to_local(volumeNode)
+        if not np.allclose(toVolume, np.eye(4)):
+            transform = vtk.vtkTransform()
+            transform.SetMatrix(frames.to_vtk(toVolume))
+            segmentation.ApplyLinearTransform(transform)
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)  # the input's own grid, without its parent transform
+        converter = slicer.vtkSegmentationConverter
+        segmentation.SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                                            converter.SerializeImageGeometry(ijkToRas, volumeNode.GetImageData()))
+        labelmap = private.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+                work, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise MetaSegError(_("The brain mask '{name}' could not be placed on the input's grid.").format(
+                name=maskNode.GetName()))
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(False)
+        if not storage.WriteData(labelmap) or not Path(path).is_file():
+            raise MetaSegError(f"could not write the brain mask to {path}")
 
     # ----------------------------------------------------------- MRML glue
     @staticmethod

@@ -150,16 +150,19 @@ def load_deepbet(device: torch.device):
         import deepbet
         from deepbet.utils import DATA_PATH
     except ImportError as e:
-        raise InputError(f"the scan needs brain extraction, which needs deepbet: {INSTALL_HINT}") from e
+        raise InputError(f"the scan needs brain extraction, which needs deepbet: {INSTALL_HINT}",
+                         reason="needs_deepbet") from e
     models = Path(DATA_PATH) / "models"
     for name, want in DEEPBET_SHA256.items():
         path = models / name
         if not path.is_file():
-            raise InputError(f"deepbet's weights {path} are missing: reinstall deepbet=={DEEPBET_VERSION}")
+            raise InputError(f"deepbet's weights {path} are missing: reinstall deepbet=={DEEPBET_VERSION}",
+                             reason="deepbet_damaged", version=DEEPBET_VERSION)
         got = hashlib.sha256(path.read_bytes()).hexdigest()
         if got != want:
             raise InputError(f"deepbet's weights {path} have sha256 {got[:12]}..., not those of deepbet "
-                             f"{DEEPBET_VERSION}: install deepbet=={DEEPBET_VERSION}")
+                             f"{DEEPBET_VERSION}: install deepbet=={DEEPBET_VERSION}", reason="deepbet_damaged",
+                             version=DEEPBET_VERSION)
     with warnings.catch_warnings():  # torch >= 2.9 calls torch.jit.load deprecated; it still loads these files
         warnings.simplefilter("ignore", DeprecationWarning)
         bet = deepbet.BrainExtraction(no_gpu=True)  # loads on the CPU; moved to our device below
@@ -179,14 +182,16 @@ def extract_brain(scan: sitk.Image, device: Optional[torch.device] = None) -> Br
     if len(objects) > 1 and objects[1] >= SECOND_OBJECT_ML:
         raise InputError(f"the scan holds a second brain-like component ({objects[1]:.0f} mL of tissue beside "
                          f"{objects[0]:.0f} mL): two heads or a large object in the field of view? Crop it to one "
-                         "head, or pass a brain mask with --mask")
+                         "head, or pass a brain mask with --mask", reason="two_objects", ml=round(objects[1]),
+                         first_ml=round(objects[0]))
     bet = load_deepbet(device or torch.device("cpu"))
     ras = sitk.DICOMOrient(sitk.Cast(scan, sitk.sitkFloat32), "RAS")
     x = np.ascontiguousarray(sitk.GetArrayFromImage(ras).transpose(2, 1, 0))
     try:
         prob = bet.run_model(x)
     except (AssertionError, ValueError, RuntimeError) as e:  # no foreground for its bounding box, etc.
-        raise InputError(f"brain extraction found no brain in the scan ({e}): is it a T1 brain MRI?") from e
+        raise InputError(f"brain extraction found no brain in the scan ({e}): is it a T1 brain MRI?",
+                         reason="no_brain_found", ml=0) from e
     raw = prob > THRESHOLD
     vox_ml = float(np.prod(scan.GetSpacing())) / 1000.0
     pieces = _components_ml(raw, vox_ml)
@@ -194,17 +199,19 @@ def extract_brain(scan: sitk.Image, device: Optional[torch.device] = None) -> Br
         found = pieces[0] if pieces else 0.0
         raise InputError(f"brain extraction found almost no brain ({found:.0f} mL; a brain has 1100-2000 mL): "
                          "is the input a T1 MRI of a head? Pass a brain mask with --mask, or --brain-extraction off "
-                         "for a skull-stripped scan" + field_of_view_hint(scan))
+                         "for a skull-stripped scan" + field_of_view_hint(scan), reason="no_brain_found", ml=round(found))
     if len(pieces) > 1 and pieces[1] >= SECOND_COMPONENT_ML:
         raise InputError(f"brain extraction found a second brain-like component ({pieces[1]:.0f} mL beside "
                          f"{pieces[0]:.0f} mL): the scan may hold two heads or a large artefact; crop it to one "
-                         "head or pass a brain mask with --mask" + field_of_view_hint(scan))
+                         "head or pass a brain mask with --mask" + field_of_view_hint(scan), reason="two_objects",
+                         ml=round(pieces[1]), first_ml=round(pieces[0]))
     mask = bet.postprocess(raw, 0)  # deepbet: keep its largest piece, fill its holes
     volume = float(mask.sum()) * vox_ml
     if volume > MAX_BRAIN_ML:
         raise InputError(f"brain extraction found {volume:.0f} mL of brain-like tissue, more than one brain "
                          f"(at most {MAX_BRAIN_ML:.0f} mL): two heads in the field of view, or not a T1 brain MRI?"
-                         + (field_of_view_hint(scan) or "; crop the scan to one head, or pass a brain mask with --mask"))
+                         + (field_of_view_hint(scan) or "; crop the scan to one head, or pass a brain mask with --mask"),
+                         reason="too_much_brain", ml=round(volume), max_ml=round(MAX_BRAIN_ML))
     out = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)).astype(np.uint8))
     out.CopyInformation(ras)
     # the RAS copy has the same voxel centres, so nearest-neighbour resampling is an exact permutation back
@@ -227,7 +234,8 @@ def _refuse_ct(scan: sitk.Image) -> None:
     air = float((a <= CT_AIR_HU).mean())
     if air > CT_AIR_FRACTION:
         raise InputError(f"{100 * air:.0f}% of the voxels are at or below {CT_AIR_HU:g} (air in Hounsfield units): this "
-                         "looks like a CT, not a T1 MRI; MetaSeg segments T1-weighted MRI")
+                         "looks like a CT, not a T1 MRI; MetaSeg segments T1-weighted MRI", reason="looks_like_ct",
+                         percent_air=round(100 * air))
 
 
 def prepare_brain(scan: sitk.Image, mode: str, device: Optional[torch.device] = None, *,

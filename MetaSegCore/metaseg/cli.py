@@ -270,6 +270,33 @@ def _segment(a: argparse.Namespace) -> int:
     return segment_file(a.input, outputs, _options(a), a.progress, mask=a.mask)
 
 
+def _add_job(sub) -> None:
+    p = sub.add_parser(
+        "job",
+        help="segment as a JSON job file says (for programs: the Slicer module's child process)",
+        description="Run one `segment` described by a JSON file that holds the run's typed settings under their "
+        "names in metaseg.options (SegmentOptions, Outputs) instead of command-line options: {\"format\": "
+        "\"metaseg-job/1\", \"input\": ..., \"mask\": ..., \"options\": {...}, \"outputs\": {...}, \"progress\": "
+        "\"json\"}. Unknown fields are refused.",
+        epilog="exit codes: as segment (0 done, 2 bad input/weights/arguments, 3 cancelled, 1 unexpected error)",
+    )
+    p.add_argument("job", help="the job file (.json)")
+    p.set_defaults(func=_job)
+
+
+def _job(a: argparse.Namespace) -> int:
+    from .io import InputError
+    from .options import read_job
+    from .pipeline import segment_file
+
+    try:
+        job = read_job(a.job)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return segment_file(job.input, job.outputs, job.options, job.progress, mask=job.mask)
+
+
 def _add_batch(sub) -> None:
     p = sub.add_parser(
         "batch",
@@ -509,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"metaseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_segment(sub)
+    _add_job(sub)
     _add_batch(sub)
     _add_reslice(sub)
     _add_evaluate(sub)

@@ -19,7 +19,18 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class InputError(ValueError):
-    """The input is missing, unreadable or not an image this model can segment; the message says why."""
+    """The input is missing, unreadable or not an image this model can segment; the message says why.
+
+    The message is the command line's (it may name options such as --mask). A refusal that a program
+    words for its own users (the Slicer panel) also carries `reason`, a stable name of what was refused,
+    and `facts`, the numbers the message quotes; `metaseg segment --progress json` sends both with its
+    error event. The reasons: see REASONS in progress.py.
+    """
+
+    def __init__(self, message: str, reason: Optional[str] = None, **facts):
+        super().__init__(message)
+        self.reason = reason
+        self.facts = facts
 
 
 def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:

@@ -6,9 +6,10 @@ settings through the same checks; nothing below `cli.py` sees an argparse namesp
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, Path]
 
@@ -155,3 +156,70 @@ class BatchSettings:
     merge: bool = False
     force: bool = False
     progress: str = "bar"
+
+
+JOB_FORMAT = "metaseg-job/1"
+
+
+@dataclass(frozen=True)
+class Job:
+    """`metaseg job JOB.json`: one `segment` run described by a program (the Slicer module's child process)
+    instead of a command line. The file holds the same typed settings: {"format": "metaseg-job/1", "input":
+    path, "mask": path or null, "options": {SegmentOptions fields}, "outputs": {Outputs fields}, "progress":
+    "json" | "bar" | "none"}. A field this version does not know is refused, never ignored."""
+
+    input: str
+    options: SegmentOptions
+    outputs: Outputs
+    mask: Optional[str] = None
+    progress: str = "json"
+
+    def to_dict(self) -> Dict[str, Any]:
+        def plain(obj) -> Dict[str, Any]:
+            return {f.name: (str(v) if isinstance(v, Path) else v) for f in fields(obj)
+                    for v in [getattr(obj, f.name)]}
+
+        return {"format": JOB_FORMAT, "input": str(self.input), "mask": None if self.mask is None else str(self.mask),
+                "options": plain(self.options), "outputs": plain(self.outputs), "progress": self.progress}
+
+
+def typed(cls, data: Any, what: str):
+    """`cls(**data)` for a dataclass of this module, refusing (InputError) what is not a field of it."""
+    from .io import InputError
+
+    if not isinstance(data, Mapping):
+        raise InputError(f"{what} must be a JSON object of {cls.__name__} fields (got {type(data).__name__})")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{what}: {', '.join(unknown)} {'is not a field' if len(unknown) == 1 else 'are not fields'} "
+                         f"of {cls.__name__} (known: {', '.join(sorted(known))}); is the job file newer than this core?")
+    for f in fields(cls):
+        if isinstance(f.default, bool) and f.name in data and not isinstance(data[f.name], bool):
+            raise InputError(f"{what}: {f.name} must be true or false (got {data[f.name]!r})")
+    return cls(**data)
+
+
+def read_job(path: PathLike) -> Job:
+    """The Job in a JSON file (see Job), checked field by field (InputError with the file's name)."""
+    from .io import InputError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read the job file {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != JOB_FORMAT:
+        raise InputError(f"{path} is not a MetaSeg job file (its \"format\" must be {JOB_FORMAT!r})")
+    unknown = sorted(set(data) - {"format", "input", "mask", "options", "outputs", "progress"})
+    if unknown:
+        raise InputError(f"{path}: unknown entries {', '.join(unknown)}")
+    if not isinstance(data.get("input"), str) or not data["input"]:
+        raise InputError(f"{path}: \"input\" must name the image file")
+    mask = data.get("mask")
+    if mask is not None and not isinstance(mask, str):
+        raise InputError(f"{path}: \"mask\" must be a file name or null")
+    progress = data.get("progress", "json")
+    if progress not in ("bar", "json", "none"):
+        raise InputError(f"{path}: \"progress\" must be bar, json or none (got {progress!r})")
+    return Job(data["input"], typed(SegmentOptions, data.get("options", {}), f"{path}: options"),
+               typed(Outputs, data.get("outputs", {}), f"{path}: outputs"), mask, progress)

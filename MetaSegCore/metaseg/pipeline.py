@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -54,13 +55,25 @@ def segment_file(source: PathLike, outputs: Outputs, options: SegmentOptions, pr
         return EXIT_CANCELLED
     except (InputError, WeightsError, FileNotFoundError, OutputExistsError, ValueError) as e:
         _remove(live_files)
-        rep.emit("error", message=str(e), exit_code=EXIT_USAGE)
+        rep.emit("error", message=str(e), exit_code=EXIT_USAGE, **refusal_fields(e))
         return EXIT_USAGE
+    except Exception as e:  # a fault, not a refusal: the program reading the events gets its traceback too
+        _remove(live_files)
+        if rep.mode == "json":
+            rep.emit("error", message=f"{type(e).__name__}: {e}", exit_code=EXIT_ERROR, reason="unexpected",
+                     traceback=traceback.format_exc())
+        raise
     except BaseException:
         _remove(live_files)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def refusal_fields(e: BaseException) -> Dict[str, Any]:
+    """An error event's machine-readable part: the refusal's `reason` and `facts` (InputError), where it has one."""
+    reason = getattr(e, "reason", None)
+    return {"reason": reason, "facts": dict(getattr(e, "facts", {}) or {})} if reason else {}
 
 
 def _remove(files: List[Path]) -> None:

@@ -8,7 +8,8 @@ prints the figures.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -77,14 +78,17 @@ def slice_template_ncc(image: np.ndarray, template: sitk.Image) -> float:
 
 
 def slice_check(image: np.ndarray, template: sitk.Image) -> Tuple[float, Optional[str], Optional[str]]:
-    """(NCC, refusal or None, warning or None) for a 2D input: is it an aligned coronal slice?"""
+    """(NCC, refusal or None, warning or None) for a 2D input: is it an aligned coronal slice? With a refusal, the
+    warning is what a run segmented anyway reports."""
     ncc = slice_template_ncc(image, template)
     if ncc < MIN_SLICE_NCC:
-        return ncc, (f"the slice does not look like an aligned coronal brain slice (correlation {ncc:.2f} with the "
-                     f"model's coronal slice; aligned slices score {WARN_SLICE_NCC:.2f} or more, sagittal and axial "
-                     "slices 0.34-0.53): the 2D model takes coronal slice 109 of a T1 aligned like neurite-oasis "
-                     "(160x192, 1 mm). Extract that slice, use the 3D model on the whole scan, or pass "
-                     "--accept-poor-match to segment it anyway"), None
+        finding = (f"the slice does not look like an aligned coronal brain slice (correlation {ncc:.2f} with the "
+                   f"model's coronal slice; aligned slices score {WARN_SLICE_NCC:.2f} or more, sagittal and axial "
+                   "slices 0.34-0.53): the 2D model takes coronal slice 109 of a T1 aligned like neurite-oasis "
+                   "(160x192, 1 mm)")
+        # the refusal speaks to the command line; the warning of a run that went on anyway to every reader
+        return ncc, (f"{finding}. Extract that slice, use the 3D model on the whole scan, or pass "
+                     "--accept-poor-match to segment it anyway"), f"{finding}. Check the result"
     if ncc < WARN_SLICE_NCC:
         return ncc, None, (f"the slice matches the model's aligned coronal slice only loosely (correlation {ncc:.2f}; "
                            f"aligned slices {WARN_SLICE_NCC:.2f} or more): is it coronal slice 109 of an aligned T1? "
@@ -123,9 +127,25 @@ EXTRACTION_HINT = ("; if the scan still has its skull (e.g. a small or a child's
                    "brain by its size), pass --brain-extraction on")
 
 
-def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: float, try_flips: bool = True,
-                         brain_given: bool = True) -> str:
-    """The likely cause of a failed registration, as advice: a whole head, inverted (T2-like) contrast,
+@dataclass(frozen=True)
+class MatchCause:
+    """The likely cause of a failed registration. `kind`: whole_head, inverted_contrast, flipped_axis or unknown;
+    `finding`: what was seen, in words for anyone; `advice`: what to do, in the command line's words (it may
+    name options); `facts`: the numbers behind the finding (a program words its own advice from `kind` and these)."""
+
+    kind: str
+    finding: str
+    advice: str = ""
+    facts: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return f"{self.finding}. {self.advice}" if self.advice else self.finding
+
+
+def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: float,
+                         try_flips: bool = True, brain_given: bool = True) -> MatchCause:
+    """The likely cause of a failed registration: a whole head, inverted (T2-like) contrast,
     a voxel axis flipped in the header (found by registering flipped copies, ~10 s each: only
     when `try_flips`, i.e. before refusing), or else a generic question. Without `brain_given` (no extracted or
     given brain mask) the advice includes brain extraction; a field of view larger than a head, a crop."""
@@ -133,23 +153,27 @@ def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: f
     litres = float((arr > 0).sum()) * float(np.prod(scan.GetSpacing())) / 1e6
     extra = ("" if brain_given else EXTRACTION_HINT) + field_of_view_hint(scan)
     if litres > MAX_BRAIN_LITRES:
-        return (f"it has {litres:.1f} L of nonzero voxels, more than a brain (skull-stripped scans: about 1.1-1.9 L): "
-                "a whole head with skull, neck or background noise? Give a skull-stripped T1, or pass --mask with "
-                "a brain mask" + ("" if brain_given else " or --brain-extraction on") + field_of_view_hint(scan))
+        return MatchCause("whole_head", f"it has {litres:.1f} L of nonzero voxels, more than a brain (skull-stripped "
+                          "scans: about 1.1-1.9 L): a whole head with skull, neck or background noise?",
+                          "Give a skull-stripped T1, or pass --mask with a brain mask"
+                          + ("" if brain_given else " or --brain-extraction on") + field_of_view_hint(scan),
+                          {"litres": round(litres, 2)})
     if ncc_interior < INVERTED_NCC_INTERIOR:
-        return ("its tissue contrast looks inverted (dark white matter, bright CSF): a T2-weighted or FLAIR scan? "
-                "The model needs a T1-weighted scan")
+        return MatchCause("inverted_contrast", "its tissue contrast looks inverted (dark white matter, bright CSF): "
+                          "a T2-weighted or FLAIR scan? The model needs a T1-weighted scan")
     if try_flips:
         for axis in range(3):
             flipped = sitk.Flip(scan, [a == axis for a in range(3)])
             flipped.CopyInformation(scan)  # same header, mirrored voxels: what a wrong direction sign looks like
             _, q = register_affine(flipped, template)
             if registration_ok(q, *FLIP_OK):
-                return (f"its header's orientation looks wrong: the voxels match the template once voxel axis "
-                        f"{'ijk'[axis]} is flipped (NCC {q.ncc:.2f} / {q.ncc_interior:.2f}). Fix the direction in the "
-                        "header (e.g. reorient the volume in Slicer and save it) and run again")
-    return ("is it a skull-stripped T1-weighted brain MRI (not noise, another modality or a partial field of view)? "
-            "Check the scan, or pass --mask with a brain mask" + extra)
+                return MatchCause("flipped_axis", f"its header's orientation looks wrong: the voxels match the "
+                                  f"template once voxel axis {'ijk'[axis]} is flipped (NCC {q.ncc:.2f} / "
+                                  f"{q.ncc_interior:.2f}). Fix the direction in the header (e.g. reorient the volume "
+                                  "in Slicer and save it) and run again", "",
+                                  {"axis": "ijk"[axis], "ncc": round(q.ncc, 3), "ncc_interior": round(q.ncc_interior, 3)})
+    return MatchCause("unknown", "is it a skull-stripped T1-weighted brain MRI (not noise, another modality or a "
+                      "partial field of view)?", "Check the scan, or pass --mask with a brain mask" + extra)
 
 
 def _centred(a: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:

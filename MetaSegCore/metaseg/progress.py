@@ -8,7 +8,10 @@ each line is an object with an "event" key:
       (live preview with --live-dir: the labels so far, in the input's geometry)
   {"event": "warning", "message": "..."}
   {"event": "done", "outputs": {...}, "report": {...}}
-  {"event": "error", "message": "...", "exit_code": 2}
+  {"event": "error", "message": "...", "exit_code": 2, "reason": "poor_match", "facts": {"ncc": 0.21, ...}}
+      (the message is the command line's; a refusal also names its `reason` (REASONS below) and the numbers it
+      quotes, so that a program can word it for its own users; an unexpected fault has reason "unexpected", exit
+      code 1 and its "traceback")
 `metaseg batch` sends each scan's events with a "scan" key, and its own (batch_progress.py).
 """
 from __future__ import annotations
@@ -19,6 +22,27 @@ import time
 from typing import Any, TextIO
 
 from .fit import FitProgress
+
+
+# The reasons an error event can name, and the facts each carries (InputError(..., reason=..., **facts)).
+REASONS = {
+    "poor_match": "the scan does not match the model: dims (2 or 3), ncc; 3D also ncc_interior, cause (whole_head, "
+                  "inverted_contrast, flipped_axis, unknown), cause_finding and the cause's numbers (litres; axis)",
+    "slice_too_large": "a 2D image larger than the 2D model's canvas: width, height",
+    "needs_3d": "an option that only a 3D volume has, given for a 2D slice: option",
+    "mask_geometry": "the brain mask is not on the scan's grid: why",
+    "mask_misses_brain": "no voxel of the scan above 0 inside the brain mask",
+    "mask_and_extraction": "a brain mask and brain extraction 'on' together",
+    "empty_scan": "no voxel of the scan above 0",
+    "needs_deepbet": "brain extraction is needed and deepbet is not installed",
+    "deepbet_damaged": "deepbet's weights are missing or not its own: version",
+    "two_objects": "two brain-like objects (two heads?): ml, first_ml",
+    "no_brain_found": "brain extraction found (almost) no brain: ml",
+    "too_much_brain": "brain extraction found more than one brain's volume: ml, max_ml",
+    "looks_like_ct": "a CT in Hounsfield units, not an MRI: percent_air",
+    "device_unavailable": "the requested device is not available: device",
+    "unexpected": "a fault of MetaSeg itself (exit code 1): the event has the traceback",
+}
 
 
 class Reporter:

@@ -154,6 +154,6 @@ def check_volume_outputs(files: Dict[str, Path], volume: bool, mask_given: bool 
         return
     for kind, option in VOLUME_ONLY.items():
         if kind in files:
-            raise InputError(f"{option} needs a 3D volume; the input is a 2D slice")
+            raise InputError(f"{option} needs a 3D volume; the input is a 2D slice", reason="needs_3d", option=option)
     if mask_given:
-        raise InputError("--mask needs a 3D volume; the input is a 2D slice")
+        raise InputError("--mask needs a 3D volume; the input is a 2D slice", reason="needs_3d", option="--mask")

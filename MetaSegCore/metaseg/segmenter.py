@@ -61,7 +61,7 @@ class Segmenter:
         try:
             self.device = pick_device(device)
         except ValueError as e:  # an absent accelerator or an unknown name: the caller's to fix
-            raise InputError(str(e)) from e
+            raise InputError(str(e), reason="device_unavailable", device=device) from e
         self._models: Dict[int, Model] = {}
         self._lock = threading.RLock()
 
@@ -112,7 +112,8 @@ class Segmenter:
             dims = image_dims(inp.image)
             for option, given in (("--mask", mask is not None), ("--uncertainty", options.uncertainty)):
                 if dims == 2 and given:
-                    raise InputError(f"{option} needs a 3D volume; the input is a 2D slice")
+                    raise InputError(f"{option} needs a 3D volume; the input is a 2D slice", reason="needs_3d",
+                                     option=option)
             model = self.model(dims).with_steps(options.steps)
             run = _segment_volume if dims == 3 else _segment_slice
             seg = run(inp, model, options, hooks, mask, t_start)
@@ -269,7 +270,8 @@ def _brain_mask(inp: InputImage, mask: Any, mode: str, model: Model, hooks: Hook
     img = inp.image
     if mask is not None:
         if mode == "on":
-            raise InputError("--mask gives the brain already: leave out --brain-extraction on")
+            raise InputError("--mask gives the brain already: leave out --brain-extraction on",
+                             reason="mask_and_extraction")
         return _mask_image(mask, inp), {"mode": mode, "extracted": False, "reason": "the brain mask given by --mask is used"}
     if mode != "off":
         image_array_3d(img)  # refuse NaN, vector or constant scans before deepbet sees them
@@ -312,11 +314,12 @@ def check_slice(array: np.ndarray, canvas: Sequence[int], accept_poor_match: boo
         raise InputError(f"the image is {array.shape[1]}x{array.shape[0]} pixels; the 2D model takes one coronal slice "
                          f"of a T1 aligned like neurite-oasis (160x192 pixels of 1 mm, at most {canvas[1]}x{canvas[0]}): "
                          "a photo or screenshot (PNG/JPG) or a slab of another size cannot be segmented. Use the 3D "
-                         "model on the whole scan")
-    _, refusal, warning = slice_check(array, load_template())
+                         "model on the whole scan", reason="slice_too_large",
+                         width=int(array.shape[1]), height=int(array.shape[0]))
+    ncc, refusal, warning = slice_check(array, load_template())
     if refusal and not accept_poor_match:
-        raise InputError(refusal)
-    return [refusal or warning] if (refusal or warning) else []
+        raise InputError(refusal, reason="poor_match", dims=2, ncc=round(ncc, 3))
+    return [warning] if warning else []
 
 
 def _inplane_spacing(img: sitk.Image) -> tuple:

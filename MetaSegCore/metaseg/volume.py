@@ -181,13 +181,16 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     if mask is not None:
         ok, why = same_geometry(mask, scan)
         if not ok:
-            raise InputError(f"the mask does not have the scan's geometry ({why}); resample it onto the scan first")
+            raise InputError(f"the mask does not have the scan's geometry ({why}); resample it onto the scan first",
+                             reason="mask_geometry", why=why)
         arr = np.where(sitk.GetArrayViewFromImage(mask) > 0, arr, 0).astype(np.float32)
     if not (arr > 0).any():
         if mask is not None:
             raise InputError("no voxel of the scan above 0 lies inside the mask: the mask is empty or misses the "
-                             "brain; give a mask whose nonzero voxels cover the brain (or leave --mask out)")
-        raise InputError("the scan has no voxel above 0: expected a skull-stripped T1 (background 0), or pass --mask")
+                             "brain; give a mask whose nonzero voxels cover the brain (or leave --mask out)",
+                             reason="mask_misses_brain")
+        raise InputError("the scan has no voxel above 0: expected a skull-stripped T1 (background 0), or pass --mask",
+                         reason="empty_scan")
     work = sitk.GetImageFromArray(arr)
     work.CopyInformation(scan)
     if settings.bias_correction:
@@ -298,10 +301,13 @@ def match_gate(reg_info: Dict[str, Any], work: sitk.Image, accept_poor_match: bo
     how = "as it lies on the training grid" if reg_info.get("iterations") == 0 else "after registration"
     what = (f"the scan matches the model's template poorly {how} (NCC {reg_info['ncc']:.2f} in "
             f"the brain, {reg_info['ncc_interior']:.2f} in its interior; skull-stripped T1s score about "
-            f"0.90-0.95 / 0.79-0.89): {cause}")
+            f"0.90-0.95 / 0.79-0.89)")
     if diagnose:
-        raise InputError(f"{what}. Nothing was segmented; pass --accept-poor-match to segment it anyway")
-    return [f"{what}. Check the result"]
+        raise InputError(f"{what}: {cause.text}. Nothing was segmented; pass --accept-poor-match to segment it anyway",
+                         reason="poor_match", dims=3, ncc=round(reg_info["ncc"], 3),
+                         ncc_interior=round(reg_info["ncc_interior"], 3), cause=cause.kind, cause_finding=cause.finding,
+                         **cause.facts)
+    return [f"{what}: {cause.finding}. Check the result"]  # a warning reaches every reader: no command-line advice
 
 
 def spacing_warnings(scan: sitk.Image) -> List[str]:

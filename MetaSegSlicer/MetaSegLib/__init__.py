@@ -1,8 +1,10 @@
 """Helpers of the MetaSeg Slicer module that need neither Qt nor the Slicer application.
 
 - `protocol`: parse and validate the core's JSON-lines progress events.
-- `process`: run `python -m metaseg segment` / `reslice` as a child process, read its events on a
-  thread, cancel the whole process tree.
+- `process`: run the core (`python -m metaseg job` / `reslice`) as a child process, read its events
+  with non-blocking reads from the caller's polls (no thread), cancel the whole process tree.
+- `refusals`: a failed run in the panel's words (no command-line options), with the details and
+  what the panel offers (Segment anyway, Advanced settings).
 - `rundirs`: the runs' temporary folders (owner-marked, removed when done, swept when stale).
 - `dependencies`: the core's requirements, checked by version without importing anything.
 - `paths`: where the shipped weights and the core package are, in an installed extension or
@@ -21,7 +23,7 @@ import sys
 # Every module of the package, each after the modules it imports (checked by a test). A reload in
 # this order leaves no module holding a class of an older copy of another (e.g. process.py catching
 # the old ProtocolError while protocol.py raises the new one).
-MODULES = ("protocol", "rundirs", "report", "paths", "dependencies", "frames", "planes", "views", "fitted",
+MODULES = ("protocol", "rundirs", "report", "paths", "dependencies", "refusals", "frames", "planes", "views", "fitted",
            "segfile", "preview", "process")
 
 

@@ -6,8 +6,8 @@ process would fail with a raw exit code. `check` reads the installed distributio
 what to do. REQUIREMENTS equals the `dependencies` of MetaSegCore/pyproject.toml plus its `brain` extra
 (deepbet: whole-head scans, the default 3D path; a test checks).
 
-The messages are written for a user of the Slicer GUI: what is missing, what pressing Segment
-does about it, and what to do when the install cannot reach the package index.
+The messages are written for a user of the Slicer GUI: what is missing and what pressing Segment
+does about it. Installing, and what to do when the package index cannot be reached: `install.py`.
 """
 from __future__ import annotations
 
@@ -84,28 +84,3 @@ def describe(problems: Sequence[Problem]) -> str:
             lines.append(f"{p.name} {p.installed} is installed, but MetaSeg needs {p.requirement}: in Slicer's "
                          f'Python console run slicer.util.pip_install("{p.requirement}"), then restart Slicer.')
     return "\n".join(lines)
-
-
-def install_failure(requirements: Sequence[str], detail: str = "") -> str:
-    """What to tell a GUI user when installing `requirements` failed (offline, proxy, no write access...)."""
-    wanted = " ".join(f'"{r}"' for r in requirements)
-    text = (f"MetaSeg could not install {', '.join(requirements)}. Most often the computer is offline or a proxy "
-            "blocks the Python package index (pypi.org). Connect to the internet and press Segment again. "
-            "Without internet: on a connected computer run `pip download " + wanted + "`, copy the files over, and "
-            "in Slicer's Python console run slicer.util.pip_install(\"--no-index --find-links=<folder> " +
-            " ".join(requirements) + "\").")
-    if detail:
-        text += "\n\nDetails: " + detail.strip()[-1500:]
-    return text
-
-
-CORE_BRAIN_HINT = 'pip install "metaseg[brain]" (the deepbet package), or pass --brain-extraction off'
-
-
-def for_gui(message: str) -> str:
-    """A core error message with its command-line advice replaced by what to do in the MetaSeg panel."""
-    if message and CORE_BRAIN_HINT in message:
-        message = message.replace(CORE_BRAIN_HINT, "press Segment again and confirm the installation of deepbet "
-                                  "(brain extraction of whole-head scans), or set Advanced > Brain extraction to "
-                                  "off for a skull-stripped scan")
-    return message

@@ -2,15 +2,15 @@
 
 The core writes each snapshot as a file and announces it with a "labels" event that also carries
 the segments (value, name, colour) of the weights' card: the same that the final `.seg.nrrd` has.
-Reading and decoding the file happen on a worker thread (`LabelReader`); Slicer's main thread
-only copies the newest decoded array into the preview segmentation (`PreviewSegments.update`),
-whose segments share one labelmap. That keeps each preview update on the GUI thread short
-(benchmarks/bench_slicer_preview.py, docs/results.md).
+`LabelReader` keeps only the newest announced snapshot and decodes it when the job's timer asks
+(`take()`, on Slicer's main thread: no worker thread, which Slicer's idle event loop need not let
+run); the snapshot is the core's coarse live grid (at most ~40,000 brain voxels), so that read is
+short. The decoded array is copied into the preview segmentation (`PreviewSegments.update`), whose
+segments share one labelmap (benchmarks/bench_slicer_preview.py, docs/results.md).
 """
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -33,7 +33,7 @@ class LiveLabels:
 
 def read_labels(path: str) -> Tuple[np.ndarray, np.ndarray]:
     """(uint8 array (k, j, i), 4x4 IJK-to-RAS) of a label image file (2D files become one slice)."""
-    import SimpleITK as sitk  # shipped with Slicer; needs no MRML, so it runs off the main thread
+    import SimpleITK as sitk  # shipped with Slicer
 
     img = sitk.ReadImage(str(path))
     arr = sitk.GetArrayFromImage(img).astype(np.uint8, copy=False)
@@ -51,68 +51,38 @@ def read_labels(path: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 class LabelReader:
-    """Decodes announced snapshot files on one worker thread; `take()` returns the newest result.
+    """The newest announced snapshot, decoded on request; `take()` returns it once.
 
-    A snapshot announced while another is being read replaces any still waiting: the preview
-    skips what it cannot keep up with. Errors (e.g. a file removed by a cancel) drop the snapshot.
+    A snapshot announced before the previous one was taken replaces it: the preview skips what it
+    cannot keep up with. A file that cannot be read (e.g. removed by a cancel) drops the snapshot.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._pending: Optional[Tuple[int, str, Tuple[Dict[str, Any], ...]]] = None
-        self._result: Optional[LiveLabels] = None
         self._stopped = False
-        self._thread: Optional[threading.Thread] = None
-        self._busy = False
 
     def submit(self, step: int, path: str, segments: Sequence[Dict[str, Any]]) -> None:
-        with self._lock:
-            if self._stopped:
-                return
+        if not self._stopped:
             self._pending = (int(step), str(path), tuple(segments))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True, name="MetaSeg-preview")
-                self._thread.start()
-        self._wake.set()
 
     def take(self) -> Optional[LiveLabels]:
-        with self._lock:
-            result, self._result = self._result, None
-        return result
+        job, self._pending = self._pending, None
+        if job is None or self._stopped:
+            return None
+        step, path, segments = job
+        try:
+            array, ijk_to_ras = read_labels(path)
+        except Exception as e:  # noqa: BLE001 (a snapshot that cannot be read is skipped, not fatal)
+            log.debug("MetaSeg: live labels %s skipped: %s", path, e)
+            return None
+        return LiveLabels(step, array, ijk_to_ras, segments)
 
     def stop(self) -> None:
-        with self._lock:
-            self._stopped, self._pending, self._result = True, None, None
-        self._wake.set()
+        self._stopped, self._pending = True, None
 
     def idle(self) -> bool:
-        """Nothing waiting or being read (the newest result may still be there to take)."""
-        with self._lock:
-            return self._pending is None and not self._busy
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            with self._lock:
-                self._wake.clear()
-                if self._stopped:
-                    return
-                job, self._pending = self._pending, None
-                self._busy = job is not None
-            if job is None:
-                continue
-            step, path, segments = job
-            try:
-                array, ijk_to_ras = read_labels(path)
-                live = LiveLabels(step, array, ijk_to_ras, segments)
-            except Exception as e:  # noqa: BLE001 (a snapshot that cannot be read is skipped, not fatal)
-                log.debug("MetaSeg: live labels %s skipped: %s", path, e)
-                live = None
-            with self._lock:
-                self._busy = False
-                if live is not None and not self._stopped:
-                    self._result = live
+        """Nothing announced and not yet taken."""
+        return self._pending is None
 
 
 class PreviewSegments:

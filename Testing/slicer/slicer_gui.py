@@ -11,10 +11,20 @@ What is a stand-in (no PyPI package has them), each class named `...StandIn` or 
 - `qt`: PythonQt's view of Qt (a Q_PROPERTY is an attribute, `obj.connect("signal(args)", slot)`)
   over PySide6's classes: `pythonqt_class` adds exactly that to each PySide6 class, nothing else;
 - the CTK and qMRML widget classes used by the .ui: `ctkCollapsibleButton`, `qMRMLWidget`,
-  `qMRMLNodeComboBox` (StandIn classes below, registered under Slicer's class names);
-- the Slicer application object `slicer.app` (no main window, so no layout manager: what
-  `Slicer --no-main-window` gives), the `PythonSlicer` launcher, and the scripted-module base
-  classes of `slicer.ScriptedLoadableModule`;
+  `qMRMLNodeComboBox` (StandIn classes below, registered under Slicer's class names), and CTK's
+  `ctkMessageBox` (a QMessageBox whose exec_() does not wait for a person: it records the box and
+  presses the button the test asked for, see `Panel.answers` and `Panel.message_boxes`);
+- the Slicer application object `slicer.app`: not in testing mode unless the test asks
+  (`Panel(testing=True)`, as `Slicer --testing`), in which slicer.util's dialogs are skipped; without
+  a main window by default (as `Slicer --no-main-window`: no layout manager, and slicer.util shows no
+  error dialog), or with a plain QMainWindow named qSlicerMainWindow (`Panel(main_window=True)`:
+  slicer.util.mainWindow() finds it by that name, as in Slicer);
+- the `PythonSlicer` launcher: a separate Python process that behaves as CTK's AppLauncher does
+  (read in commontk/AppLauncher, Base/ctkAppLauncher.cpp: the real interpreter runs as its child
+  through QProcess, in the launcher's process group, with the channels forwarded; no signal is
+  forwarded; its exit code is the child's, or EXIT_FAILURE with "exit abnormally" when the child
+  crashed); it starts this interpreter;
+- the scripted-module base classes of `slicer.ScriptedLoadableModule`;
 - `slicer.parameterNodeWrapper`: Slicer's wrapper is not on PyPI. In CI the stand-in in
   `parameter_node_rules.py` binds fields with the connector rules restated from Slicer's
   guiConnectors.py. With METASEG_SLICER_SOURCE set (a Slicer git mirror or checkout), Slicer's
@@ -327,10 +337,48 @@ def make_widget_standins(qt):
     return classes
 
 
+MESSAGE_BOXES: list = []  # every ctkMessageBox "shown": {"title", "text", "details", "buttons", "pressed"}
+ANSWERS: list = []  # texts of the buttons to press, in order; none left: the default (or escape) button
+
+
+def make_message_box_class():
+    """Stand-in for ctkMessageBox: a QMessageBox whose exec_() waits for no one. It records what a person would
+    see and presses the button named next in ANSWERS (by its text), else the default (or escape) button."""
+    from PySide6 import QtWidgets
+
+    class ctkMessageBoxStandIn(QtWidgets.QMessageBox):
+        def exec_(self):
+            buttons = self.buttons()
+            wanted = ANSWERS.pop(0) if ANSWERS else None
+            chosen = next((b for b in buttons if wanted is not None and b.text().replace("&", "") == wanted), None)
+            if wanted is not None and chosen is None:
+                raise AssertionError(f"the message box has no button {wanted!r}: {[b.text() for b in buttons]}")
+            chosen = chosen or self.defaultButton() or self.escapeButton()
+            if chosen is None:
+                raise AssertionError(f"a message box without a default button was shown and the test named no "
+                                     f"button to press: {QtWidgets.QMessageBox.text(self)!r} "
+                                     f"{[b.text() for b in buttons]}")
+            box = QtWidgets.QMessageBox  # Qt's getters: PythonQt shows the properties as attributes on the class
+            MESSAGE_BOXES.append({"title": QtWidgets.QWidget.windowTitle(self), "text": box.text(self),
+                                  "details": box.detailedText(self), "buttons": [b.text().replace("&", "") for b in buttons],
+                                  "pressed": chosen.text().replace("&", "") if chosen is not None else None})
+            if chosen is not None:
+                chosen.click()  # QMessageBox records it as the clicked button
+            return int(self.standardButton(chosen).value) if chosen is not None else 0
+
+        exec = exec_
+
+    cls = pythonqt_class(ctkMessageBoxStandIn)
+    cls.__name__ = "ctkMessageBox"
+    return cls
+
+
 def make_ctk_module(standins) -> types.ModuleType:
     ctk = types.ModuleType("ctk")
-    ctk.__doc__ = "CTK stand-in: only ctkCollapsibleButton is a widget; other names are inert placeholder classes"
+    ctk.__doc__ = ("CTK stand-in: ctkCollapsibleButton and ctkMessageBox are stand-ins; other names are inert "
+                   "placeholder classes")
     ctk.ctkCollapsibleButton = standins["ctkCollapsibleButton"]
+    ctk.ctkMessageBox = make_message_box_class()
 
     def lookup(name):
         if name.startswith("__"):
@@ -398,22 +446,54 @@ def _connect_scene_signals(root, path: Path) -> None:
 UiLoader = None
 
 
+LAUNCHER = '''"""PythonSlicer stand-in: what CTK's AppLauncher does (commontk/AppLauncher, Base/ctkAppLauncher.cpp).
+
+The launcher is a process of its own that starts the real interpreter as its child (QProcess::start: same
+process group, channels forwarded), forwards no signal (a SIGTERM ends the launcher and leaves the child
+running), and exits with the child's exit code, or with EXIT_FAILURE and "exit abnormally" when the child
+crashed (QProcess::CrashExit).
+"""
+import subprocess
+import sys
+
+child = subprocess.Popen([INTERPRETER] + sys.argv[1:])
+code = child.wait()
+if code < 0:
+    sys.stderr.write(f"error: [{INTERPRETER}] exit abnormally - Report the problem.\\n")
+    sys.exit(1)
+sys.exit(code)
+'''
+
+
+def write_launcher(bin_dir: Path) -> Path:
+    """Write the PythonSlicer stand-in (see LAUNCHER) into `bin_dir`; it runs this interpreter."""
+    script = Path(bin_dir) / "python_slicer_launcher.py"
+    script.write_text(LAUNCHER.replace("INTERPRETER", repr(sys.executable)), encoding="utf-8")
+    launcher = Path(bin_dir) / "PythonSlicer"
+    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")  # sh execs: the launcher is one process
+    launcher.chmod(0o755)
+    return launcher
+
+
 # ----------------------------------------------------------------------------- application and module bases
 class SlicerApplicationStandIn:
-    """Stand-in for slicer.app (qSlicerApplication) without a main window: no layout manager."""
+    """Stand-in for slicer.app (qSlicerApplication). Testing mode only when asked (`Slicer --testing` sets it;
+    a user's Slicer does not); a main window only when given (a plain QMainWindow named qSlicerMainWindow)."""
 
     applicationName = "Slicer"
 
-    def __init__(self, temporary_path: str, layout_manager=None):
+    def __init__(self, temporary_path: str, layout_manager=None, testing: bool = False, main_window=None):
         self.temporaryPath = temporary_path
         self._layout = layout_manager
+        self._testing = testing
+        self._main_window = main_window
         self.connections = []
 
     def layoutManager(self):
         return self._layout
 
     def testingEnabled(self):
-        return True  # message boxes answer themselves (Slicer's testing mode), errors are raised
+        return self._testing
 
     def processEvents(self, *args):
         application().processEvents()
@@ -428,7 +508,7 @@ class SlicerApplicationStandIn:
         self.connections.append((signal, slot))
 
     def topLevelWidgets(self):
-        return []
+        return [self._main_window] if self._main_window is not None else []
 
 
 def make_scripted_module_module(qt) -> types.ModuleType:
@@ -540,13 +620,18 @@ class Panel:
                          "qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLCheckableNodeComboBox",
                          "ScriptedLoadableModule", "parameterNodeWrapper", "mrmlScene")
 
-    def __init__(self, tmp_path: Path, scene=None, wrapper: str = "standin", setup: bool = True, layout_manager=None):
+    def __init__(self, tmp_path: Path, scene=None, wrapper: str = "standin", setup: bool = True, layout_manager=None,
+                 testing: bool = False, main_window: bool = False):
         self.tmp_path = Path(tmp_path)
         self.scene = scene
         self.wrapper = wrapper
         self.do_setup = setup
         self.layout_manager = layout_manager
+        self.testing = testing
+        self.want_main_window = main_window
         self.widget = None
+        self.message_boxes = MESSAGE_BOXES  # what the dialogs showed (see make_message_box_class)
+        self.answers = ANSWERS  # which buttons to press
 
     def __enter__(self) -> "Panel":
         import slicer
@@ -589,15 +674,23 @@ class Panel:
         sys.modules["slicer.parameterNodeWrapper"] = pnw
         slicer.parameterNodeWrapper = pnw
         sys.modules.pop("slicer.i18n", None)  # not in slicer-core: MetaSeg falls back to plain strings
-        # the PythonSlicer launcher: this interpreter (stand-in)
+        # the PythonSlicer launcher (stand-in): a launcher process running this interpreter as its child
         bin_dir = self.tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
-        launcher = bin_dir / "PythonSlicer"
-        launcher.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
-        launcher.chmod(0o755)
+        self.launcher = write_launcher(bin_dir)
         os.environ["PATH"] = f"{bin_dir}{os.pathsep}{self._saved_path}"
         (self.tmp_path / "slicer-temp").mkdir(exist_ok=True)
-        slicer.app = SlicerApplicationStandIn(str(self.tmp_path / "slicer-temp"), self.layout_manager)
+        MESSAGE_BOXES.clear()
+        ANSWERS.clear()
+        if self.want_main_window:
+            from PySide6 import QtWidgets
+
+            self.main_window = pythonqt_class(QtWidgets.QMainWindow)()
+            self.main_window.setObjectName("qSlicerMainWindow")
+        else:
+            self.main_window = None
+        slicer.app = SlicerApplicationStandIn(str(self.tmp_path / "slicer-temp"), self.layout_manager,
+                                              testing=self.testing, main_window=self.main_window)
         if self.scene is not None:
             slicer.mrmlScene = self.scene
         sys.modules.pop("MetaSeg", None)

@@ -86,9 +86,68 @@ def test_core_library_lists_every_module():
 
 def test_extension_metadata():
     text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert re.search(r'set\(EXTENSION_CATEGORY "Segmentation"\)', text)
-    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
+    # the values come from MetaSegSlicer/Resources/extension.json (test_slicer_catalog.py; CMake reads it for real in
+    # test_shared_resources_are_copied_at_build_time_not_configure_time)
+    assert "MetaSegSlicer/Resources/extension.json" in text
+    assert re.search(r'set\(EXTENSION_CATEGORY "\$\{_metaseg_category\}"\)', text)
+    assert re.search(r'set\(EXTENSION_DEPENDS "\$\{_metaseg_depends\}"\)', text)
     for var in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
         assert f"set(EXTENSION_{var} " in text
     assert "add_subdirectory(MetaSegCore)" in text and "add_subdirectory(MetaSegSlicer)" in text
     assert "${Slicer_EXTENSION_GENERATE_CONFIG}" in text and "${Slicer_EXTENSION_CPACK}" in text
+
+
+STUB_SLICER = """# Stand-in for Slicer's build tree (SlicerConfig.cmake): what MetaSeg's CMake files use of it, doing nothing but
+# recording. Enough to configure and build the extension's own rules (not Slicer's macros, which need Slicer).
+set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/show.cmake)
+set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+function(slicerMacroBuildScriptedModule)
+endfunction()
+function(slicer_add_python_unittest)
+endfunction()
+"""
+
+
+EXTENSION_VARIABLES = ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_ICONURL",
+                       "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS")
+
+
+def test_shared_resources_are_copied_at_build_time_not_configure_time(tmp_path, slicer_core):
+    """Issue 25, section 7 (as the v5.10 template's scripted modules do it for their resources): the weights and
+    samples reach the build tree when the extension is built, and a changed source file is copied again by the next
+    build. CMake runs for real, with a stand-in for Slicer's build tree (STUB_SLICER). The minimum CMake version is
+    the v5.10 extension template's."""
+    import shutil
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        import pytest
+
+        pytest.skip("cmake is not installed")
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in top  # Utilities/Templates/... @v5.10.0
+    stub = tmp_path / "slicer"
+    stub.mkdir()
+    (stub / "SlicerConfig.cmake").write_text(STUB_SLICER)
+    (stub / "empty.cmake").write_text("")
+    (stub / "show.cmake").write_text("".join(f'message(STATUS "{v}=${{{v}}}")\n' for v in EXTENSION_VARIABLES))
+    build = tmp_path / "build"
+    out = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={stub}"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    meta = dict(re.findall(r"-- (EXTENSION_\w+)=(.*)", out.stdout))
+    import MetaSeg
+
+    info = MetaSeg.extensionInfo()  # the one place the URLs come from, as the module reads it
+    assert meta["EXTENSION_HOMEPAGE"] == info["homepage"] and meta["EXTENSION_ICONURL"] == info["icon"]
+    assert meta["EXTENSION_SCREENSHOTURLS"] == " ".join(info["screenshots"])
+    assert meta["EXTENSION_CONTRIBUTORS"] == ", ".join(info["contributors"])
+    assert meta["EXTENSION_CATEGORY"] == "Segmentation" and meta["EXTENSION_DEPENDS"] == "PyTorch"
+    copied = build / "lib" / "Slicer-5.10" / "qt-scripted-modules" / "Resources" / "Weights" / "metaseg2d.pt.sha256"
+    assert not copied.exists(), "copied at configure time"
+    out = subprocess.run([cmake, "--build", str(build)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert copied.read_bytes() == (ROOT / "Resources" / "Weights" / "metaseg2d.pt.sha256").read_bytes()

@@ -24,14 +24,14 @@ UI = MODULE_DIR / "Resources" / "UI" / "MetaSeg.ui"
 CODE = (MODULE_DIR / "MetaSeg.py").read_text(encoding="utf-8")
 
 # What the module may use of each widget class (Qt/CTK/qMRML properties, methods and signals).
-WIDGET = {"enabled", "toolTip", "show", "hide", "connect", "setMRMLScene"}
+WIDGET = {"enabled", "toolTip", "show", "hide", "connect", "setMRMLScene", "visible"}
 ALLOWED = {
     "QComboBox": WIDGET | {"addItem", "clear", "findData", "findText", "currentIndex", "setCurrentIndex",
                            "currentText", "currentData", "itemData"},
     "qMRMLNodeComboBox": WIDGET | {"currentNode", "setCurrentNode", "addAttribute"},
     "QPushButton": WIDGET | {"text", "checked"},
     "QLabel": WIDGET | {"text"},
-    "QProgressBar": WIDGET | {"value", "setFormat"},
+    "QProgressBar": WIDGET | {"value", "setFormat", "setRange"},
     "QSpinBox": WIDGET | {"value"},
     "QCheckBox": WIDGET | {"checked"},
     "QPlainTextEdit": WIDGET | {"plainText"},
@@ -60,12 +60,13 @@ def parameter_fields():
 
 def annotation(text):
     """The annotation source evaluated with the rules' Choice/WithinRange and stand-in node classes."""
-    from typing import Annotated
+    from typing import Annotated, Optional, Union
 
     import parameter_node_rules as rules
 
     nodes = {name: type(name, (), {}) for name in re.findall(r"vtkMRML\w+", text)}
-    return eval(text, {"Annotated": Annotated, "Choice": rules.Choice, "WithinRange": rules.WithinRange, **nodes})
+    return eval(text, {"Annotated": Annotated, "Optional": Optional, "Union": Union, "Choice": rules.Choice,
+                       "WithinRange": rules.WithinRange, **nodes})
 
 
 def test_every_ui_widget_the_module_uses_exists_with_a_fitting_class():
@@ -89,8 +90,14 @@ def test_every_parameter_node_field_is_bound_under_slicers_rules(monkeypatch):
                            "brainExtraction", "quality"}
     bound = {b: (name, cls) for name, (cls, b) in widgets.items() if b}
     assert set(bound) == set(fields), f"unbound: {set(fields) - set(bound)}; no field: {set(bound) - set(fields)}"
-    monkeypatch.setattr(rules, "node_types", lambda t: [t.__name__] if getattr(t, "__name__", "").startswith("vtkMRML")
-                        else None)
+    def node_types(t):  # the stand-in node classes by name; a Union (or Optional) of them as their names
+        import typing
+
+        members = typing.get_args(t) if typing.get_origin(t) is typing.Union else (t,)
+        names = [m.__name__ for m in members if m is not type(None)]
+        return names if names and all(n.startswith("vtkMRML") for n in names) else None
+
+    monkeypatch.setattr(rules, "node_types", node_types)
     for field, (name, cls) in bound.items():
         why = rules.refusal(cls, annotation(fields[field]))
         assert why is None, f"{field} ({fields[field]}) on {name} ({cls}): {why}"
@@ -145,32 +152,23 @@ def widget(slicer_core):
              "crossSectionCollapsibleButton", "modelLabel", "crossSectionButton", "segmentButton", "statusLabel",
              "sliceViewComboBox")
     w.ui = SimpleNamespace(**{n: Stub() for n in names})
-    w._job, w._busy = None, None
+    w._job, w._busy, w._install, w._followed, w._followTimer, w._anywayFor = None, None, None, None, None, None
     w._parameterNode = SimpleNamespace(device="auto", labels="tissues", inputVolume=None, outputSegmentation=None,
                                        crossSectionSegmentation=None)
     return w
 
 
-def test_segment_is_disabled_and_not_reentered_during_an_install(widget):
-    import MetaSeg
-
-    seen = []
-
-    class InstallingLogic(MetaSeg.MetaSegLogic):
-        def installDependencies(self, askConfirmation=True):
-            # pip_install pumps Qt events: the user clicks Segment again meanwhile
-            seen.append(("button enabled during install", widget.ui.segmentButton.enabled))
-            widget.onSegmentButton()
-            seen.append(("nested click started", widget._job is not None))
-            return False  # the user declined the install
-
-    widget.logic = InstallingLogic()
+def test_a_segment_click_during_an_install_cancels_the_install_and_starts_nothing(widget):
+    """The install runs in the panel (MetaSegLib.install): meanwhile the Segment button is Cancel, and a click stops
+    the install instead of starting a second one or a segmentation."""
+    cancelled = []
+    widget._install = SimpleNamespace(running=True, cancel=lambda: cancelled.append(True))
+    widget._busy = "install"
     widget.onSegmentButton()
-    assert seen == [("button enabled during install", False), ("nested click started", False)]
-    assert widget._busy is None and widget._job is None
-    assert widget.ui.statusLabel.text.startswith("Missing Python packages")
-    src = CODE[CODE.index("    def _ensureDependencies"):CODE.index("    def onCrossSectionButton")]
-    assert "waitCursor" not in src, "install confirmations must not show under the wait cursor"
+    assert cancelled == [True] and widget._job is None
+    assert widget.ui.statusLabel.text.startswith("Cancelling the installation")
+    src = CODE[CODE.index("    def _ensureDependencies"):CODE.index("    def onInstallProgress")]
+    assert "waitCursor" not in src and "WaitCursor" not in src, "install confirmations must not show under the wait cursor"
 
 
 class Layout:

@@ -177,8 +177,8 @@ def test_view_list_holds_the_visible_views_of_the_layout(scene, tmp_path):
     with Panel(tmp_path, scene, layout_manager=layout) as panel:
         assert combo_items(panel.ui.sliceViewComboBox) == ["Red", "Green", "Slice4"]
         assert layout.connections == [("layoutChanged(int)", panel.widget.updateSliceViews)]
-        layout.views["Slice4"] = False
-        panel.widget.updateSliceViews()
+        layout.views["Slice4"] = False  # changed while the module was not shown (no layoutChanged reached it)
+        panel.widget.enter()  # entering the module refreshes the list (issue 25, section 7)
         assert combo_items(panel.ui.sliceViewComboBox) == ["Red", "Green"]
         from MetaSegLib import views
 
@@ -246,33 +246,6 @@ def test_slicer_bindings_tool_accepts_every_field(tag):
     assert " 0 refused" in out.stdout
 
 
-def test_a_failing_install_gives_guidance_not_a_raw_error(scene, tmp_path, monkeypatch):
-    """Offline: pip fails with CalledProcessError; the user reads what to do."""
-    import subprocess as sp
-
-    with Panel(tmp_path, scene, setup=False) as panel:
-        import slicer
-
-        from MetaSegLib import dependencies
-
-        MetaSeg = panel.MetaSeg
-        missing = [dependencies.Problem("deepbet==1.0.2", None)]
-        monkeypatch.setattr(dependencies, "check", lambda *a, **k: list(missing))
-
-        def offline(requirements, **kwargs):
-            raise sp.CalledProcessError(1, ["pip", "install", requirements],
-                                        output="ERROR: Could not find a version that satisfies the requirement")
-
-        monkeypatch.setattr(slicer.util, "pip_install", offline)
-        with pytest.raises(MetaSeg.MetaSegError) as e:
-            MetaSeg.MetaSegLogic().installDependencies(askConfirmation=False)  # (confirm dialogs: see below)
-        text = str(e.value)
-        assert "could not install deepbet==1.0.2" in text and "offline" in text and "--find-links" in text
-        assert "Could not find a version" in text  # pip's own words, as details
-        # (askConfirmation=False: in Slicer's testing mode confirmOkCancelDisplay returns True == QMessageBox.Ok,
-        # i.e. False, in Slicer 5.8.1's util.py as in slicer-core's: a confirmation is declined there)
-
-
 def test_the_panel_is_disabled_while_a_cross_section_renders_and_a_closed_scene_is_handled(scene, tmp_path, fitted_3d):
     import numpy as np
 
@@ -290,7 +263,8 @@ def test_the_panel_is_disabled_while_a_cross_section_renders_and_a_closed_scene_
                 widget.mrmlSliceNode = lambda: slice_node
             return widget
 
-    with Panel(tmp_path, scene, setup=False, layout_manager=RedOnly({"Red": True})) as panel:
+    # not in testing mode, with a main window: slicer.util would show an error dialog here, as in a user's Slicer
+    with Panel(tmp_path, scene, setup=False, layout_manager=RedOnly({"Red": True}), main_window=True) as panel:
         import slicer
 
         volume = add_volume(scene, SAMPLE_T1_3D, "ecog")
@@ -312,17 +286,74 @@ def test_the_panel_is_disabled_while_a_cross_section_renders_and_a_closed_scene_
         ui.crossSectionButton.click()
         assert seen == [(False, False, False)]
         assert "scene was closed" in ui.statusLabel.text
+        assert panel.message_boxes == []  # MetaSegCancelled is no error: no dialog, no traceback (issue 25)
         assert scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
         assert not ui.crossSectionButton.enabled  # nothing left to render
 
 
-def test_labels_reach_the_child_process_command(slicer_core, tmp_path):
+def test_labels_reach_the_child_process(slicer_core, tmp_path):
     from MetaSegLib.process import SegmentProcess
 
     default = SegmentProcess(weights="w.pt", temp_root=str(tmp_path))
-    assert "--labels" not in default.command()  # a core without --labels still runs the tissues
+    assert default.job_settings()["options"]["labels"] == "tissues"
     structures = SegmentProcess(weights="w.pt", labels="structures", temp_root=str(tmp_path))
-    cmd = structures.command()
-    assert cmd[cmd.index("--labels") + 1] == "structures"
+    assert structures.job_settings()["options"]["labels"] == "structures"
     default.cleanup()
     structures.cleanup()
+
+
+def test_a_rendered_cross_section_is_reused_and_kept_on_its_views_plane(scene, tmp_path, fitted_3d):
+    """Issue 25, section 7: Render again into the same node, not another one; and when the view moves to another
+    plane (scrolling), the cross-section is rendered on the new plane once the view stands still, so it never
+    just vanishes from the view."""
+    import numpy as np
+
+    from mrml_helpers import SAMPLE_T1_3D
+
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    slice_node.SetLayoutName("Red")
+    slice_node.SetFieldOfView(160.0, 160.0, 1.0)
+    slice_node.UpdateMatrices()
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+
+    class SliceLogicStandIn:
+        def GetSliceCompositeNode(self):
+            return composite
+
+    class RedOnly(LayoutManagerStandIn):
+        def sliceWidget(self, name):
+            widget = super().sliceWidget(name)
+            if widget is not None:
+                widget.mrmlSliceNode = lambda: slice_node
+                widget.sliceLogic = SliceLogicStandIn
+            return widget
+
+    with Panel(tmp_path, scene, setup=False, layout_manager=RedOnly({"Red": True}), main_window=True) as panel:
+        volume = add_volume(scene, SAMPLE_T1_3D, "ecog")
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ecog MetaSeg")
+        panel.MetaSeg.MetaSegLogic()._keepFitted(seg, fitted_3d, volume, np.eye(4))
+        panel.setup()
+        ui, widget = panel.ui, panel.widget
+        widget.FOLLOW_DELAY_MS = 200
+        ui.crossSectionSegmentationSelector.setCurrentNode(seg)
+        ui.superResolutionSpinBox.value = 1
+        ui.crossSectionButton.click()
+        assert ui.statusLabel.text.startswith("Rendered"), ui.statusLabel.text
+        labelmaps = lambda: [n for n in scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode")]  # noqa: E731
+        [node] = labelmaps()
+        assert composite.GetLabelVolumeID() == node.GetID()
+        first = node.GetImageData()
+        ui.crossSectionButton.click()  # Render again: the same node
+        assert labelmaps() == [node] and node.GetImageData() is not first
+
+        def plane_z():  # where the node lies along the view's normal (an axial view: RAS z)
+            m = __import__("vtk").vtkMatrix4x4()
+            node.GetIJKToRASMatrix(m)
+            return m.GetElement(2, 3)
+
+        before = plane_z()
+        slice_node.SetSliceOffset(slice_node.GetSliceOffset() + 12.0)  # the user scrolls the view by 12 mm
+        panel.pump(lambda: "again on the view's new plane" in ui.statusLabel.text, timeout=300,
+                   what="the render on the new plane")
+        assert labelmaps() == [node] and abs(plane_z() - (before + 12.0)) < 1e-3
+        assert panel.message_boxes == []

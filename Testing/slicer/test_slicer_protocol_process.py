@@ -251,29 +251,55 @@ def test_cancel_lets_a_cooperative_child_stop(tmp_path):
     assert proc.wait(timeout=10) == 3
 
 
-def test_segment_process_command_and_cleanup(tmp_path):
+def test_segment_process_passes_the_cores_typed_options(tmp_path):
+    """The child gets a job file: the settings under the names of metaseg.options (SegmentOptions, Outputs), read
+    back by the core's own reader into those typed objects, as the command line and the API fill them."""
+    from metaseg.options import Outputs, SegmentOptions, read_job
+
     p = SegmentProcess(python="py", weights="w.pt", device="cuda", seed=7, steps=3, live_every=2,
-                       temp_root=str(tmp_path))
-    cmd = p.command()
-    assert cmd[:5] == ["py", "-m", "metaseg", "segment", str(p.input_path)]
-    for flag, value in (("-o", str(p.labels_path)), ("--seg-nrrd", str(p.segmentation_path)),
-                        ("--progress", "json"), ("--report", str(p.report_path)), ("--device", "cuda"),
-                        ("--seed", "7"), ("--steps", "3"), ("--live-dir", str(p.live_dir)),
-                        ("--live-every", "2"), ("--weights", "w.pt")):
-        assert cmd[cmd.index(flag) + 1] == value
-    assert "--force" in cmd
+                       temp_root=str(tmp_path), accept_poor_match=True, brain_extraction="off", mask=True,
+                       save_inr=True, quality="best", labels="structures")
+    assert p.command() == ["py", "-m", "metaseg", "job", str(p.job_path)]
+    p.input_path.write_bytes(b"scan")
+    p.mask_path.write_bytes(b"mask")
+    p.job_path.write_text(__import__("json").dumps(p.job_settings()))
+    job = read_job(p.job_path)
+    assert job.options == SegmentOptions(labels="structures", weights="w.pt", device="cuda", quality="best", steps=3,
+                                         seed=7, brain_extraction="off", accept_poor_match=True)
+    assert job.outputs == Outputs(labels=str(p.labels_path), report=str(p.report_path), seg_nrrd=str(p.segmentation_path),
+                                  inr=str(p.fitted_path), live_dir=str(p.live_dir), live_every=2, force=True)
+    assert job.input == str(p.input_path) and job.mask == str(p.mask_path) and job.progress == "json"
     assert p.workdir.parent == tmp_path and p.workdir.is_dir()
     p.cleanup()
     assert not p.workdir.exists()
     q = SegmentProcess(python="py", temp_root=str(tmp_path))
-    assert "--steps" not in q.command() and "--live-dir" not in q.command() and "--weights" not in q.command()
-    assert "--quality" not in q.command()
+    settings = q.job_settings()
+    assert settings["mask"] is None and settings["options"]["steps"] is None and settings["outputs"]["live_dir"] is None
+    assert settings["options"]["accept_poor_match"] is False and settings["options"]["weights"] is None
+    m = SegmentProcess(python="py", temp_root=str(tmp_path), mask=True)
+    m.input_path.write_bytes(b"scan")
+    with pytest.raises(Exception, match="brain mask was not written"):
+        m.start()
+    m.cleanup()
     q.cleanup()
-    b = SegmentProcess(python="py", quality="best", temp_root=str(tmp_path))
-    assert b.command()[b.command().index("--quality") + 1] == "best"
-    b.cleanup()
     with pytest.raises(ValueError):
         SegmentProcess(steps=0, temp_root=str(tmp_path))
+
+
+def test_the_cores_job_reader_refuses_what_it_does_not_know(tmp_path):
+    from metaseg.io import InputError
+    from metaseg.options import read_job
+
+    path = tmp_path / "job.json"
+    for content, why in (({"format": "metaseg-job/1", "input": "a.nii", "options": {"acept_poor_match": True}},
+                          "acept_poor_match is not a field of SegmentOptions"),
+                         ({"format": "metaseg-job/1", "input": "a.nii", "options": {"accept_poor_match": "yes"}},
+                          "must be true or false"),
+                         ({"format": "metaseg-job/2", "input": "a.nii"}, "not a MetaSeg job file"),
+                         ({"format": "metaseg-job/1", "input": "a.nii", "extra": 1}, "unknown entries extra")):
+        path.write_text(__import__("json").dumps(content))
+        with pytest.raises(InputError, match=why):
+            read_job(path)
 
 
 def test_segment_process_real_core_error(tmp_path):

@@ -72,6 +72,32 @@ def test_sweep_keeps_folders_of_a_running_session(tmp_path, MetaSeg):
     assert rundirs.sweep_stale(tmp_path) == [theirs]
 
 
+def test_sweep_takes_a_reused_process_id_for_what_it_is(tmp_path, MetaSeg):
+    """A crashed session's folder whose process id now belongs to another process (ids are reused): the start time
+    in the owner mark tells them apart, and the folder is swept. The mark of the running process itself holds."""
+    from MetaSegLib import rundirs
+
+    mine = rundirs.make_run_dir(tmp_path)
+    pid, started = rundirs.owner_mark(mine)
+    assert pid == os.getpid() and (started is not None or sys.platform == "win32")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while rundirs.process_start_time(other.pid) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        crashed = rundirs.make_run_dir(tmp_path)  # a crashed session's, whose id `other` has been given since
+        (crashed / rundirs.OWNER_FILE).write_text(f"{other.pid} {rundirs.process_start_time(other.pid)}x")
+        alive = rundirs.make_run_dir(tmp_path)  # the same id with its true start time: a running session
+        (alive / rundirs.OWNER_FILE).write_text(f"{other.pid} {rundirs.process_start_time(other.pid)}")
+        old = rundirs.make_run_dir(tmp_path)  # a mark of the previous format (id only): judged by the id alone
+        (old / rundirs.OWNER_FILE).write_text(str(other.pid))
+        assert rundirs.sweep_stale(tmp_path) == [crashed]
+        assert mine.is_dir() and alive.is_dir() and old.is_dir()
+    finally:
+        other.kill()
+        other.wait()
+
+
 @pytest.fixture
 def MetaSeg(slicer_core):
     import MetaSeg as module
@@ -102,10 +128,10 @@ def test_dependency_versions_are_checked(tmp_path, MetaSeg):
     missing = dependencies.describe([dependencies.Problem("deepbet==1.0.2", None)])
     assert "finds the brain in a whole-head scan" in missing and "press Segment" in missing
     assert "metaseg[brain]" not in text + missing and "pip install" not in missing
-    core = "the scan needs brain extraction, which needs deepbet: " + dependencies.CORE_BRAIN_HINT
-    assert "metaseg[brain]" not in dependencies.for_gui(core) and "Brain extraction to off" in dependencies.for_gui(core)
-    offline = dependencies.install_failure(["deepbet==1.0.2"], "ERROR: Could not find a version (no network)")
-    assert "offline" in offline and "--no-index --find-links" in offline and "no network" in offline
+    from MetaSegLib import refusals
+
+    core = refusals.explain({"message": 'needs deepbet: pip install "metaseg[brain]"', "reason": "needs_deepbet"})
+    assert "metaseg[brain]" not in core.text and "Brain extraction to off" in core.text
     plant(tmp_path / "cuda", "torch", "2.5.1+cu121")  # a local version label is fine
     assert dependencies.check(["torch>=2.0"], path=[str(tmp_path / "cuda")]) == []
     assert dependencies.check(path=None) == []  # this environment meets them all
