@@ -74,7 +74,6 @@ def convert(old: Path, new: Path, sha256: Optional[str] = None) -> Dict[str, Any
 
 
 def _convert_blob(blob: Any, source: Path) -> tuple:
-    from .fitted import FittedVolume
     from .weights import Weights, weights_bytes, weights_problem
 
     fmt = blob.get("format") if isinstance(blob, dict) else None

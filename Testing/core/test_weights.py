@@ -138,3 +138,46 @@ def test_an_absurd_configuration_is_refused_before_any_network_is_built(tmp_path
     path.write_bytes(safefile.dumps(tensors, dict(meta, card=json.dumps(card))))
     with pytest.raises(WeightsError, match="out of range"):
         load_weights(path, expected_sha256=sha256_of(path))
+
+
+def test_convert_weights_turns_a_trusted_old_file_into_the_same_weights(tmp_path, capsys):
+    """`metaseg convert-weights`: a .pt of metaseg <= 0.4.0 (weights or a fitted INR) becomes a .safetensors file
+    with the same tensors and card, once its sha256 is the one given (or a shipped file's)."""
+    import hashlib
+
+    import numpy as np
+
+    from metaseg.cli import main
+    from metaseg.fit import FittedINR
+    from metaseg.fitted import FittedVolume
+
+    w = _weights()
+    old = tmp_path / "old.pt"
+    torch.save({"format": "metaseg-weights/1", "card_json": json.dumps(dict(w.card, config=CFG.to_dict(),
+                                                                            format="metaseg-weights/1")),
+                "state": w.state, "log_lr": w.log_lr}, old)
+    digest = hashlib.sha256(old.read_bytes()).hexdigest()
+    assert main(["convert-weights", str(old), str(tmp_path / "new.safetensors"), "--sha256", digest]) == 0
+    back = load_weights(tmp_path / "new.safetensors")
+    assert all(torch.equal(back.state[k], v) for k, v in w.state.items()) and torch.equal(back.log_lr, w.log_lr)
+    assert {k: v for k, v in back.card.items() if k != "format"} == w.card
+    assert main(["convert-weights", str(old), str(tmp_path / "new.safetensors"), "--sha256", digest]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+
+    torch.manual_seed(0)
+    net = MetaSegNet(ModelConfig(in_dim=3, width=8, hidden_layers=1))
+    mask = np.zeros((6, 7, 8), bool)
+    mask[1:5, 2:6, 1:7] = True
+    ref = {"size": [6, 7, 8], "spacing": [1.0] * 3, "origin": [0.0] * 3, "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
+    fitted_old = tmp_path / "fitted.pt"
+    torch.save({"format": "metaseg-fitted/1", "config_json": json.dumps(net.config.to_dict()),
+                "info_json": json.dumps({"reference": ref}), "state": net.state_dict(),
+                "physical_to_model": torch.eye(4, dtype=torch.float64), "mask_shape": torch.tensor(mask.shape),
+                "mask_bits": torch.from_numpy(np.packbits(mask.reshape(-1)))}, fitted_old)
+    digest = hashlib.sha256(fitted_old.read_bytes()).hexdigest()
+    assert main(["convert-weights", str(fitted_old), str(tmp_path / "f.safetensors"), "--sha256", digest]) == 0
+    vol = FittedVolume.load(tmp_path / "f.safetensors")
+    assert np.array_equal(vol.mask, mask) and vol.info["reference"] == ref
+    full = FittedVolume(FittedINR(net, dict(net.named_parameters())), np.eye(4), mask, {"reference": ref})
+    points = np.random.default_rng(0).uniform(-1, 1, (500, 3))
+    assert np.mean(vol.query(points) == full.query(points)) > 0.99
