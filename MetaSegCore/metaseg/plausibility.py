@@ -147,7 +147,8 @@ def registration_problem(scan: sitk.Image, template: sitk.Image, ncc_interior: f
                                   f"template once voxel axis {'ijk'[axis]} is flipped (NCC {q.ncc:.2f} / "
                                   f"{q.ncc_interior:.2f}). Fix the direction in the header (e.g. reorient the volume "
                                   "in Slicer and save it) and run again", "",
-                                  {"axis": "ijk"[axis], "ncc": round(q.ncc, 3), "ncc_interior": round(q.ncc_interior, 3)})
+                                  {"axis": "ijk"[axis], "flipped_ncc": round(q.ncc, 3),
+                                   "flipped_ncc_interior": round(q.ncc_interior, 3)})
     return MatchCause("unknown", "is it a skull-stripped T1-weighted brain MRI (not noise, another modality or a "
                       "partial field of view)?", "Check the scan, or pass --mask with a brain mask")
 
