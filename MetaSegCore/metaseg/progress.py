@@ -27,7 +27,8 @@ from .fit import FitProgress
 # The reasons an error event can name, and the facts each carries (InputError(..., reason=..., **facts)).
 REASONS = {
     "poor_match": "the scan does not match the model: dims (2 or 3), ncc; 3D also ncc_interior, cause (whole_head, "
-                  "inverted_contrast, flipped_axis, unknown), cause_finding and the cause's numbers (litres; axis)",
+                  "inverted_contrast, flipped_axis, unknown), cause_finding and the cause's numbers (litres; axis, "
+                  "flipped_ncc, flipped_ncc_interior)",
     "slice_too_large": "a 2D image larger than the 2D model's canvas: width, height",
     "needs_3d": "an option that only a 3D volume has, given for a 2D slice: option",
     "mask_geometry": "the brain mask is not on the scan's grid: why",

@@ -149,3 +149,20 @@ def test_the_cores_error_event_carries_reason_facts_and_a_traceback(tmp_path, mo
         pipeline.segment_file(scan, outputs, SegmentOptions(device="cpu"), "json")
     event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert event["reason"] == "unexpected" and event["exit_code"] == 1 and "RuntimeError: boom" in event["traceback"]
+
+
+def test_the_panels_step_limit_is_the_cores(slicer_core):
+    """A number of steps the core would refuse ("--steps must be between ...") cannot be set in the panel."""
+    import re
+
+    import MetaSeg
+    from metaseg.options import MAX_STEPS
+
+    from mrml_helpers import MODULE_DIR
+
+    assert MetaSeg.MAX_STEPS == MAX_STEPS
+    code = (MODULE_DIR / "MetaSeg.py").read_text(encoding="utf-8")
+    assert f"steps: Annotated[int, WithinRange(0, {MAX_STEPS})]" in code
+    ui = (MODULE_DIR / "Resources" / "UI" / "MetaSeg.ui").read_text(encoding="utf-8")
+    spin = ui[ui.index('name="stepsSpinBox"'):]
+    assert re.search(r'<property name="maximum">\s*<number>(\d+)</number>', spin).group(1) == str(MAX_STEPS)

@@ -206,7 +206,7 @@ def test_a_job_detached_by_reload_never_calls_back(tmp_path, any_weights, scene,
         volume, device="cpu", steps=400, weights=str(any_weights), wait=False,
         onProgress=calls.append, onFinished=calls.append)
     widget = object.__new__(MetaSeg.MetaSegWidget)  # no Qt here: only the job handling is exercised
-    widget._job = job
+    widget._job, widget._install = job, None
     while not calls:
         job.poll()
         time.sleep(0.02)
@@ -229,7 +229,7 @@ def test_reload_reloads_metaseglib():
         called = []
         MetaSeg.ScriptedLoadableModuleWidget.onReload = lambda self: called.append(True)  # Slicer's part: no Qt here
         widget = object.__new__(MetaSeg.MetaSegWidget)
-        widget._job = None
+        widget._job = widget._install = None
         widget.onReload()
         assert called and MetaSegLib.process.ResliceProcess is not old
         print("ok")
