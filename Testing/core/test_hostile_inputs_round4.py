@@ -333,3 +333,51 @@ def test_a_finished_batch_removes_its_lock_file_and_a_second_run_still_locks(tin
         rc, err = run(args, capsys)
         assert rc == 2 and "another metaseg batch is writing" in err
     assert not (out / ".volumes.tsv.lock").exists()
+
+
+# ---- whole heads refused: the way forward is named (brain extraction, a crop) ----
+
+SAMPLE_HEAD = SAMPLE_T1.parent / "ecog_head.nii.gz"
+
+
+def test_a_shrunken_whole_head_is_refused_with_brain_extraction_suggested(tmp_path, capsys):
+    """The sample head at 0.8x its voxel size: its foreground fits one adult brain, so auto takes it for
+    skull-stripped, and registration fails; the refusal must name --brain-extraction on (one registration + flips)."""
+    import SimpleITK as sitk
+
+    head = sitk.ReadImage(str(SAMPLE_HEAD))
+    head.SetSpacing([s * 0.8 for s in head.GetSpacing()])
+    sitk.WriteImage(head, str(tmp_path / "small_head.nii.gz"))
+    rc, err = run(["segment", tmp_path / "small_head.nii.gz", "-o", tmp_path / "out" / "l.nii.gz"], capsys)
+    assert rc == 2 and "pass --brain-extraction on" in err and "Traceback" not in err, err
+    assert files_in(tmp_path / "out") == []
+
+
+def head_neck_shoulders(path: Path) -> Path:
+    """The sample head with 150 mm of neck and shoulders below it (tissue-like noise): a 333 mm field of view."""
+    import SimpleITK as sitk
+
+    head = sitk.ReadImage(str(SAMPLE_HEAD))
+    a = sitk.GetArrayFromImage(head)  # (z, y, x); +y is inferior in this LIA volume
+    z, y, x = a.shape
+    body = np.zeros((z, y + 150, x), a.dtype)
+    body[:, :y] = a
+    zz, xx = np.mgrid[0:z, 0:x]
+    neck = (zz - z * 0.45) ** 2 + (xx - x / 2) ** 2 < 55 ** 2
+    rng = np.random.default_rng(0)
+    for j in range(y - 40, y + 150):
+        where = (neck if j < y + 80 else np.ones_like(neck)) & (body[:, j] == 0)
+        body[:, j][where] = np.clip(rng.normal(70, 12, int(where.sum())), 1, 255).astype(a.dtype)
+    out = sitk.GetImageFromArray(body)
+    out.SetSpacing(head.GetSpacing())  # the head's geometry; the grid is longer
+    out.SetOrigin(head.GetOrigin())
+    out.SetDirection(head.GetDirection())
+    sitk.WriteImage(out, str(path))
+    return path
+
+
+def test_a_head_neck_shoulders_field_of_view_is_refused_with_a_crop_suggested(tmp_path, capsys):
+    scan = head_neck_shoulders(tmp_path / "head_neck.nii.gz")
+    rc, err = run(["segment", scan, "-o", tmp_path / "out" / "l.nii.gz", "--brain-extraction", "off"], capsys)
+    assert rc == 2 and "field of view is 227 x 333 x 231 mm, more than a head" in err and "crop it" in err, err
+    assert files_in(tmp_path / "out") == []
