@@ -381,3 +381,42 @@ def test_a_head_neck_shoulders_field_of_view_is_refused_with_a_crop_suggested(tm
     rc, err = run(["segment", scan, "-o", tmp_path / "out" / "l.nii.gz", "--brain-extraction", "off"], capsys)
     assert rc == 2 and "field of view is 227 x 333 x 231 mm, more than a head" in err and "crop it" in err, err
     assert files_in(tmp_path / "out") == []
+
+
+# ---- brains outside the training range; the seed's share of a volume ----
+
+def test_no_validation_brain_lies_outside_the_training_sizes(shared_data):
+    import SimpleITK as sitk
+
+    from metaseg.data import load_splits
+    from metaseg.plausibility import brain_size_warnings
+
+    def ml(path: Path) -> float:
+        img = sitk.ReadImage(str(path))
+        return float((sitk.GetArrayViewFromImage(img) > 0).sum()) * float(np.prod(img.GetSpacing())) / 1000.0
+
+    root = shared_data.parent
+    for s in load_splits()["validation"]:
+        d = root / ("brains" if (root / "brains" / s).is_dir() else "oasis-nmm") / s
+        assert brain_size_warnings(ml(d / "native_seg4.nii.gz"), ml(d / "native_t1.nii.gz")) == [], s
+
+
+def test_an_infant_sized_brain_is_warned_about_and_the_report_gives_the_seed_spread(tmp_path, capsys):
+    """The sample's skull-stripped brain at 0.8x its voxel size (about half its volume): segmented (a short fit),
+    with the size warning in the report and on the terminal."""
+    import json
+
+    import SimpleITK as sitk
+
+    scan = sitk.ReadImage(str(SAMPLE_T1))
+    scan.SetSpacing([s * 0.8 for s in scan.GetSpacing()])
+    sitk.WriteImage(scan, str(tmp_path / "small.nii.gz"))
+    rc, err = run(["segment", tmp_path / "small.nii.gz", "-o", tmp_path / "l.nii.gz", "--report", tmp_path / "r.json",
+                   "--steps", "5", "--device", "cpu", "--progress", "none"], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    (warned,) = [w for w in report["warnings"] if "outside the sizes the model was trained on" in w]
+    assert "brain mask volume is 675 mL (training brains 1176-1887 mL)" in warned and "adult brains" in warned
+    assert warned[:60] in err
+    spread = report["seed_spread"]
+    assert spread["percent"]["Subcortical gray matter"] == 6.7 and "docs/results.md" in spread["source"]
