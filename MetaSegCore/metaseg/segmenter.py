@@ -231,7 +231,8 @@ def _segment_volume(inp: InputImage, model: Model, options: SegmentOptions, hook
     for msg in res.warnings:
         hooks.warn(msg)
     report = {**_base_report(inp, model, options, res.psnr, options.fits),
-              "registration": res.registration, "brain_extraction": brain, "bias_correction": "n4" if n4 else "off",
+              "registration": res.registration, "image_quality": res.quality, "brain_extraction": brain,
+              "bias_correction": "n4" if n4 else "off",
               "timings_s": {"load": round(t_load - t_start, 3),
                             **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                             **{k: round(v, 3) for k, v in res.timings.items()}},

@@ -420,3 +420,30 @@ def test_an_infant_sized_brain_is_warned_about_and_the_report_gives_the_seed_spr
     assert warned[:60] in err
     spread = report["seed_spread"]
     assert spread["percent"]["Subcortical gray matter"] == 6.7 and "docs/results.md" in spread["source"]
+
+
+# ---- the sweep: this round's hostile arguments on every subcommand, from a shell ----
+
+def test_this_rounds_arguments_on_every_subcommand_exit_2_with_one_line(tiny_weights, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    big = str(2 ** 70)
+    fitted = small_fitted_file(tmp_path / "f.pt", mask=True)
+    out = tmp_path / "out"
+    cases = {
+        "segment --seed 2^70": ["segment", SLICE_FILE, "-o", out / "l.nii.gz", "--seed", big],
+        "batch --seed 2^70": ["batch", SLICE_FILE, "-o", out, "--seed", big],
+        "evaluate --seed 2^70": ["evaluate", tmp_path, "--subjects", "x", "--seed", big, "--weights", tiny_weights],
+        "train --seed 2^70": ["train", "--data", tmp_path / "none.npz", "--seed", big, "--out", out / "run"],
+        "reslice overflow": ["reslice", fitted, "-o", out / "p.nii.gz", "--extent", "1e308", "--spacing", "1e-10"],
+    }
+    for name, args in cases.items():
+        rc, err = run(args, capsys)
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert rc == 2 and lines and lines[-1].startswith("error: "), (name, rc, err)
+        assert "--seed must be an integer from 0 to 4294967295" in err or "seed" not in name, (name, err)
+        assert files_in(out) == [], (name, files_in(out))
+    p = subprocess.run([sys.executable, "-m", "metaseg", *map(str, cases["reslice overflow"])], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
