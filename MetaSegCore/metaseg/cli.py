@@ -94,9 +94,9 @@ def _train(a: argparse.Namespace) -> int:
     from .options import check_seed
 
     try:
-        _check_train_data(a.data)
         if a.seed is not None:
             check_seed(a.seed)
+        _check_train_data(a.data)
         check_training_data(Path(a.data or settings_for(a.dims).data_root), load_splits(Path(a.splits)) if a.splits else load_splits())
         pick_device(a.device or "auto")
     except (InputError, ValueError, OSError) as e:

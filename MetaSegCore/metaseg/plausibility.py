@@ -63,6 +63,31 @@ def tissue_warnings(labels: np.ndarray, dims: int) -> List[str]:
             + "). Check the result: the input may not be a T1-weighted brain MRI, or the weights may be damaged"]
 
 
+# Sizes of the 21 training brains (splits.json "train"), from their reference labels (native_seg4 > 0) and their
+# skull-stripped scans (native_t1 > 0, an intracranial estimate like the brain mask of a run), in mL; measured
+# by benchmarks/exploration/training_brain_sizes.py (docs/results.md). Adults: OASIS-1 scans of 18-83 years
+# and FreeSurfer-processed adult scans. A brain outside this range widened by BRAIN_SIZE_MARGIN is one the model
+# has not seen (an infant's, or voxel sizes wrong in the header): the validation brains lie within it
+# (labelled 948-1222 mL, masks 1150-1495 mL).
+TRAINING_BRAIN_ML = {"labelled": (1077.0, 1543.0), "brain mask": (1176.0, 1887.0)}
+BRAIN_SIZE_MARGIN = 0.25
+
+
+def brain_size_warnings(labelled_ml: float, mask_ml: float) -> List[str]:
+    """A warning for a 3D brain whose labelled volume or brain mask (intracranial estimate) lies outside the
+    training brains' range (widened by BRAIN_SIZE_MARGIN); [] otherwise."""
+    odd = []
+    for what, value in (("labelled", labelled_ml), ("brain mask", mask_ml)):
+        lo, hi = TRAINING_BRAIN_ML[what]
+        if not lo * (1 - BRAIN_SIZE_MARGIN) <= value <= hi * (1 + BRAIN_SIZE_MARGIN):
+            odd.append(f"its {what} volume is {value:.0f} mL (training brains {lo:.0f}-{hi:.0f} mL)")
+    if not odd:
+        return []
+    return [f"the brain lies outside the sizes the model was trained on: {'; '.join(odd)}. The model has seen only "
+            "adult brains (18-83 years): an infant's or child's brain, or voxel sizes wrong in the header, give less "
+            "reliable labels (small structures shrink more than scaling predicts); check the result"]
+
+
 def slice_template_ncc(image: np.ndarray, template: sitk.Image) -> float:
     """NCC of a 2D slice (centred on SLICE_SHAPE) with coronal slice 109 of the 3D template, both at
     the template's spacing, inside the template's brain."""

@@ -29,11 +29,12 @@ from .io import InputError, image_array_2d, image_array_3d, image_dims, input_wa
 from .options import PathLike, SegmentOptions
 from .labelsets import TISSUES, as_tissues, from_card
 from .outputs import class_sizes, environment, hippocampus_ratio, hippocampus_spread, tissue_sums
-from .plausibility import slice_check, tissue_warnings
+from .plausibility import brain_size_warnings, slice_check, tissue_warnings
 from .progress import Reporter
 from .reproducibility import run_record
 from .resources import check_label_set, default_weights
 from .runtime import Hooks, Model
+from .seed_spread import seed_spread
 from .segment import segment_array
 from .segmentation import Segmentation
 from .volume import VolumeSettings, is_model_grid, load_template, segment_volume
@@ -229,16 +230,27 @@ def _segment_volume(inp: InputImage, model: Model, options: SegmentOptions, hook
     res = segment_volume(img, model, settings, hooks, mask=brain_mask, info=info)
     measured = sizes(sitk_array(res.labels), img.GetSpacing(), model.labels, brain_mask, res.fit_counts)
     warnings = res.warnings + measured.pop("warnings", [])
+    warnings += brain_size_warnings(*_brain_sizes_ml(res.labels, brain_mask if brain_mask is not None else img))
     for msg in warnings:
         hooks.warn(msg)
     report = {**_base_report(inp, model, options, res.psnr, options.fits),
-              "registration": res.registration, "brain_extraction": brain, "bias_correction": "n4" if n4 else "off",
+              "registration": res.registration, "image_quality": res.quality, "brain_extraction": brain,
+              "bias_correction": "n4" if n4 else "off",
               "timings_s": {"load": round(t_load - t_start, 3),
                             **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                             **{k: round(v, 3) for k, v in res.timings.items()}},
-              **measured, "warnings": warnings, "versions": environment()}
+              **measured, "seed_spread": seed_spread(from_card(model.labels).name, options.quality),
+              "warnings": warnings, "versions": environment()}
     return Segmentation(res.labels, report, model.labels, img, res.entropy, res.fitted, brain_mask,
                         inp.nibabel_order, inp.path)
+
+
+def _brain_sizes_ml(labels: sitk.Image, brain: sitk.Image) -> Tuple[float, float]:
+    """(labelled volume, brain volume) in mL: voxels labelled > 0, and nonzero voxels of `brain` (the brain mask
+    used, or for a skull-stripped scan the scan itself: the brain the fit saw)."""
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    return (float((sitk.GetArrayViewFromImage(labels) > 0).sum()) * voxel_ml,
+            float((sitk.GetArrayViewFromImage(brain) > 0).sum()) * voxel_ml)
 
 
 def sizes(labels: np.ndarray, spacing: Sequence[float], label_info: List[Dict[str, Any]],

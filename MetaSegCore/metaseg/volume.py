@@ -28,6 +28,7 @@ from .data import load_volume
 from .fit import FitCancelled
 from .fitted import FittedVolume
 from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
+from .image_quality import ENTROPY_POINTS, measure, quality_warnings
 from .io import InputError, image_array_3d, input_warnings, same_geometry
 from .labelsets import as_tissues
 from .plausibility import registration_problem, tissue_warnings
@@ -69,6 +70,7 @@ class VolumeResult:
     registration: Optional[Dict[str, Any]] = None
     warnings: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+    quality: Dict[str, Any] = field(default_factory=dict)  # image_quality.measure: tissue contrast under the labels
     # With several fits: each fit's own labels counted per label value (fits, 256): how much the volumes move
     # from fit to fit, i.e. the spread the run measured (None for one fit)
     fit_counts: Optional[np.ndarray] = None
@@ -279,10 +281,15 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     if psnr < MIN_PSNR_3D:
         warnings.append(f"the fit reproduced the scan poorly (PSNR {psnr:.1f} dB on brain voxels): is this a "
                         "skull-stripped T1 brain MRI?")
-    warnings += tissue_warnings(as_tissues(labels, net.config.values), 3)
+    tissues = as_tissues(labels, net.config.values)
+    warnings += tissue_warnings(tissues, 3)
+    sample = flat[:: max(1, len(flat) // ENTROPY_POINTS)]  # a fixed sample: the same figures on every rerun
+    probs = sum(m.query(voxel_points(scan, sample), "probabilities") for m in members) / len(members)
+    quality = measure(arr.reshape(-1)[flat], tissues[flat], probs, psnr)
+    warnings += quality_warnings(quality)
     t3 = time.perf_counter()
     return VolumeResult(labels_img, fitted, psnr, entropy_img, reg_info, warnings,
-                        {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2}, fit_counts)
+                        {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2}, quality, fit_counts)
 
 
 def match_gate(reg_info: Dict[str, Any], work: sitk.Image, accept_poor_match: bool,

@@ -333,3 +333,117 @@ def test_a_finished_batch_removes_its_lock_file_and_a_second_run_still_locks(tin
         rc, err = run(args, capsys)
         assert rc == 2 and "another metaseg batch is writing" in err
     assert not (out / ".volumes.tsv.lock").exists()
+
+
+# ---- whole heads refused: the way forward is named (brain extraction, a crop) ----
+
+SAMPLE_HEAD = SAMPLE_T1.parent / "ecog_head.nii.gz"
+
+
+def test_a_shrunken_whole_head_is_refused_with_brain_extraction_suggested(tmp_path, capsys):
+    """The sample head at 0.8x its voxel size: its foreground fits one adult brain, so auto takes it for
+    skull-stripped, and registration fails; the refusal must name --brain-extraction on (one registration + flips)."""
+    import SimpleITK as sitk
+
+    head = sitk.ReadImage(str(SAMPLE_HEAD))
+    head.SetSpacing([s * 0.8 for s in head.GetSpacing()])
+    sitk.WriteImage(head, str(tmp_path / "small_head.nii.gz"))
+    rc, err = run(["segment", tmp_path / "small_head.nii.gz", "-o", tmp_path / "out" / "l.nii.gz"], capsys)
+    assert rc == 2 and "pass --brain-extraction on" in err and "Traceback" not in err, err
+    assert files_in(tmp_path / "out") == []
+
+
+def head_neck_shoulders(path: Path) -> Path:
+    """The sample head with 150 mm of neck and shoulders below it (tissue-like noise): a 333 mm field of view."""
+    import SimpleITK as sitk
+
+    head = sitk.ReadImage(str(SAMPLE_HEAD))
+    a = sitk.GetArrayFromImage(head)  # (z, y, x); +y is inferior in this LIA volume
+    z, y, x = a.shape
+    body = np.zeros((z, y + 150, x), a.dtype)
+    body[:, :y] = a
+    zz, xx = np.mgrid[0:z, 0:x]
+    neck = (zz - z * 0.45) ** 2 + (xx - x / 2) ** 2 < 55 ** 2
+    rng = np.random.default_rng(0)
+    for j in range(y - 40, y + 150):
+        where = (neck if j < y + 80 else np.ones_like(neck)) & (body[:, j] == 0)
+        body[:, j][where] = np.clip(rng.normal(70, 12, int(where.sum())), 1, 255).astype(a.dtype)
+    out = sitk.GetImageFromArray(body)
+    out.SetSpacing(head.GetSpacing())  # the head's geometry; the grid is longer
+    out.SetOrigin(head.GetOrigin())
+    out.SetDirection(head.GetDirection())
+    sitk.WriteImage(out, str(path))
+    return path
+
+
+def test_a_head_neck_shoulders_field_of_view_is_refused_with_a_crop_suggested(tmp_path, capsys):
+    scan = head_neck_shoulders(tmp_path / "head_neck.nii.gz")
+    rc, err = run(["segment", scan, "-o", tmp_path / "out" / "l.nii.gz", "--brain-extraction", "off"], capsys)
+    assert rc == 2 and "field of view is 227 x 333 x 231 mm, more than a head" in err and "crop it" in err, err
+    assert files_in(tmp_path / "out") == []
+
+
+# ---- brains outside the training range; the seed's share of a volume ----
+
+def test_no_validation_brain_lies_outside_the_training_sizes(shared_data):
+    import SimpleITK as sitk
+
+    from metaseg.data import load_splits
+    from metaseg.plausibility import brain_size_warnings
+
+    def ml(path: Path) -> float:
+        img = sitk.ReadImage(str(path))
+        return float((sitk.GetArrayViewFromImage(img) > 0).sum()) * float(np.prod(img.GetSpacing())) / 1000.0
+
+    root = shared_data.parent
+    for s in load_splits()["validation"]:
+        d = root / ("brains" if (root / "brains" / s).is_dir() else "oasis-nmm") / s
+        assert brain_size_warnings(ml(d / "native_seg4.nii.gz"), ml(d / "native_t1.nii.gz")) == [], s
+
+
+def test_an_infant_sized_brain_is_warned_about_and_the_report_gives_the_seed_spread(tmp_path, capsys):
+    """The sample's skull-stripped brain at 0.8x its voxel size (about half its volume): segmented (a short fit),
+    with the size warning in the report and on the terminal."""
+    import json
+
+    import SimpleITK as sitk
+
+    scan = sitk.ReadImage(str(SAMPLE_T1))
+    scan.SetSpacing([s * 0.8 for s in scan.GetSpacing()])
+    sitk.WriteImage(scan, str(tmp_path / "small.nii.gz"))
+    rc, err = run(["segment", tmp_path / "small.nii.gz", "-o", tmp_path / "l.nii.gz", "--report", tmp_path / "r.json",
+                   "--steps", "5", "--device", "cpu", "--progress", "none"], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    (warned,) = [w for w in report["warnings"] if "outside the sizes the model was trained on" in w]
+    assert "brain mask volume is 675 mL (training brains 1176-1887 mL)" in warned and "adult brains" in warned
+    assert warned[:60] in err
+    spread = report["seed_spread"]
+    assert spread["percent"]["Subcortical gray matter"] == 6.7 and "docs/results.md" in spread["source"]
+
+
+# ---- the sweep: this round's hostile arguments on every subcommand, from a shell ----
+
+def test_this_rounds_arguments_on_every_subcommand_exit_2_with_one_line(tiny_weights, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    big = str(2 ** 70)
+    fitted = small_fitted_file(tmp_path / "f.pt", mask=True)
+    out = tmp_path / "out"
+    cases = {
+        "segment --seed 2^70": ["segment", SLICE_FILE, "-o", out / "l.nii.gz", "--seed", big],
+        "batch --seed 2^70": ["batch", SLICE_FILE, "-o", out, "--seed", big],
+        "evaluate --seed 2^70": ["evaluate", tmp_path, "--subjects", "x", "--seed", big, "--weights", tiny_weights],
+        "train --seed 2^70": ["train", "--data", tmp_path / "none.npz", "--seed", big, "--out", out / "run"],
+        "reslice overflow": ["reslice", fitted, "-o", out / "p.nii.gz", "--extent", "1e308", "--spacing", "1e-10"],
+    }
+    for name, args in cases.items():
+        rc, err = run(args, capsys)
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert rc == 2 and lines and lines[-1].startswith("error: "), (name, rc, err)
+        assert "--seed must be an integer from 0 to 4294967295" in err or "seed" not in name, (name, err)
+        assert files_in(out) == [], (name, files_in(out))
+    p = subprocess.run([sys.executable, "-m", "metaseg", *map(str, cases["reslice overflow"])], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
