@@ -261,7 +261,7 @@ def _check_values(arr: np.ndarray) -> None:
     lo, hi = float(arr.min()), float(arr.max())
     if not np.count_nonzero((arr != lo) & (arr != hi)):
         raise InputError(f"the input holds only two values ({lo:g} and {hi:g}): a mask or a binary image, not an MRI; "
-                         "give the scan's intensities (a brain mask goes to --mask)")
+                         "give the scan's intensities (a brain mask goes to --mask)", reason="binary_image")
 
 
 def labels_like(labels: np.ndarray, reference: sitk.Image) -> sitk.Image:

@@ -35,6 +35,7 @@ REASONS = {
     "mask_misses_brain": "no voxel of the scan above 0 inside the brain mask",
     "mask_and_extraction": "a brain mask and brain extraction 'on' together",
     "empty_scan": "no voxel of the scan above 0",
+    "binary_image": "the input holds two values only: a mask or a binary image, not an MRI",
     "needs_deepbet": "brain extraction is needed and deepbet is not installed",
     "deepbet_damaged": "deepbet's weights are missing or not its own: version",
     "two_objects": "two brain-like objects (two heads?): ml, first_ml",

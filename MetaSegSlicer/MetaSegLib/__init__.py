@@ -5,6 +5,7 @@
   with non-blocking reads from the caller's polls (no thread), cancel the whole process tree.
 - `refusals`: a failed run in the panel's words (no command-line options), with the details and
   what the panel offers (Segment anyway, Advanced settings).
+- `install`: the missing packages installed from the panel, with what is downloaded and its progress.
 - `rundirs`: the runs' temporary folders (owner-marked, removed when done, swept when stale).
 - `dependencies`: the core's requirements, checked by version without importing anything.
 - `paths`: where the shipped weights and the core package are, in an installed extension or
@@ -24,7 +25,7 @@ import sys
 # this order leaves no module holding a class of an older copy of another (e.g. process.py catching
 # the old ProtocolError while protocol.py raises the new one).
 MODULES = ("protocol", "rundirs", "report", "paths", "dependencies", "refusals", "frames", "planes", "views", "fitted",
-           "segfile", "preview", "process")
+           "segfile", "preview", "process", "install")
 
 
 def reload_all() -> None:

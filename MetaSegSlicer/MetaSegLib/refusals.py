@@ -106,6 +106,9 @@ WORDING: Dict[str, Callable[[Mapping[str, Any]], Tuple[str, Tuple[str, ...]]]] =
         f"{NOTHING} Set Advanced > Brain extraction to auto, or clear the brain mask.", (SHOW_ADVANCED,)),
     "empty_scan": lambda f: (
         f"The scan has no voxel brighter than 0: it does not look like an MRI. {NOTHING} Check the input volume.", ()),
+    "binary_image": lambda f: (
+        f"The input volume holds two values only: it is a mask or a binary image, not an MRI. {NOTHING} Choose the "
+        "scan itself as the input; a brain mask goes under Advanced > Brain mask.", (SHOW_ADVANCED,)),
     "needs_deepbet": lambda f: (
         "This scan still has its skull, and removing it needs the Python package deepbet, which is not installed. "
         f"{NOTHING} Press Segment again and confirm its installation; or, if the skull is already removed, set "

@@ -31,6 +31,7 @@ EXAMPLES = [
     {"reason": "mask_misses_brain", "facts": {}},
     {"reason": "mask_and_extraction", "facts": {}},
     {"reason": "empty_scan", "facts": {}},
+    {"reason": "binary_image", "facts": {}},
     {"reason": "needs_deepbet", "facts": {}},
     {"reason": "deepbet_damaged", "facts": {"version": "1.0.2"}},
     {"reason": "two_objects", "facts": {"ml": 2313, "first_ml": 1400}},

@@ -120,7 +120,8 @@ def test_dependency_versions_are_checked(tmp_path, MetaSeg):
     plant(tmp_path, "SimpleITK", "2.3.1")
     plant(tmp_path, "deepbet", "1.0.1")
     problems = dependencies.check(path=[str(tmp_path)])
-    assert [(p.name, p.installed) for p in problems] == [("torch", "1.13.1"), ("slicerio", None), ("deepbet", "1.0.1")]
+    assert [(p.name, p.installed) for p in problems] == [("torch", "1.13.1"), ("slicerio", None), ("safetensors", None),
+                                                         ("deepbet", "1.0.1")]
     text = dependencies.describe(problems)
     assert "PyTorch 1.13.1 is installed, but MetaSeg needs torch>=2.0" in text and "PyTorch Utils" in text
     assert "restart Slicer" in text and 'pip_install("deepbet==1.0.2")' in text
