@@ -35,7 +35,10 @@ class FitPlan:
     average_last: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.average_last:  # cards and checkpoints of plans without averaging stay as they were
+            d.pop("average_last")
+        return d
 
 
 @dataclass

@@ -555,8 +555,10 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> bool:
 
 
 def _core(s: TrainSettings) -> str:
-    """The settings that must match to resume (not step counts or intervals)."""
+    """The settings that must match to resume (not step counts or intervals, nor the init: the checkpoint holds the
+    state it led to, and a file converted to another format keeps its content under a new name)."""
     d = s.to_dict()
+    d.pop("init", None)
     for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps", "head_lr",
               "head_fits_per_image", "head_points", "test_steps", "test_batch", "test_lr", "test_average"):
         d.pop(k, None)
