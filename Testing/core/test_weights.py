@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from metaseg import safefile
-from metaseg.config import ModelConfig
-from metaseg.fit import FitPlan
-from metaseg.model import MetaSegNet
-from metaseg.weights import LABELS, Weights, WeightsError, load_weights, save_weights, sha256_of
+from metaseg.io import safefile
+from metaseg.method.config import ModelConfig
+from metaseg.method.fit import FitPlan
+from metaseg.method.model import MetaSegNet
+from metaseg.method.weights import LABELS, Weights, WeightsError, load_weights, save_weights, sha256_of
 
 CFG = ModelConfig(width=16, hidden_layers=1)
 

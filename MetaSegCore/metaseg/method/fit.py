@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 from torch.func import functional_call
 
+from ..io.progress import FitProgress  # noqa: F401 (the event type lives with the reporting)
 from .model import MetaSegNet, Params
 from .preprocess import sample_grid
 
@@ -36,18 +37,6 @@ class FitPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class FitProgress:
-    """What a progress callback receives after each step."""
-
-    step: int
-    steps: int
-    loss: float
-    psnr: float
-    elapsed_s: float
-    remaining_s: float
 
 
 class FitCancelled(RuntimeError):

@@ -8,14 +8,16 @@ The result is a one-slice 3D image whose header places it exactly on that plane,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from .fitted import FittedVolume
 from .geometry import rotation_matrix
-from .io import InputError
+from ..io.readers import InputError
+
+if TYPE_CHECKING:  # fitted.py imports this module (FittedVolume.reslice); annotations only here
+    from .fitted import FittedVolume
 
 # In-plane directions (u: columns, v: rows) of the standard planes, in LPS
 ORIENTATIONS = {
