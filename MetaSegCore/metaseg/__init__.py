@@ -9,10 +9,10 @@
 3D network. Errors a caller may catch: InputError (the input or an argument; the command line's message),
 WeightsError, OutputExistsError (a file appeared meanwhile), Cancelled.
 """
-__version__ = "0.4.0"
+from .version import __version__
 
-# Imported here, not on first use: the functions `segment` and `reslice` share their names with the modules
-# segment.py and reslice.py, and binding them after those modules load keeps `metaseg.segment` the function.
+# Imported here, not on first use: `metaseg.segment` and `metaseg.reslice` are the functions (their modules are
+# method/segment.py and space/reslice.py). The folders and what each may import: README.md, "Layout".
 from .io.atomic import OutputExistsError  # noqa: E402
 from .method.fit import FitCancelled as Cancelled  # noqa: E402
 from .space.fitted import FittedVolume  # noqa: E402

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from .version import __version__
 from .options import OPTIONAL_OUTPUTS, QUALITIES, BatchSettings, Outputs, SegmentOptions
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .. import __version__
+from ..version import __version__
 from ..io.batch_progress import BatchProgress, ScanReporter
 from .cohort import Scan, find_scans, parse_shard, shard_of
 from .cohort_table import (Row, failed_row, lock_table, merge_shards, merge_warnings, ok_row, pending_row, status_counts,

@@ -222,7 +222,7 @@ def hippocampus_ratio(classes: List[Dict[str, Any]], intracranial_ml: float) -> 
 def environment() -> Dict[str, str]:
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"metaseg": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version.VersionString(),
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import __version__
+from ..version import __version__
 from ..method.config import ModelConfig
 from ..io.data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, load_volume
 from ..method.device import pick_device
