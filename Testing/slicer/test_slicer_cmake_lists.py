@@ -147,8 +147,8 @@ def test_shared_resources_are_copied_at_build_time_not_configure_time(tmp_path, 
     assert meta["EXTENSION_SCREENSHOTURLS"] == " ".join(info["screenshots"])
     assert meta["EXTENSION_CONTRIBUTORS"] == ", ".join(info["contributors"])
     assert meta["EXTENSION_CATEGORY"] == "Segmentation" and meta["EXTENSION_DEPENDS"] == "PyTorch"
-    copied = build / "lib" / "Slicer-5.10" / "qt-scripted-modules" / "Resources" / "Weights" / "metaseg2d.pt.sha256"
+    copied = build / "lib" / "Slicer-5.10" / "qt-scripted-modules" / "Resources" / "Weights" / "metaseg2d.safetensors.sha256"
     assert not copied.exists(), "copied at configure time"
     out = subprocess.run([cmake, "--build", str(build)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert copied.read_bytes() == (ROOT / "Resources" / "Weights" / "metaseg2d.pt.sha256").read_bytes()
+    assert copied.read_bytes() == (ROOT / "Resources" / "Weights" / "metaseg2d.safetensors.sha256").read_bytes()
