@@ -7,10 +7,10 @@ import math
 
 import torch
 
-from metaseg.config import ModelConfig
-from metaseg.fit import FitPlan
-from metaseg.model import MetaSegNet
-from metaseg.weights import LABELS, Weights, save_weights
+from metaseg.method.config import ModelConfig
+from metaseg.method.fit import FitPlan
+from metaseg.method.model import MetaSegNet
+from metaseg.method.weights import LABELS, Weights, save_weights
 from testdata import SAMPLE, SHARED_DATA, WEIGHTS_2D
 
 

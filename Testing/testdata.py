@@ -16,10 +16,10 @@ def small_fitted_file(path: Path, mask: bool) -> Path:
     import numpy as np
     import torch
 
-    from metaseg.config import ModelConfig
-    from metaseg.fit import FittedINR
-    from metaseg.fitted import FittedVolume
-    from metaseg.model import MetaSegNet
+    from metaseg.method.config import ModelConfig
+    from metaseg.method.fit import FittedINR
+    from metaseg.space.fitted import FittedVolume
+    from metaseg.method.model import MetaSegNet
 
     torch.manual_seed(0)
     net = MetaSegNet(ModelConfig(in_dim=3, width=8, hidden_layers=1))

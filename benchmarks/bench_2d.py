@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metaseg.data import load_slice, load_splits
-from metaseg.fit import FitPlan
+from metaseg.io.data import load_slice, load_splits
+from metaseg.method.fit import FitPlan
 from metaseg.metrics import foreground_dice, generalized_dice
-from metaseg.segment import segment_array
-from metaseg.weights import load_weights
+from metaseg.method.segment import segment_array
+from metaseg.method.weights import load_weights
 
 
 def run(net, log_lr, plan, subjects, data, canvas, repeats=1):

@@ -22,14 +22,14 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from metaseg.data import load_splits
-from metaseg.geometry import centred_affine
-from metaseg.io import read_image
+from metaseg.io.data import load_splits
+from metaseg.space.geometry import centred_affine
+from metaseg.io.readers import read_image
 from metaseg.metrics import foreground_dice, generalized_dice
-from metaseg.reslice import reslice, standard_plane
+from metaseg.space.reslice import reslice, standard_plane
 from metaseg.runtime import Model
-from metaseg.volume import segment_volume
-from metaseg.weights import load_weights
+from metaseg.space.volume import segment_volume
+from metaseg.method.weights import load_weights
 
 DATA = Path("../shared/data/brains")
 
@@ -115,10 +115,10 @@ def exp_planes(w, net, subjects, spacing=1.0):
 
 def exp_paper(steps=3):
     """Seconds per full-batch Adam step of the paper's 3D network on its 80x80x100 grid (extrapolated to 300)."""
-    from metaseg.config import PAPER_3D
-    from metaseg.fit import FitPlan, adapt
-    from metaseg.model import MetaSegNet
-    from metaseg.preprocess import grid_coords
+    from metaseg.method.config import PAPER_3D
+    from metaseg.method.fit import FitPlan, adapt
+    from metaseg.method.model import MetaSegNet
+    from metaseg.method.preprocess import grid_coords
 
     net = MetaSegNet(PAPER_3D)
     coords = grid_coords((100, 80, 80))

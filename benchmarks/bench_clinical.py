@@ -26,13 +26,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from metaseg.brain import decide_skull, extract_brain, prepare_brain
-from metaseg.io import read_image
+from metaseg.space.brain import decide_skull, extract_brain, prepare_brain
+from metaseg.io.readers import read_image
 from metaseg.metrics import foreground_dice
 from metaseg.resources import default_weights
 from metaseg.runtime import Model
-from metaseg.volume import VolumeSettings, segment_volume
-from metaseg.weights import load_weights
+from metaseg.space.volume import VolumeSettings, segment_volume
+from metaseg.method.weights import load_weights
 
 DATA = Path("../shared/data/brains")
 HEADS = ["ecog", "sub-01", "sub-02", "sub-03", "sub-04", "sub-05", "sub-06", "sub-07", "sub-08"]

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metaseg.atomic import write_all
-from metaseg.io import image_array_2d, labels_like, read_image, write_image
-from metaseg.segment import segment_array
+from metaseg.io.atomic import write_all
+from metaseg.io.readers import image_array_2d, labels_like, read_image, write_image
+from metaseg.method.segment import segment_array
 from metaseg.runtime import Hooks, Model
-from metaseg.volume import segment_volume
-from metaseg.weights import load_weights
+from metaseg.space.volume import segment_volume
+from metaseg.method.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 

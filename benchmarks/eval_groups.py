@@ -27,15 +27,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from metaseg.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
-from metaseg.io import read_image
+from metaseg.io.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
+from metaseg.io.readers import read_image
 from metaseg.labelsets import TISSUES, LabelSet, label_set
 from metaseg.evaluate import score
 from metaseg.metrics import foreground_dice
-from metaseg.segment import segment_array
+from metaseg.method.segment import segment_array
 from metaseg.runtime import Model
-from metaseg.volume import VolumeSettings, segment_volume
-from metaseg.weights import load_weights
+from metaseg.space.volume import VolumeSettings, segment_volume
+from metaseg.method.weights import load_weights
 
 CLASSES = {1: "cortex", 2: "subcortical", 3: "wm", 4: "csf"}
 

@@ -1,4 +1,4 @@
-"""Size and fidelity of the stored fitted network ("metaseg-fitted/2", metaseg/fitted.py) on the bundled scan.
+"""Size and fidelity of the stored fitted network ("metaseg-fitted/2", metaseg/space/fitted.py) on the bundled scan.
 
 Segments the sample (ecog_t1.nii.gz by default, its reference labels ecog_seg4.nii.gz) once, keeps the fitted
 volume in memory at full precision (float32 parameters, float32 image), stores it the way `--save-inr` and the
@@ -35,9 +35,9 @@ def main() -> int:
     import torch
 
     import metaseg
-    from metaseg.fitted import FittedVolume
-    from metaseg.reslice import reslice, standard_plane
-    from metaseg.volume import voxel_points
+    from metaseg.space.fitted import FittedVolume
+    from metaseg.space.reslice import reslice, standard_plane
+    from metaseg.space.volume import voxel_points
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--image", default=str(ROOT / "Resources/Sample/ecog_t1.nii.gz"))

@@ -35,12 +35,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-import metaseg.volume as volume
-from metaseg.data import load_splits
-from metaseg.io import read_image
-from metaseg.registration import _as_affine
-from metaseg.volume import segment_volume, voxel_points
-from metaseg.weights import load_weights
+import metaseg.space.volume as volume
+from metaseg.io.data import load_splits
+from metaseg.io.readers import read_image
+from metaseg.space.registration import _as_affine
+from metaseg.space.volume import segment_volume, voxel_points
+from metaseg.method.weights import load_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repeat_scans import CLASSES, noisy, volumes_ml  # noqa: E402

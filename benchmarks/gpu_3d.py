@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from metaseg.config import PAPER_3D
-from metaseg.data import load_volume
-from metaseg.fit import FitPlan, adapt
+from metaseg.method.config import PAPER_3D
+from metaseg.io.data import load_volume
+from metaseg.method.fit import FitPlan, adapt
 from metaseg.metrics import foreground_dice
-from metaseg.model import MetaSegNet
-from metaseg.preprocess import grid_coords
-from metaseg.segment import segment_array
-from metaseg.weights import load_weights
+from metaseg.method.model import MetaSegNet
+from metaseg.method.preprocess import grid_coords
+from metaseg.method.segment import segment_array
+from metaseg.method.weights import load_weights
 
 
 def sync(dev: torch.device) -> None:

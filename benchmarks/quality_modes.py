@@ -19,14 +19,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from metaseg.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
-from metaseg.io import image_array_3d, read_image
+from metaseg.io.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
+from metaseg.io.readers import image_array_3d, read_image
 from metaseg.metrics import foreground_dice
-from metaseg.preprocess import grid_coords
-from metaseg.segment import segment_array
+from metaseg.method.preprocess import grid_coords
+from metaseg.method.segment import segment_array
 from metaseg.runtime import Model
-from metaseg.volume import VolumeSettings, segment_volume, voxel_points
-from metaseg.weights import load_weights
+from metaseg.space.volume import VolumeSettings, segment_volume, voxel_points
+from metaseg.method.weights import load_weights
 
 
 def probs_2d(w, net, plan, image, seed):

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-import metaseg.registration as registration
-from metaseg.io import read_image
-from metaseg.volume import register_to_template
+import metaseg.space.registration as registration
+from metaseg.io.readers import read_image
+from metaseg.space.volume import register_to_template
 
 
 def main() -> None:

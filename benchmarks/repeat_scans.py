@@ -30,11 +30,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from metaseg.geometry import centred_affine, oblique_direction
-from metaseg.io import read_image
+from metaseg.space.geometry import centred_affine, oblique_direction
+from metaseg.io.readers import read_image
 from metaseg.runtime import Model
-from metaseg.volume import VolumeSettings, segment_volume
-from metaseg.weights import load_weights
+from metaseg.space.volume import VolumeSettings, segment_volume
+from metaseg.method.weights import load_weights
 
 CLASSES = {1: "cortical GM", 2: "subcortical GM", 3: "WM", 4: "CSF"}
 

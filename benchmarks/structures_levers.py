@@ -5,7 +5,7 @@ test-time plan under several seeds, and the labels are decoded in several ways f
 - `last`: the fit's last step (what `segment` does);
 - `avgK`: the fit's parameters averaged over its last K steps (as SWA does in training; no extra fit);
 - `ens`: the probabilities of all seeds' fits averaged (`--quality best`);
-- `+prior a`: any of the above times the spatial prior (metaseg.prior, built from the training subjects) to the
+- `+prior a`: any of the above times the spatial prior (metaseg.method.prior, built from the training subjects) to the
   power a, renormalized (a Bayesian prior on the head's output, no retraining).
 It reports mean Dice over the 31 structures, hippocampus Dice (L/R mean) and the hippocampal volume's change
 between seeds (|dV| %, L+R). Run by hand, e.g.
@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metaseg.data import load_splits
-from metaseg.fit import adapt
+from metaseg.io.data import load_splits
+from metaseg.method.fit import adapt
 from metaseg.labelsets import label_set
 from metaseg.metrics import dice_per_class
-from metaseg.preprocess import grid_coords, normalize_intensity, sample_grid
-from metaseg.prior import SpatialPrior
-from metaseg.weights import load_weights
+from metaseg.method.preprocess import grid_coords, normalize_intensity, sample_grid
+from metaseg.method.prior import SpatialPrior
+from metaseg.method.weights import load_weights
 
 HIPPO = ("Left-Hippocampus", "Right-Hippocampus")
 

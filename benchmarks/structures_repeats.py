@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import metaseg
-from metaseg.data import subject_dir
-from metaseg.io import read_image
+from metaseg.io.data import subject_dir
+from metaseg.io.readers import read_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flip_rate import half_voxel_resliced, rigid, with_header_moved  # noqa: E402

@@ -6,7 +6,7 @@ seeds 0 and 3, so the two ensembles share no fit seed). Prints |dV| in % per str
 import torch
 
 import metaseg
-from metaseg.io import read_image
+from metaseg.io.readers import read_image
 torch.set_num_threads(2)
 seg = metaseg.Segmenter(device="cpu", labels="structures")
 out = {}

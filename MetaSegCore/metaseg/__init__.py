@@ -9,19 +9,19 @@
 3D network. Errors a caller may catch: InputError (the input or an argument; the command line's message),
 WeightsError, OutputExistsError (a file appeared meanwhile), Cancelled.
 """
-__version__ = "0.4.0"
+from .version import __version__
 
-# Imported here, not on first use: the functions `segment` and `reslice` share their names with the modules
-# segment.py and reslice.py, and binding them after those modules load keeps `metaseg.segment` the function.
-from .atomic import OutputExistsError  # noqa: E402
-from .fit import FitCancelled as Cancelled  # noqa: E402
-from .fitted import FittedVolume  # noqa: E402
-from .io import InputError  # noqa: E402
+# Imported here, not on first use: `metaseg.segment` and `metaseg.reslice` are the functions (their modules are
+# method/segment.py and space/reslice.py). The folders and what each may import: README.md, "Layout".
+from .io.atomic import OutputExistsError  # noqa: E402
+from .method.fit import FitCancelled as Cancelled  # noqa: E402
+from .space.fitted import FittedVolume  # noqa: E402
+from .io.readers import InputError  # noqa: E402
 from .options import Outputs, SegmentOptions  # noqa: E402
-from .reslice import Plane, reslice, standard_plane  # noqa: E402
+from .space.reslice import Plane, reslice, standard_plane  # noqa: E402
 from .segmentation import Segmentation  # noqa: E402
 from .segmenter import Segmenter, segment  # noqa: E402
-from .weights import WeightsError  # noqa: E402
+from .method.weights import WeightsError  # noqa: E402
 
 __all__ = ["__version__", "segment", "Segmenter", "Segmentation", "SegmentOptions", "Outputs", "reslice",
            "standard_plane", "Plane", "FittedVolume", "InputError", "WeightsError", "OutputExistsError", "Cancelled"]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from .version import __version__
 from .options import OPTIONAL_OUTPUTS, QUALITIES, BatchSettings, Outputs, SegmentOptions
 
 
@@ -21,7 +21,7 @@ def _add_train(sub) -> None:
         "Options left out take the defaults of --dims (2D: the shipped metaseg2d recipe; 3D: metaseg3d's).",
     )
     p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2: coronal slices; 3: aligned volumes (default: 2)")
-    p.add_argument("--data", help="folder of subject folders, or a .npz pack from metaseg.data.pack_volumes "
+    p.add_argument("--data", help="folder of subject folders, or a .npz pack from metaseg.io.data.pack_volumes "
                    "(default: ../shared/data/brains)")
     p.add_argument("--splits", help="JSON with 'train' and 'validation' subject lists (default: metaseg/splits.json)")
     p.add_argument("--out", help="run folder: checkpoint, log, weights (default: runs/metaseg2d or runs/metaseg3d)")
@@ -87,10 +87,10 @@ def _train(a: argparse.Namespace) -> int:
 
     import torch
 
-    from .data import check_training_data, load_splits
-    from .device import pick_device
-    from .io import InputError
-    from .meta_train import meta_train, settings_for
+    from .io.data import check_training_data, load_splits
+    from .method.device import pick_device
+    from .io.readers import InputError
+    from .train.meta_train import meta_train, settings_for
     from .options import check_seed
 
     try:
@@ -122,7 +122,7 @@ def _train(a: argparse.Namespace) -> int:
 
 def _check_train_data(data: Optional[str]) -> None:
     """Refuse a --data that is neither a folder nor a .npz pack, before any run folder is made."""
-    from .io import InputError
+    from .io.readers import InputError
 
     if data is None:
         return
@@ -157,13 +157,13 @@ def _add_prepare(sub) -> None:
 
 
 def _prepare(a: argparse.Namespace) -> int:
-    from .atomic import write_all
-    from .data import pack_writer
-    from .io import InputError
+    from .io.atomic import write_all
+    from .io.data import pack_writer
+    from .io.readers import InputError
     from .labelsets import label_set
-    from .meta_train import settings_for
-    from .output_paths import check_output
-    from .prepare import find_subjects, prepare_subjects, qc_row, qc_table
+    from .train.meta_train import settings_for
+    from .io.output_paths import check_output
+    from .train.prepare import find_subjects, prepare_subjects, qc_row, qc_table
 
     try:
         out = check_output(Path(a.output), "pack", a.force, option="-o")
@@ -285,7 +285,7 @@ def _add_job(sub) -> None:
 
 
 def _job(a: argparse.Namespace) -> int:
-    from .io import InputError
+    from .io.readers import InputError
     from .options import read_job
     from .pipeline import segment_file
 
@@ -338,7 +338,7 @@ def _add_batch(sub) -> None:
 
 
 def _batch(a: argparse.Namespace) -> int:
-    from .batch import run_batch
+    from .cohort.batch import run_batch
 
     flags = {"preview": a.preview, "seg_nrrd": a.seg_nrrd, "uncertainty": a.uncertainty, "inr": a.save_inr}
     return run_batch(BatchSettings(
@@ -380,13 +380,13 @@ def _add_reslice(sub) -> None:
 def _reslice(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from .atomic import OutputExistsError, write_all
-    from .device import pick_device
-    from .fitted import FittedVolume
-    from .io import InputError, write_image
-    from .output_paths import check_output
-    from .reslice import Plane, plane_warning, reslice, standard_plane
-    from .weights import WeightsError
+    from .io.atomic import OutputExistsError, write_all
+    from .method.device import pick_device
+    from .space.fitted import FittedVolume
+    from .io.readers import InputError, write_image
+    from .io.output_paths import check_output
+    from .space.reslice import Plane, plane_warning, reslice, standard_plane
+    from .method.weights import WeightsError
 
     try:
         out = check_output(Path(a.output), "image", a.force, [Path(a.inr), Path(a.inr + ".sha256")])
@@ -424,7 +424,7 @@ def _check_plane_numbers(a: argparse.Namespace) -> None:
     """Every number of a plane finite, spacing and extent positive: NaN or 0 must not slip into defaults."""
     import math
 
-    from .io import InputError
+    from .io.readers import InputError
 
     for option in ("origin", "normal", "u", "v", "angles", "offset", "extent", "spacing"):
         value = getattr(a, option)
@@ -482,7 +482,7 @@ def _info(a: argparse.Namespace) -> int:
     import json
 
     from .resources import default_weights
-    from .weights import WeightsError, load_weights
+    from .method.weights import WeightsError, load_weights
 
     try:
         w = load_weights(a.weights or default_weights(2))
@@ -511,10 +511,10 @@ def _add_convert(sub) -> None:
 
 
 def _convert(a: argparse.Namespace) -> int:
-    from .legacy import convert
-    from .output_paths import check_output
-    from .safefile import WeightsError
-    from .io import InputError
+    from .train.legacy import convert
+    from .io.output_paths import check_output
+    from .io.safefile import WeightsError
+    from .io.readers import InputError
 
     try:
         if Path(a.new).exists() and not a.force:
@@ -552,7 +552,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except OSError as e:  # a full disk, a quota, a read-only folder, wherever it struck: one message, exit 2
-        from .atomic import USER_ERRNOS, write_failure
+        from .io.atomic import USER_ERRNOS, write_failure
 
         failure = write_failure(Path(e.filename or "."), e) if e.errno in USER_ERRNOS else None
         if failure is None:
@@ -560,7 +560,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {failure}", file=sys.stderr)
         return 2
     except ValueError as e:
-        from .atomic import OutputWriteError
+        from .io.atomic import OutputWriteError
 
         if not isinstance(e, OutputWriteError):
             raise

@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .data import label_group, subject_dir
-from .io import InputError, read_image
+from .io.data import label_group, subject_dir
+from .io.readers import InputError, read_image
 from .labelsets import TISSUES, LabelSet, from_card
 from .metrics import dice_per_class, foreground_dice
 from .options import SegmentOptions

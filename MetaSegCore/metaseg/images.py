@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .io import InputError, read_image
+from .io.readers import InputError, read_image
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

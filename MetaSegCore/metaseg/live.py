@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
 
-from .atomic import write_all
-from .io import InputError
-from .output_paths import check_output_dir, same_file
+from .io.atomic import write_all
+from .io.readers import InputError
+from .io.output_paths import check_output_dir, same_file
 
 PATTERN = re.compile(r"^live_\d{5,}\.nii\.gz$")
 

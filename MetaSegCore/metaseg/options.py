@@ -53,7 +53,7 @@ class SegmentOptions:
 
     def checked(self) -> "SegmentOptions":
         """Self, after refusing (InputError, with the command line's wording) any value out of range."""
-        from .io import InputError  # here: the command line imports this module before SimpleITK is needed
+        from .io.readers import InputError  # here: the command line imports this module before SimpleITK is needed
 
         for name, allowed in (("quality", QUALITIES), ("brain_extraction", BRAIN_EXTRACTION),
                               ("bias_correction", BIAS_CORRECTION)):
@@ -82,7 +82,7 @@ class SegmentOptions:
 
 
 def check_steps(steps: int) -> None:
-    from .io import InputError
+    from .io.readers import InputError
 
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {steps!r}); the weights' card gives the "
@@ -91,7 +91,7 @@ def check_steps(steps: int) -> None:
 
 def check_seed(seed: int) -> None:
     """InputError unless `seed` is an integer from 0 to MAX_SEED (a larger one overflows torch's generator)."""
-    from .io import InputError
+    from .io.readers import InputError
 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         shown = f"about 2^{seed.bit_length() - 1}" if isinstance(seed, int) and seed > MAX_SEED else repr(seed)
@@ -185,7 +185,7 @@ class Job:
 
 def typed(cls, data: Any, what: str):
     """`cls(**data)` for a dataclass of this module, refusing (InputError) what is not a field of it."""
-    from .io import InputError
+    from .io.readers import InputError
 
     if not isinstance(data, Mapping):
         raise InputError(f"{what} must be a JSON object of {cls.__name__} fields (got {type(data).__name__})")
@@ -202,7 +202,7 @@ def typed(cls, data: Any, what: str):
 
 def read_job(path: PathLike) -> Job:
     """The Job in a JSON file (see Job), checked field by field (InputError with the file's name)."""
-    from .io import InputError
+    from .io.readers import InputError
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -18,20 +18,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import SimpleITK as sitk
 
-from .atomic import OutputExistsError, write_all
-from .data import load_splits
-from .fit import FitCancelled
+from .io.atomic import OutputExistsError, write_all
+from .io.data import load_splits
+from .method.fit import FitCancelled
 from .images import InputImage
-from .io import InputError, image_dims, read_image, write_image
+from .io.readers import InputError, image_dims, read_image, write_image
 from .live import check_live_dir, snapshot_path, write_snapshot
 from .options import Outputs, PathLike, SegmentOptions
-from .output_paths import check_output
-from .progress import Reporter
+from .io.output_paths import check_output
+from .io.progress import Reporter
 from .segmentation import check_outputs, check_volume_outputs
 from .segmenter import Segmenter, reporter_hooks
-from .weights import WeightsError
+from .method.weights import WeightsError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
+from .exit_codes import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE  # noqa: E402,F401 (pipeline.EXIT_*)
 
 
 def segment_file(source: PathLike, outputs: Outputs, options: SegmentOptions, progress: str = "bar",

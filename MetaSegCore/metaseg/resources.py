@@ -27,7 +27,7 @@ def weights_dirs() -> List[Path]:
 def check_label_set(labels: str) -> None:
     """Refuse a label set no shipped weights provide (ValueError: the caller's to fix)."""
     if labels not in LABEL_SETS:
-        from .io import InputError
+        from .io.readers import InputError
 
         raise InputError(f"unknown label set {labels!r}: the shipped weights provide {', '.join(LABEL_SETS)}")
 

@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .fit import FitPlan, FitProgress
-from .model import MetaSegNet
-from .weights import Weights
+from .method.fit import FitPlan, FitProgress
+from .method.model import MetaSegNet
+from .method.weights import Weights
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import write_all
-from .fitted import FittedVolume
+from .io.atomic import write_all
+from .space.fitted import FittedVolume
 from .images import RAS_TO_LPS
-from .io import InputError, labels_like, write_image
+from .io.readers import InputError, labels_like, write_image
 from .options import FILE_KINDS, VOLUME_ONLY, Outputs, PathLike
-from .output_paths import check_output
-from .outputs import preview_panels, write_preview, write_report, write_seg_nrrd
+from .io.output_paths import check_output
+from .io.outputs import preview_panels, write_preview, write_report, write_seg_nrrd
 
 Writer = Tuple[Path, Callable[[str], None]]
 

@@ -20,25 +20,25 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .batch_progress import ScanReporter
-from .brain import prepare_brain
-from .device import pick_device
-from .dicom import series_record
+from .io.batch_progress import ScanReporter
+from .space.brain import prepare_brain
+from .method.device import pick_device
+from .io.dicom import series_record
 from .images import InputImage, as_input_image
-from .io import InputError, image_array_2d, image_array_3d, image_dims, input_warnings, labels_like, sitk_array
+from .io.readers import InputError, image_array_2d, image_array_3d, image_dims, input_warnings, labels_like, sitk_array
 from .options import PathLike, SegmentOptions
 from .labelsets import TISSUES, as_tissues, from_card
-from .outputs import class_sizes, environment, hippocampus_ratio, hippocampus_spread, tissue_sums
-from .plausibility import brain_size_warnings, slice_check, tissue_warnings
-from .progress import Reporter
-from .reproducibility import run_record
+from .io.outputs import class_sizes, environment, hippocampus_ratio, hippocampus_spread, tissue_sums
+from .space.plausibility import brain_size_warnings, slice_check, tissue_warnings
+from .io.progress import Reporter
+from .method.reproducibility import run_record
 from .resources import check_label_set, default_weights
 from .runtime import Hooks, Model
-from .seed_spread import seed_spread
-from .segment import segment_array
+from .method.seed_spread import seed_spread
+from .method.segment import segment_array
 from .segmentation import Segmentation
-from .volume import VolumeSettings, is_model_grid, load_template, segment_volume
-from .weights import load_weights
+from .space.volume import VolumeSettings, is_model_grid, load_template, segment_volume
+from .method.weights import load_weights
 
 ProgressCallback = Callable[[str, Dict[str, Any]], None]
 

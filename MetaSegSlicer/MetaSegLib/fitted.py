@@ -34,7 +34,7 @@ import binascii
 import hashlib
 from pathlib import Path
 
-FORMAT = "metaseg-fitted/2"  # the core's fitted-network file format (metaseg.fitted.FORMAT)
+FORMAT = "metaseg-fitted/2"  # the core's fitted-network file format (metaseg.space.fitted.FORMAT)
 LEGACY_FORMAT = "metaseg-fitted-network/1"  # text of metaseg <= 0.4.0: a base64 PyTorch pickle
 MAX_BYTES = 64 << 20  # a kept network larger than this is refused (a 3D result is ~2 MB)
 LEGACY_MESSAGE = ("this result was made by an older MetaSeg, which kept its fitted network as a PyTorch pickle; "

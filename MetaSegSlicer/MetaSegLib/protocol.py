@@ -1,6 +1,6 @@
 """The core's progress protocol: one JSON object per line on the child's stdout.
 
-The events (see `metaseg/progress.py` in the core):
+The events (see `metaseg/io/progress.py` in the core):
 
   {"event": "stage", "stage": "fit", "message": "...", ...}
   {"event": "progress", "step": 3, "steps": 10, "loss": ..., "psnr": ..., "elapsed_s": ..., "remaining_s": ...}

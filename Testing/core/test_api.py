@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 import metaseg
 from metaseg.cli import main
-from metaseg.io import same_geometry
+from metaseg.io.readers import same_geometry
 from metaseg.segmenter import Segmenter
 from testdata import ROOT, SAMPLE, SAMPLE_T1, WEIGHTS_2D
 

@@ -4,9 +4,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from metaseg.data import LabeledImage
-from metaseg.meta_train import TaskPoints, settings_for
-from metaseg.preprocess import add_noise, normalize_intensity
+from metaseg.io.data import LabeledImage
+from metaseg.train.meta_train import TaskPoints, settings_for
+from metaseg.method.preprocess import add_noise, normalize_intensity
 from testdata import SAMPLE_SEG, SAMPLE_T1
 
 

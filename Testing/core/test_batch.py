@@ -16,9 +16,9 @@ import pytest
 import SimpleITK as sitk
 
 from metaseg.cli import main
-from metaseg.cohort import find_scans, parse_shard, scan_id, shard_of
-from metaseg.cohort_table import TIMING_COLUMNS, read_table
-from metaseg.io import InputError
+from metaseg.cohort.cohort import find_scans, parse_shard, scan_id, shard_of
+from metaseg.cohort.cohort_table import TIMING_COLUMNS, read_table
+from metaseg.io.readers import InputError
 
 from testdata import SAMPLE
 
@@ -239,7 +239,7 @@ def test_a_3d_scan_gets_volumes_in_ml_and_its_registration_quality(tmp_path):
 
 def test_each_caller_gets_its_own_copy_of_the_cached_template():
     """The template is read once per process (a batch registers every scan to it); changing a copy changes no other."""
-    from metaseg.volume import load_template
+    from metaseg.space.volume import load_template
 
     a, b = load_template(), load_template()
     a.SetOrigin((1.0, 2.0, 3.0))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from metaseg.bias import n4_correct
-from metaseg.brain import decide_skull, extract_brain, prepare_brain
+from metaseg.space.bias import n4_correct
+from metaseg.space.brain import decide_skull, extract_brain, prepare_brain
 from metaseg.cli import main
-from metaseg.volume import THICK_SLICE_MM, spacing_warnings
+from metaseg.space.volume import THICK_SLICE_MM, spacing_warnings
 from testdata import SAMPLE, SAMPLE_T1, WEIGHTS_3D
 
 pytest.importorskip("deepbet")

@@ -9,10 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from metaseg.cli import main
-from metaseg.io import same_geometry
+from metaseg.io.readers import same_geometry
 from metaseg.metrics import foreground_dice
 from metaseg.segmenter import MIN_PSNR_2D
-from metaseg.weights import LABELS
+from metaseg.method.weights import LABELS
 
 # The shipped weights score 0.813 on this unseen subject (docs/results.md); this floor catches regressions.
 SAMPLE_DICE_FLOOR = 0.75

@@ -1,5 +1,5 @@
 import numpy as np
-from metaseg.data import LABEL_GROUPS, PAPER_SLICE, coronal_slices, load_slice, load_splits, subject_dir
+from metaseg.io.data import LABEL_GROUPS, PAPER_SLICE, coronal_slices, load_slice, load_splits, subject_dir
 from testdata import SHARED_DATA
 
 

@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metaseg.config import ModelConfig
-from metaseg.data import LabeledImage
-from metaseg.fit import FitPlan
-from metaseg.meta_train import TaskPoints, _dist_finish, build_model, outer_step, settings_for
+from metaseg.method.config import ModelConfig
+from metaseg.io.data import LabeledImage
+from metaseg.method.fit import FitPlan
+from metaseg.train.meta_train import TaskPoints, _dist_finish, build_model, outer_step, settings_for
 
 SETTINGS = settings_for(
     2, model=ModelConfig(width=16, hidden_layers=1), canvas=(32, 32), plan=FitPlan(steps=2, batch_size=256),

@@ -6,11 +6,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from metaseg.config import ModelConfig
-from metaseg.fit import FitCancelled, FitPlan, adapt, fit
-from metaseg.meta_train import load_init
-from metaseg.model import MetaSegNet
-from metaseg.preprocess import grid_coords, normalize_intensity, pad_to_canvas, sample_grid
+from metaseg.method.config import ModelConfig
+from metaseg.method.fit import FitCancelled, FitPlan, adapt, fit
+from metaseg.train.meta_train import load_init
+from metaseg.method.model import MetaSegNet
+from metaseg.method.preprocess import grid_coords, normalize_intensity, pad_to_canvas, sample_grid
 
 SMALL = ModelConfig(width=32, hidden_layers=2)
 
@@ -173,8 +173,8 @@ def test_init_from_a_features_only_head_starts_as_that_head(tmp_path, sample_can
     torch.manual_seed(0)
     old = MetaSegNet(SMALL)
     log_lr = _log_lr(old, 3)
-    from metaseg.legacy import STAGE1_FORMAT
-    from metaseg.safefile import dumps_tree
+    from metaseg.train.legacy import STAGE1_FORMAT
+    from metaseg.io.safefile import dumps_tree
 
     (tmp_path / "best_stage1.safetensors").write_bytes(dumps_tree({"net": old.state_dict(), "log_lr": log_lr}, STAGE1_FORMAT))
     new = MetaSegNet(ModelConfig(width=32, hidden_layers=2, head_intensity=True, head_all_layers=True))

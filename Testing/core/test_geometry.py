@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from metaseg.geometry import (centred_affine, entropy_map, model_grid, oblique_direction, to_model_space,
+from metaseg.space.geometry import (centred_affine, entropy_map, model_grid, oblique_direction, to_model_space,
                               to_scan_space, to_scan_space_with_entropy, with_geometry)
-from metaseg.io import read_image
+from metaseg.io.readers import read_image
 from metaseg.metrics import dice_per_class
-from metaseg.registration import MIN_NCC, MIN_NCC_INTERIOR, RegistrationQuality, register_affine, registration_ok
+from metaseg.space.registration import MIN_NCC, MIN_NCC_INTERIOR, RegistrationQuality, register_affine, registration_ok
 
 from testdata import SHARED_DATA as BRAINS
 ECOG = BRAINS / "ecog"

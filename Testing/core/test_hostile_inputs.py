@@ -12,16 +12,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from metaseg import safefile
-from metaseg.atomic import OutputExistsError, write_all
+from metaseg.io import safefile
+from metaseg.io.atomic import OutputExistsError, write_all
 from metaseg.cli import main
-from metaseg.config import ModelConfig
-from metaseg.fit import FitProgress, FittedINR
-from metaseg.model import MetaSegNet
-from metaseg.outputs import preview_panels
-from metaseg.plausibility import TRAINING_FRACTIONS, tissue_warnings
-from metaseg.progress import Reporter
-from metaseg.weights import save_checked
+from metaseg.method.config import ModelConfig
+from metaseg.method.fit import FitProgress, FittedINR
+from metaseg.method.model import MetaSegNet
+from metaseg.io.outputs import preview_panels
+from metaseg.space.plausibility import TRAINING_FRACTIONS, tissue_warnings
+from metaseg.io.progress import Reporter
+from metaseg.method.weights import save_checked
 from testdata import SAMPLE, SAMPLE_T1, WEIGHTS_3D, small_fitted_file
 
 SLICE = SAMPLE / "ecog_slice_t1.nii.gz"

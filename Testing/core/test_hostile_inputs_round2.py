@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from metaseg import atomic
-from metaseg.atomic import OutputWriteError, write_all
+from metaseg.io import atomic
+from metaseg.io.atomic import OutputWriteError, write_all
 from metaseg.cli import main
-from metaseg.cohort_table import lock_table
+from metaseg.cohort.cohort_table import lock_table
 from metaseg.live import snapshot_path, write_snapshot
 from metaseg.pipeline import _remove
 from test_hostile_inputs import SLICE, files_in, run
@@ -323,7 +323,7 @@ def test_no_traceback_reaches_the_terminal(tmp_path):
 
 def test_disagreeing_qform_and_sform_are_named(tmp_path):
     """Two geometries in one NIfTI header put the brain in two places: the warning says which one was used."""
-    from metaseg.io import input_warnings, read_image
+    from metaseg.io.readers import input_warnings, read_image
 
     img = sitk.GetImageFromArray(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32) + 0.1)
     sitk.WriteImage(img, str(tmp_path / "a.nii"))

@@ -38,7 +38,7 @@ def test_nifti_units_other_than_mm_are_named_with_the_voxel_size_they_give(unit,
 
 def test_metres_that_give_1_mm_voxels_are_read_as_the_standard_says(tmp_path):
     """pixdim 0.001 in metres is a 1 mm voxel: nothing to refuse."""
-    from metaseg.io import image_dims, read_image
+    from metaseg.io.readers import image_dims, read_image
 
     src = nib.load(str(SAMPLE_T1))
     header = src.header.copy()
@@ -112,7 +112,7 @@ FORMULA_IDS = ["=1+1", "@SUM(1+1)", "+cmd|' -c calc'!A0", "-2+3", "'quoted"]
 def test_batch_ids_never_run_as_formulas_and_resume_and_merge_still_match(tiny_weights, tmp_path, capsys):
     import csv
 
-    from metaseg.cohort_table import read_table
+    from metaseg.cohort.cohort_table import read_table
 
     manifest = tmp_path / "cohort.tsv"
     manifest.write_text("id\tpath\n" + "".join(f"{i}\t{SLICE_FILE}\n" for i in FORMULA_IDS), encoding="utf-8")
@@ -194,7 +194,7 @@ def test_the_report_traces_a_dicom_input_by_its_series_uid_only(tiny_weights, tm
 def test_a_batch_takes_each_dicom_series_folder_as_a_scan(tiny_weights, tmp_path, capsys):
     import shutil
 
-    from metaseg.cohort_table import read_table
+    from metaseg.cohort.cohort_table import read_table
 
     cohort = tmp_path / "cohort"
     cohort.mkdir()
@@ -323,7 +323,7 @@ def test_a_batch_id_too_long_for_a_folder_name_is_refused_and_leaves_no_lock(tin
 
 
 def test_a_finished_batch_removes_its_lock_file_and_a_second_run_still_locks(tiny_weights, tmp_path, capsys):
-    from metaseg.cohort_table import lock_table
+    from metaseg.cohort.cohort_table import lock_table
 
     out = tmp_path / "out"
     args = ["batch", SLICE_FILE, "-o", out, "--weights", tiny_weights, "--device", "cpu", "--progress", "none"]
@@ -388,8 +388,8 @@ def test_a_head_neck_shoulders_field_of_view_is_refused_with_a_crop_suggested(tm
 def test_no_validation_brain_lies_outside_the_training_sizes(shared_data):
     import SimpleITK as sitk
 
-    from metaseg.data import load_splits
-    from metaseg.plausibility import brain_size_warnings
+    from metaseg.io.data import load_splits
+    from metaseg.space.plausibility import brain_size_warnings
 
     def ml(path: Path) -> float:
         img = sitk.ReadImage(str(path))

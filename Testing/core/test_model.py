@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from metaseg.config import PAPER_2D, PAPER_3D, ModelConfig
-from metaseg.model import MetaSegNet, parameter_count
+from metaseg.method.config import PAPER_2D, PAPER_3D, ModelConfig
+from metaseg.method.model import MetaSegNet, parameter_count
 
 
 @pytest.mark.parametrize("config,params", [(PAPER_2D, 83_718), (PAPER_3D, 331_526)])

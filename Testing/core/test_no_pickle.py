@@ -24,7 +24,7 @@ import torch
 
 import metaseg
 from metaseg.cli import main
-from metaseg.safefile import PickleRefused, WeightsError
+from metaseg.io.safefile import PickleRefused, WeightsError
 from testdata import ROOT, SAMPLE
 
 MODULE_DIR = ROOT / "MetaSegSlicer"
@@ -82,7 +82,7 @@ def test_control_the_payload_runs_when_unpickled(tmp_path):
 
 
 def test_weights_loader_refuses_every_form(evil, marker):
-    from metaseg.weights import load_weights
+    from metaseg.method.weights import load_weights
 
     for path in evil.values():
         with pytest.raises(PickleRefused) as e:
@@ -117,9 +117,9 @@ def test_fitted_volume_api(evil, marker):
 
 
 def test_train_init_and_checkpoint_resume(evil, marker, tmp_path):
-    from metaseg.config import ModelConfig
-    from metaseg.meta_train import TrainSettings, load_init, meta_train
-    from metaseg.model import MetaSegNet
+    from metaseg.method.config import ModelConfig
+    from metaseg.train.meta_train import TrainSettings, load_init, meta_train
+    from metaseg.method.model import MetaSegNet
 
     net = MetaSegNet(ModelConfig(width=16, hidden_layers=1))
     log_lr = torch.zeros(2, len(net.inr_parameter_names()))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from metaseg.preprocess import normalize_intensity
+from metaseg.method.preprocess import normalize_intensity
 from testdata import SAMPLE_SEG, SAMPLE_T1
 
 

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from metaseg.cli import main
-from metaseg.data import coronal_slices, load_volume, pack_subjects
+from metaseg.io.data import coronal_slices, load_volume, pack_subjects
 from metaseg.metrics import foreground_dice
-from metaseg.volume import model_reference
+from metaseg.space.volume import model_reference
 from testdata import SHARED_DATA
 
 OASIS = SHARED_DATA.parent / "oasis-nmm"

@@ -1,19 +1,19 @@
-"""The spatial prior (metaseg.prior), a head that reads it, and fits decoded from averaged parameters."""
+"""The spatial prior (metaseg.method.prior), a head that reads it, and fits decoded from averaged parameters."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from metaseg.config import ModelConfig
-from metaseg.fit import FitPlan, adapt, fit
+from metaseg.method.config import ModelConfig
+from metaseg.method.fit import FitPlan, adapt, fit
 from metaseg.labelsets import label_set
-from metaseg.legacy import STAGE1_FORMAT
-from metaseg.meta_train import load_init
-from metaseg.model import MetaSegNet
-from metaseg.preprocess import grid_coords
-from metaseg.prior import SpatialPrior, class_fractions, coarse_shape
-from metaseg.safefile import dumps_tree
-from metaseg.weights import Weights, WeightsError, load_weights, save_weights, weights_problem
+from metaseg.train.legacy import STAGE1_FORMAT
+from metaseg.train.meta_train import load_init
+from metaseg.method.model import MetaSegNet
+from metaseg.method.preprocess import grid_coords
+from metaseg.method.prior import SpatialPrior, class_fractions, coarse_shape
+from metaseg.io.safefile import dumps_tree
+from metaseg.method.weights import Weights, WeightsError, load_weights, save_weights, weights_problem
 from testdata import SAMPLE
 
 STRUCTURES = label_set("structures")
@@ -141,6 +141,6 @@ def test_a_prior_power_weighs_the_heads_probabilities_by_the_prior():
     got = torch.softmax(net.with_prior(logits, x), -1)
     assert torch.allclose(got, want / want.sum(1, keepdim=True), atol=1e-5)
     params = {k: p.detach() for k, p in net.named_parameters()}
-    from metaseg.fit import FittedINR
+    from metaseg.method.fit import FittedINR
 
     assert torch.allclose(FittedINR(net, params).probabilities(x), got.detach(), atol=1e-5)  # decoding applies it

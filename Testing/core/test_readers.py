@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from metaseg.geometry import oblique_direction, with_geometry
-from metaseg.dicom import dicom_series
-from metaseg.io import InputError, image_array_3d, read_image
+from metaseg.space.geometry import oblique_direction, with_geometry
+from metaseg.io.dicom import dicom_series
+from metaseg.io.readers import InputError, image_array_3d, read_image
 
 from testdata import SAMPLE, SHARED_DATA as BRAINS
 

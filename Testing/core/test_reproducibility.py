@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from metaseg.cli import main
-from metaseg.io import read_image
-from metaseg.volume import register_to_template
+from metaseg.io.readers import read_image
+from metaseg.space.volume import register_to_template
 from testdata import SAMPLE_T1, WEIGHTS_3D
 
 

@@ -119,7 +119,7 @@ def test_2d_batch_writes_a_column_per_structure(tmp_path):
 
 
 def test_each_volume_carries_its_spread_over_the_fits_and_a_wide_hippocampus_warns():
-    from metaseg.outputs import HIPPOCAMPUS_SPREAD_LIMIT_PCT, class_sizes, hippocampus_spread
+    from metaseg.io.outputs import HIPPOCAMPUS_SPREAD_LIMIT_PCT, class_sizes, hippocampus_spread
 
     info = STRUCTURES.card_labels()
     labels = np.zeros((10, 10, 10), np.uint8)

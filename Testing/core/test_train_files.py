@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 
-from metaseg.config import ModelConfig
-from metaseg.fit import FitPlan
-from metaseg.meta_train import TrainSettings, meta_train
-from metaseg.safefile import looks_like_pickle
-from metaseg.weights import load_weights
+from metaseg.method.config import ModelConfig
+from metaseg.method.fit import FitPlan
+from metaseg.train.meta_train import TrainSettings, meta_train
+from metaseg.io.safefile import looks_like_pickle
+from metaseg.method.weights import load_weights
 
 
 def test_a_run_writes_resumes_and_starts_from_safe_files(shared_data, tmp_path):
-    from metaseg.data import load_splits
+    from metaseg.io.data import load_splits
 
     full = load_splits()
     (tmp_path / "splits.json").write_text(json.dumps({"train": full["train"][:2], "validation": full["validation"][:1]}))

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from metaseg.fitted import FittedVolume
-from metaseg.geometry import physical_to_model, with_geometry, oblique_direction, centred_affine
-from metaseg.io import read_image, same_geometry
+from metaseg.space.fitted import FittedVolume
+from metaseg.space.geometry import physical_to_model, with_geometry, oblique_direction, centred_affine
+from metaseg.io.readers import read_image, same_geometry
 from metaseg.metrics import foreground_dice
-from metaseg.preprocess import grid_coords
-from metaseg.registration import register_affine
-from metaseg.reslice import Plane, reslice, standard_plane
+from metaseg.method.preprocess import grid_coords
+from metaseg.space.registration import register_affine
+from metaseg.space.reslice import Plane, reslice, standard_plane
 from metaseg.runtime import Hooks, Model
-from metaseg.volume import VolumeSettings, load_template, model_reference, segment_volume, voxel_points
-from metaseg.weights import WeightsError, load_weights
+from metaseg.space.volume import VolumeSettings, load_template, model_reference, segment_volume, voxel_points
+from metaseg.method.weights import WeightsError, load_weights
 from testdata import SAMPLE_SEG, SAMPLE_T1, WEIGHTS_3D
 
 
@@ -156,7 +156,7 @@ def test_physical_to_model_matches_the_grid(angles, flip):
 def test_aligned_files_are_used_as_they_are():
     """The aligned training files (identity affine: ITK direction diag(-1, -1, 1)) skip registration;
     scans in scanner geometry do not."""
-    from metaseg.volume import is_model_grid
+    from metaseg.space.volume import is_model_grid
 
     canvas = (224, 192, 160)
     aligned = sitk.Image([160, 192, 224], sitk.sitkUInt8)
@@ -171,8 +171,8 @@ def test_aligned_files_are_used_as_they_are():
 def test_registration_gate_tells_wrong_input(kind):
     """The bundled T1 passes the registration gate; a T2-like contrast or noise does not (and is then
     refused before the fit, see volume.segment_volume and test_hostile_inputs.py)."""
-    from metaseg.registration import registration_ok
-    from metaseg.volume import TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR
+    from metaseg.space.registration import registration_ok
+    from metaseg.space.volume import TEMPLATE_MIN_NCC, TEMPLATE_MIN_NCC_INTERIOR
 
     scan = read_image(SAMPLE_T1)
     a = sitk.GetArrayFromImage(scan).astype(np.float32)
@@ -190,8 +190,8 @@ def test_seg_nrrd_of_a_3d_scan_round_trips(native_run, tmp_path):
     """The .seg.nrrd of an oblique-free but LIA-ordered real scan: labels voxel for voxel, names, colours."""
     import slicerio
 
-    from metaseg.outputs import write_seg_nrrd
-    from metaseg.weights import LABELS
+    from metaseg.io.outputs import write_seg_nrrd
+    from metaseg.method.weights import LABELS
 
     scan, res = native_run
     path = tmp_path / "s.seg.nrrd"

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from metaseg import safefile
-from metaseg.config import ModelConfig
-from metaseg.fit import FitPlan
-from metaseg.model import MetaSegNet
-from metaseg.weights import LABELS, Weights, WeightsError, load_weights, save_weights, sha256_of
+from metaseg.io import safefile
+from metaseg.method.config import ModelConfig
+from metaseg.method.fit import FitPlan
+from metaseg.method.model import MetaSegNet
+from metaseg.method.weights import LABELS, Weights, WeightsError, load_weights, save_weights, sha256_of
 
 CFG = ModelConfig(width=16, hidden_layers=1)
 
@@ -148,8 +148,8 @@ def test_convert_weights_turns_a_trusted_old_file_into_the_same_weights(tmp_path
     import numpy as np
 
     from metaseg.cli import main
-    from metaseg.fit import FittedINR
-    from metaseg.fitted import FittedVolume
+    from metaseg.method.fit import FittedINR
+    from metaseg.space.fitted import FittedVolume
 
     w = _weights()
     old = tmp_path / "old.pt"

@@ -72,10 +72,10 @@ def any_weights(tmp_path_factory) -> Path:
     if SHIPPED_2D.is_file():
         return SHIPPED_2D
     import torch
-    from metaseg.config import ModelConfig
-    from metaseg.fit import FitPlan
-    from metaseg.model import MetaSegNet
-    from metaseg.weights import LABELS, Weights, save_weights
+    from metaseg.method.config import ModelConfig
+    from metaseg.method.fit import FitPlan
+    from metaseg.method.model import MetaSegNet
+    from metaseg.method.weights import LABELS, Weights, save_weights
 
     torch.manual_seed(0)
     config = ModelConfig()

@@ -60,7 +60,7 @@ def committed_files(folder: Path):
 
 
 def test_core_library_lists_every_module():
-    """Every committed metaseg/*.py (and data file) is listed, and every listed file exists.
+    """Every committed metaseg/**/*.py (and data file) is listed, and every listed file exists.
 
     Committed rather than present: the core is edited concurrently, and a file is only
     packaged (and needs listing) once it is part of the repository. Outside git: on disk.
@@ -69,10 +69,11 @@ def test_core_library_lists_every_module():
     text = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS", {}))
     resources = set(cmake_list(text, "MODULE_PYTHON_RESOURCES", {}))
-    on_disk = {p.relative_to(folder).as_posix() for p in (folder / "metaseg").iterdir() if p.is_file()}
+    on_disk = {p.relative_to(folder).as_posix() for p in (folder / "metaseg").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
     tracked = committed_files(folder)
     shipped = {f for f in (on_disk if tracked is None else on_disk & tracked)
-               if f.startswith("metaseg/") and "/" not in f[len("metaseg/"):] and not f.endswith(".pyc")}
+               if f.startswith("metaseg/") and not f.endswith(".pyc")}
     py = {f for f in shipped if f.endswith(".py")}
     data = shipped - py
     assert py <= scripts, f"metaseg modules not listed in MetaSegCore/CMakeLists.txt: {sorted(py - scripts)}"

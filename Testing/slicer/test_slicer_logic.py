@@ -26,7 +26,7 @@ def MetaSeg(slicer_core):
 @pytest.fixture
 def card_labels(any_weights):
     """Names and colours come from the weights' own card (read by the core), not from the test."""
-    from metaseg.weights import load_weights
+    from metaseg.method.weights import load_weights
 
     return [lab for lab in load_weights(any_weights).card["labels"] if lab["value"] != 0]
 

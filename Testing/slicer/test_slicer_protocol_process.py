@@ -287,7 +287,7 @@ def test_segment_process_passes_the_cores_typed_options(tmp_path):
 
 
 def test_the_cores_job_reader_refuses_what_it_does_not_know(tmp_path):
-    from metaseg.io import InputError
+    from metaseg.io.readers import InputError
     from metaseg.options import read_job
 
     path = tmp_path / "job.json"

@@ -46,7 +46,7 @@ EXAMPLES = [
 def core_reasons():
     """Every `reason="..."` keyword given to an InputError in the core's source."""
     found = {}
-    for path in sorted(CORE.glob("*.py")):
+    for path in sorted(CORE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call):
                 for kw in node.keywords:
@@ -56,10 +56,10 @@ def core_reasons():
 
 
 def test_every_reason_the_core_raises_is_declared_and_worded_for_the_panel():
-    from metaseg.progress import REASONS
+    from metaseg.io.progress import REASONS
 
     raised = core_reasons()
-    assert set(raised) - set(REASONS) == set(), "reasons raised but not declared in metaseg/progress.py REASONS"
+    assert set(raised) - set(REASONS) == set(), "reasons raised but not declared in metaseg/io/progress.py REASONS"
     assert set(REASONS) - set(raised) == set(), "reasons declared but raised nowhere"
     assert set(REASONS) == set(refusals.WORDING), "every reason needs its panel wording in MetaSegLib/refusals.py"
     assert {e["reason"] for e in EXAMPLES} == set(REASONS)
@@ -69,11 +69,11 @@ def test_refusals_that_reach_the_panel_carry_a_reason():
     """Every InputError of the modules a panel run goes through that names a command-line option carries a reason,
     so the panel can word it. (Left out: the command line's own checks of output files and arguments, which the
     module's fixed job file never trips: cli, live, output_paths, atomic, batch, cohort, prepare, data, train.)"""
-    panel_path = {"brain.py", "volume.py", "segmenter.py", "segmentation.py", "plausibility.py", "io.py", "images.py",
+    panel_path = {"brain.py", "volume.py", "segmenter.py", "segmentation.py", "plausibility.py", "readers.py", "images.py",
                   "registration.py", "bias.py", "preprocess.py", "geometry.py", "mgz.py", "nifti_check.py",
                   "device.py", "pipeline.py"}
     missing = []
-    for path in sorted(CORE.glob("*.py")):
+    for path in sorted(CORE.rglob("*.py")):
         if path.name not in panel_path:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -127,7 +127,7 @@ def test_the_cores_error_event_carries_reason_facts_and_a_traceback(tmp_path, mo
     import SimpleITK as sitk
 
     from metaseg import pipeline
-    from metaseg.io import InputError
+    from metaseg.io.readers import InputError
     from metaseg.options import Outputs, SegmentOptions
 
     scan = tmp_path / "scan.nii.gz"

@@ -183,7 +183,7 @@ def two_networks(fitted_3d, tmp_path_factory) -> tuple:
     """The bundled scan's fitted network (A) and a second one whose labels differ (B: its head favours white matter)."""
     import torch
 
-    from metaseg.fitted import FittedVolume
+    from metaseg.space.fitted import FittedVolume
 
     b = FittedVolume.load(fitted_3d)
     with torch.no_grad():

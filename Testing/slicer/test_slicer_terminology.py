@@ -56,8 +56,8 @@ def test_seg_nrrd_written_by_the_core_carries_those_codes(master, tmp_path, slic
     names the list's context and a category/type pair from it."""
     import SimpleITK as sitk
     import vtk
-    from metaseg.outputs import write_seg_nrrd
-    from metaseg.weights import LABELS
+    from metaseg.io.outputs import write_seg_nrrd
+    from metaseg.method.weights import LABELS
 
     slicer = slicer_core
     path = tmp_path / "sample.seg.nrrd"

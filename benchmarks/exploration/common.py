@@ -15,7 +15,7 @@ def mlp_head(n_in: int, hidden: int = 128, layers: int = 1, n_classes: int = 5) 
 def train_head_2d(X: torch.Tensor, labels: torch.Tensor, steps: int = 4000, hidden: int = 128,
                   layers: int = 1, seed: int = 0) -> torch.nn.Sequential:
     """A head on inputs `X` (N, n_in) trained like stage 2: Adam 1e-3, batches of 8192, focal gamma 1."""
-    from metaseg.meta_train import focal_loss
+    from metaseg.train.meta_train import focal_loss
 
     torch.manual_seed(seed)
     head = mlp_head(X.shape[1], hidden, layers)
@@ -30,7 +30,7 @@ def train_head_2d(X: torch.Tensor, labels: torch.Tensor, steps: int = 4000, hidd
 def fit_features_2d(net, w, grid: torch.Tensor, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Fit `net`'s initialization to the canvas image `img` with weights `w`'s plan; the fitted
     network's head features at every point of `grid`."""
-    from metaseg.fit import adapt
+    from metaseg.method.fit import adapt
 
     init = {k: p.detach() for k, p in net.named_parameters()}
     fast = init
@@ -50,9 +50,9 @@ def fitted_samples(net, w, subj: str, n, fits: int = 1):
     """For each of `fits` seeds k: fit `subj`'s aligned volume with weights `w` (seed k) and pick
     `n` brain voxels (seed k). Yields (fit result, normalized image, labels, flat indices, coords)."""
     from pathlib import Path
-    from metaseg.data import load_volume
-    from metaseg.preprocess import grid_coords, normalize_intensity
-    from metaseg.segment import segment_array
+    from metaseg.io.data import load_volume
+    from metaseg.method.preprocess import grid_coords, normalize_intensity
+    from metaseg.method.segment import segment_array
 
     v = load_volume(Path("../shared/data/brains") / subj)
     img = normalize_intensity(v.image)

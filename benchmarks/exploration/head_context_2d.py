@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 sys.path.insert(0, "MetaSegCore")
-from metaseg.weights import load_weights
-from metaseg.meta_train import settings_for, prepare_tasks
-from metaseg.data import load_splits
-from metaseg.preprocess import grid_coords
+from metaseg.method.weights import load_weights
+from metaseg.train.meta_train import settings_for, prepare_tasks
+from metaseg.io.data import load_splits
+from metaseg.method.preprocess import grid_coords
 from metaseg.metrics import dice_per_class, foreground_dice
 from common import fit_features_2d, train_head_2d
 

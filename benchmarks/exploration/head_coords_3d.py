@@ -3,8 +3,8 @@ and recomputes the sampled voxels' coordinates from the same seeds."""
 import sys, numpy as np, torch
 from pathlib import Path
 sys.path.insert(0, "MetaSegCore")
-from metaseg.data import load_volume, load_splits
-from metaseg.preprocess import grid_coords, normalize_intensity
+from metaseg.io.data import load_volume, load_splits
+from metaseg.method.preprocess import grid_coords, normalize_intensity
 from metaseg.metrics import foreground_dice, dice_per_class
 from common import mlp_head, pick_voxels
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)

@@ -4,10 +4,10 @@ import sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, "MetaSegCore")
-from metaseg.weights import load_weights
-from metaseg.meta_train import settings_for, prepare_tasks
-from metaseg.data import load_splits
-from metaseg.preprocess import grid_coords
+from metaseg.method.weights import load_weights
+from metaseg.train.meta_train import settings_for, prepare_tasks
+from metaseg.io.data import load_splits
+from metaseg.method.preprocess import grid_coords
 from common import fit_features_2d
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 w = load_weights(Path("Resources/Weights/metaseg2d.safetensors"))

@@ -1,7 +1,7 @@
 import os, time, numpy as np, torch
 from pathlib import Path
-from metaseg.weights import load_weights
-from metaseg.data import load_splits
+from metaseg.method.weights import load_weights
+from metaseg.io.data import load_splits
 from metaseg.metrics import foreground_dice
 from common import fitted_samples, mlp_head
 torch.set_num_threads(2)

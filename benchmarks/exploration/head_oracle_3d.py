@@ -1,9 +1,9 @@
 import os, sys, time, numpy as np, torch
 from pathlib import Path
-from metaseg.weights import load_weights
-from metaseg.data import load_volume
-from metaseg.segment import segment_array
-from metaseg.preprocess import grid_coords, normalize_intensity
+from metaseg.method.weights import load_weights
+from metaseg.io.data import load_volume
+from metaseg.method.segment import segment_array
+from metaseg.method.preprocess import grid_coords, normalize_intensity
 from metaseg.metrics import foreground_dice
 from common import mlp_head
 torch.set_num_threads(2)

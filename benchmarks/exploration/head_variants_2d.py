@@ -36,8 +36,8 @@ def run(name, keys, slices, fx, steps=4000, hidden=128, seed=0, layers=1):
     print(f"{name:28s} n={X.shape[0]:7d} fg {np.mean(ds):.4f} per-img {[round(x,3) for x in ds]} classes {np.round(np.nanmean(pc,0),3).tolist()}", flush=True)
 # masks of the validation slices' brain pixels, from the images
 from pathlib import Path
-from metaseg.meta_train import settings_for, prepare_tasks
-from metaseg.data import load_splits
+from metaseg.train.meta_train import settings_for, prepare_tasks
+from metaseg.io.data import load_splits
 s = settings_for(2)
 val = prepare_tasks(Path("../shared/data/brains"), load_splits()["validation"], s, s.val_slices)
 D_val_mask = [t.image.reshape(-1) > 0 for t in val]

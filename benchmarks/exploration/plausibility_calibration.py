@@ -1,4 +1,4 @@
-"""Figures behind metaseg/plausibility.py, from the TRAINING subjects only (issue 16).
+"""Figures behind metaseg/space/plausibility.py, from the TRAINING subjects only (issue 16).
 
   .venv/bin/python benchmarks/exploration/plausibility_calibration.py
 Prints, per training subject: each class's share of the labelled tissue (aligned volume, slice 109), the
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from metaseg.data import load_splits
-from metaseg.plausibility import slice_template_ncc
-from metaseg.volume import load_template
+from metaseg.io.data import load_splits
+from metaseg.space.plausibility import slice_template_ncc
+from metaseg.space.volume import load_template
 
 DATA = Path("../shared/data/brains")
 

@@ -1,9 +1,9 @@
 import numpy as np
 from pathlib import Path
-from metaseg.weights import load_weights
-from metaseg.data import load_slice, load_splits
-from metaseg.segment import segment_array
-from metaseg.preprocess import normalize_intensity
+from metaseg.method.weights import load_weights
+from metaseg.io.data import load_slice, load_splits
+from metaseg.method.segment import segment_array
+from metaseg.method.preprocess import normalize_intensity
 w = load_weights(Path("Resources/Weights/metaseg2d.safetensors")); net = w.build()
 root = Path("../shared/data/brains"); sp = load_splits()
 rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Figures behind metaseg/image_quality.py (issue 26): the tissue-contrast gate on clean and degraded scans.
+"""Figures behind metaseg/space/image_quality.py (issue 26): the tissue-contrast gate on clean and degraded scans.
 
   OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/exploration/quality_gate_calibration.py [--out F.json]
 Segments (as `metaseg segment` does, shipped 3D tissue weights, seed 0, one torch thread) clean scans: the bundled

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from metaseg.data import load_splits
+from metaseg.io.data import load_splits
 
 ROOT = Path("../shared/data")
 

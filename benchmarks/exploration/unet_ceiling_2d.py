@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 sys.path.insert(0, "MetaSegCore")
-from metaseg.meta_train import settings_for, prepare_tasks
-from metaseg.data import load_splits, load_volume
-from metaseg.preprocess import normalize_intensity, pad_to_canvas
+from metaseg.train.meta_train import settings_for, prepare_tasks
+from metaseg.io.data import load_splits, load_volume
+from metaseg.method.preprocess import normalize_intensity, pad_to_canvas
 from metaseg.metrics import dice_per_class, foreground_dice, generalized_dice
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)

@@ -5,7 +5,7 @@ to model coordinates, and the brain mask the fit saw (the model knows tissue onl
 fitted on nonzero voxels); for a head that reads intensities, also the fitted image's brain voxels. Any set of points can then be decoded without refitting: the scan's
 own voxels, a plane of any orientation, a super-resolved grid.
 
-Saved files (format "metaseg-fitted/2") are safetensors files (metaseg/safefile.py: nothing in them is
+Saved files (format "metaseg-fitted/2") are safetensors files (metaseg/io/safefile.py: nothing in them is
 executed) holding only what rebuilds the volume, compactly (a 3D result of the bundled scan: ~1.7 MB
 instead of the 10.3 MB of the former pickle; docs/results.md "Stored fitted networks"):
 - `param/<name>`: the fitted network's parameters in float16, except the first sine layer's
@@ -34,12 +34,12 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .fit import FittedINR
-from .model import MetaSegNet
-from .preprocess import sample_grid
-from .safefile import WeightsError, dumps, loads, metadata_json
-from .weights import checked_writers, config_problem, expected_state_shapes, load_checked, save_checked
+from ..method.config import ModelConfig
+from ..method.fit import FittedINR
+from ..method.model import MetaSegNet
+from ..method.preprocess import sample_grid
+from ..io.safefile import WeightsError, dumps, loads, metadata_json
+from ..method.weights import checked_writers, config_problem, expected_state_shapes, load_checked, save_checked
 
 FORMAT = "metaseg-fitted/2"  # /1 was the torch.save pickle of metaseg <= 0.4.0
 WHAT = ("labels", "probabilities", "intensity")

@@ -18,8 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocess import normalize_intensity
-from .reproducibility import itk_threads
+from ..method.preprocess import normalize_intensity
+from ..method.reproducibility import REGISTRATION_THREADS, itk_threads
 
 # Thresholds of `registration_ok`, measured here with ecog's aligned T1 (on `geometry.model_grid`) as
 # template, 2 mm working grid: the same brain registered back scores NCC > 0.99 in both masks;
@@ -30,11 +30,6 @@ from .reproducibility import itk_threads
 MIN_NCC = 0.7
 MIN_NCC_INTERIOR = 0.45
 INTERIOR_EROSION_MM = 6.0  # the brain's interior: its mask eroded by this much
-# ITK threads of the optimization. With more than one, the metric's per-thread partial sums are combined
-# in an order that varies from run to run: the same scan got affine parameters differing by up to 4e-3 and
-# 7.5-9.8 % of its labels flipped (issue 22); with one thread they are identical, and on the 3D sample one
-# thread was as fast as two (2.1 s either way on a 2-core CPU; docs/results.md).
-REGISTRATION_THREADS = 1
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .io import INPUT_FORMATS, InputError
+from .errors import INPUT_FORMATS, InputError
 
 # the image's metadata key holding the series' SeriesInstanceUID (0020,000E)
 SERIES_UID_KEY = "metaseg_dicom_series_uid"

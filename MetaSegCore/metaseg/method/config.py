@@ -25,7 +25,7 @@ class ModelConfig:
     n_classes: int = 5
     head_all_layers: bool = False
     head_intensity: bool = False
-    # The head also reads the spatial prior (metaseg.prior): each class's frequency at the point across the training
+    # The head also reads the spatial prior (metaseg.method.prior): each class's frequency at the point across the training
     # brains, registered like the scan. It tells the head where the small structures lie, whatever the fit's path.
     head_prior: bool = False
     # > 0: the head's class probabilities are multiplied by the spatial prior to this power and renormalized (a

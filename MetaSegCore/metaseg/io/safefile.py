@@ -11,7 +11,7 @@ one sha256 cover tensors and metadata together.
 A PyTorch `.pt` file is a pickle: loading it can run any code, and `torch.load(weights_only=True)`
 does not prevent that on every torch MetaSeg accepts (CVE-2025-32434, torch < 2.6). Such a file is
 recognized by its first bytes and refused with a one-line message saying how to convert it
-(`metaseg convert-weights`, metaseg/legacy.py); it is never unpickled here.
+(`metaseg convert-weights`, metaseg/train/legacy.py); it is never unpickled here.
 
 Nested structures (an optimizer's state in a training checkpoint) are stored as a tree: the tensors
 flat, the structure as tagged JSON in the metadata (`dumps_tree`, `loads_tree`).

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from .safefile import SUFFIX, WeightsError, dumps_tree, looks_like_pickle
+from ..io.safefile import SUFFIX, WeightsError, dumps_tree, looks_like_pickle
 
 # sha256 of the weights files shipped as torch.save pickles up to metaseg 0.4.0 (Resources/Weights/*.pt.sha256)
 SHIPPED_PT: Dict[str, str] = {
@@ -52,8 +52,8 @@ def trusted_bytes(path: Path, sha256: Optional[str]) -> bytes:
 def convert(old: Path, new: Path, sha256: Optional[str] = None) -> Dict[str, Any]:
     """Convert the trusted pickle `old` into `new` (.safetensors, with a .sha256 sidecar, atomically).
     Returns {"kind", "sha256", "path"}."""
-    from .atomic import write_all
-    from .weights import checked_writers
+    from ..io.atomic import write_all
+    from ..method.weights import checked_writers
 
     old, new = Path(old), Path(new)
     if not new.name.endswith(SUFFIX):
@@ -74,11 +74,12 @@ def convert(old: Path, new: Path, sha256: Optional[str] = None) -> Dict[str, Any
 
 
 def _convert_blob(blob: Any, source: Path) -> tuple:
-    from .weights import Weights, weights_bytes, weights_problem
+    from ..space.fitted import FittedVolume
+    from ..method.weights import Weights, weights_bytes, weights_problem
 
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt == "metaseg-weights/1":
-        from .config import ModelConfig
+        from ..method.config import ModelConfig
 
         card = json.loads(blob["card_json"])
         config = ModelConfig.from_dict(card.pop("config"))
@@ -99,10 +100,10 @@ def _convert_blob(blob: Any, source: Path) -> tuple:
 
 def _fitted_from_v1(blob: Dict[str, Any]):
     """A FittedVolume from the dict metaseg <= 0.4.0 saved (format "metaseg-fitted/1")."""
-    from .config import ModelConfig
-    from .fit import FittedINR
-    from .fitted import FittedVolume
-    from .model import MetaSegNet
+    from ..method.config import ModelConfig
+    from ..method.fit import FittedINR
+    from ..space.fitted import FittedVolume
+    from ..method.model import MetaSegNet
 
     config = ModelConfig.from_dict(json.loads(blob["config_json"]))
     net = MetaSegNet(config).eval()

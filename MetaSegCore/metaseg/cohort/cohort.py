@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-from .dicom import holds_dicom
-from .io import IMAGE_SUFFIXES, MGH_SUFFIXES, InputError
-from .spreadsheet import unquote
+from ..io.dicom import holds_dicom
+from ..io.readers import IMAGE_SUFFIXES, MGH_SUFFIXES, InputError
+from ..io.spreadsheet import unquote
 
 SCAN_SUFFIXES = tuple(IMAGE_SUFFIXES) + tuple(MGH_SUFFIXES)
 MANIFEST_SUFFIXES = (".csv", ".tsv")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .io import IMAGE_SUFFIXES, InputError
+from .readers import IMAGE_SUFFIXES, InputError
 
 # what each kind of output may be called
 SUFFIXES = {

@@ -8,14 +8,16 @@ The result is a one-slice 3D image whose header places it exactly on that plane,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from .fitted import FittedVolume
 from .geometry import rotation_matrix
-from .io import InputError
+from ..io.readers import InputError
+
+# The volumes drawn here are fitted.FittedVolume objects (anything with `query` and `info`): fitted.py imports this
+# module for FittedVolume.reslice, so this one does not import it back.
 
 # In-plane directions (u: columns, v: rows) of the standard planes, in LPS
 ORIENTATIONS = {
@@ -127,7 +129,7 @@ def standard_plane(reference: dict, orientation: str = "axial", spacing: Optiona
     return Plane.centred(centre, u, v, (extent, extent), (step, step))
 
 
-def reslice(volume: FittedVolume, plane: Plane, what: str = "labels") -> sitk.Image:
+def reslice(volume: Any, plane: Plane, what: str = "labels") -> sitk.Image:
     """Labels (uint8), class probabilities (float32 vector) or intensity (float32) on `plane`."""
     values = volume.query(plane.points(), what)
     rows, cols = plane.size[1], plane.size[0]
@@ -135,7 +137,7 @@ def reslice(volume: FittedVolume, plane: Plane, what: str = "labels") -> sitk.Im
     return plane.image(arr)
 
 
-def plane_warning(volume: FittedVolume, plane: Plane, image: sitk.Image) -> Optional[str]:
+def plane_warning(volume: Any, plane: Plane, image: sitk.Image) -> Optional[str]:
     """A warning when `image` (`reslice`'s result on `plane`) is background at every pixel: the plane misses the
     fitted brain (e.g. an --offset or --origin far from the head), which would otherwise look like a result."""
     arr = sitk.GetArrayViewFromImage(image)

@@ -24,19 +24,19 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bias import n4_correct
-from .data import load_volume
-from .fit import FitCancelled
+from ..io.data import load_volume
+from ..method.fit import FitCancelled
 from .fitted import FittedVolume
 from .geometry import entropy_map, model_grid, physical_to_model, to_model_space
 from .image_quality import ENTROPY_POINTS, measure, quality_warnings
-from .io import InputError, image_array_3d, input_warnings, same_geometry
-from .labelsets import as_tissues
+from ..io.readers import InputError, image_array_3d, input_warnings, same_geometry
+from ..labelsets import as_tissues
 from .plausibility import registration_problem, tissue_warnings
-from .preprocess import normalize_intensity
+from ..method.preprocess import normalize_intensity
 from .registration import quality_as_is, register_affine, registration_ok
-from .resources import weights_dirs
-from .runtime import Hooks, Model
-from .segment import LIVE_POINTS, segment_array
+from ..resources import weights_dirs
+from ..runtime import Hooks, Model
+from ..method.segment import LIVE_POINTS, segment_array
 
 TEMPLATE_NAME = "metaseg3d_template.nii.gz"
 TEMPLATE_MM = 2.0

@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .glyphs import draw_text
-from .labelsets import TISSUE_NAMES, from_card, terminology
+from ..labelsets import TISSUE_NAMES, from_card, terminology
 
 
 def overlay_rgb(image: np.ndarray, labels: np.ndarray, colors: Dict[int, List[int]], alpha: float = 0.45) -> np.ndarray:
@@ -222,7 +222,7 @@ def hippocampus_ratio(classes: List[Dict[str, Any]], intracranial_ml: float) -> 
 def environment() -> Dict[str, str]:
     import torch
 
-    from . import __version__
+    from ..version import __version__
 
     return {"metaseg": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version.VersionString(),
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}

@@ -23,12 +23,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .data import LabeledImage
-from .labelsets import TISSUES, LabelSet
-from .geometry import affine_matrix, to_model_space
-from .io import InputError, image_array_3d, read_image, same_geometry
-from .volume import is_model_grid, model_reference, register_to_template
-from .spreadsheet import quote
+from ..io.data import LabeledImage
+from ..labelsets import TISSUES, LabelSet
+from ..space.geometry import affine_matrix, to_model_space
+from ..io.readers import InputError, image_array_3d, read_image, same_geometry
+from ..space.volume import is_model_grid, model_reference, register_to_template
+from ..io.spreadsheet import quote
 
 MIN_LABELLED_ML = 100.0  # a brain has ~1000 mL of tissue; far less means the labels are not a brain's
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .atomic import write_all
 
-SPLITS_FILE = Path(__file__).with_name("splits.json")
+SPLITS_FILE = Path(__file__).parent.parent / "splits.json"  # package data at metaseg/splits.json
 PAPER_SLICE = 109  # coronal index of the paper's 2D task in the 160x192x224 aligned grid
 
 
@@ -144,7 +144,7 @@ def check_training_data(root: Path, splits: Dict[str, List[str]]) -> None:
             have = set(pack_subjects(root))
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"--data {root} is not a readable training pack ({type(e).__name__}: {str(e)[:120]}); "
-                             "make it again with `metaseg prepare` or metaseg.data.pack_volumes") from e
+                             "make it again with `metaseg prepare` or metaseg.io.data.pack_volumes") from e
         where = f"the pack {root}"
         missing = [s for s in wanted if s not in have]
     else:

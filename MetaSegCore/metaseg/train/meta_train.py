@@ -34,21 +34,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import __version__
-from .config import ModelConfig
-from .data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, load_volume
-from .device import pick_device
-from .fit import FitPlan, adapt, fit, weighted_mse
-from .metrics import foreground_dice, generalized_dice
-from .model import MetaSegNet
-from .prior import SpatialPrior, class_fractions
-from .preprocess import add_noise, augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
-from .segment import segment_array
-from .atomic import write_all
-from .labelsets import LabelSet, label_set as get_label_set
+from ..version import __version__
+from ..method.config import ModelConfig
+from ..io.data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, load_volume
+from ..method.device import pick_device
+from ..method.fit import FitPlan, adapt, fit, weighted_mse
+from ..metrics import foreground_dice, generalized_dice
+from ..method.model import MetaSegNet
+from ..method.prior import SpatialPrior, class_fractions
+from ..method.preprocess import add_noise, augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
+from ..method.segment import segment_array
+from ..io.atomic import write_all
+from ..labelsets import LabelSet, label_set as get_label_set
 from .legacy import CHECKPOINT_FORMAT, STAGE1_FORMAT
-from .safefile import dumps_tree, load_tree, loads, loads_tree, pickle_message, read_bytes
-from .weights import FORMAT as WEIGHTS_FORMAT, Weights, WeightsError, load_weights, save_weights
+from ..io.safefile import dumps_tree, load_tree, loads, loads_tree, pickle_message, read_bytes
+from ..method.weights import FORMAT as WEIGHTS_FORMAT, Weights, WeightsError, load_weights, save_weights
 
 
 @dataclass

@@ -14,6 +14,12 @@ from typing import Any, Dict, Iterator
 import SimpleITK as sitk
 import torch
 
+# ITK threads of the registration's optimization (space/registration.py). With more than one, the metric's per-thread partial sums are combined
+# in an order that varies from run to run: the same scan got affine parameters differing by up to 4e-3 and
+# 7.5-9.8 % of its labels flipped (issue 22); with one thread they are identical, and on the 3D sample one
+# thread was as fast as two (2.1 s either way on a 2-core CPU; docs/results.md).
+REGISTRATION_THREADS = 1
+
 
 @contextlib.contextmanager
 def itk_threads(n: int) -> Iterator[None]:
@@ -41,8 +47,6 @@ def bitwise_note(device: torch.device) -> str:
 
 def run_record(seed: int, device: torch.device) -> Dict[str, Any]:
     """The report's `reproducibility` entry: seed, threads, determinism settings and what is bitwise."""
-    from .registration import REGISTRATION_THREADS
-
     rec: Dict[str, Any] = {
         "seed": int(seed), "device": str(device), "torch_threads": torch.get_num_threads(),
         "itk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),

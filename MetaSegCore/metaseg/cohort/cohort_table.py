@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .atomic import write_all
+from ..io.atomic import write_all
 from .cohort import Scan
-from .io import InputError
-from .spreadsheet import quote, unquote
+from ..io.readers import InputError
+from ..io.spreadsheet import quote, unquote
 
 TABLE_NAME = "volumes.tsv"
 LEAD = ["index", "id", "input", "status", "error"]

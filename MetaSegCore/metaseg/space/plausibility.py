@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocess import normalize_intensity
+from ..method.preprocess import normalize_intensity
 from .registration import register_affine, registration_ok
 
 NAMES = {1: "cortical grey matter", 2: "subcortical grey matter", 3: "white matter", 4: "CSF"}

@@ -19,9 +19,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .fit import FitProgress
+
+@dataclass
+class FitProgress:
+    """What a progress callback receives after each step of a fit (method/fit.py sends it; the reporters show it)."""
+
+    step: int
+    steps: int
+    loss: float
+    psnr: float
+    elapsed_s: float
+    remaining_s: float
 
 
 # The reasons an error event can name, and the facts each carries (InputError(..., reason=..., **facts)).

@@ -1,10 +1,10 @@
 """Weights files: tensors + a JSON card, in a format that cannot run code, checked by sha256.
 
-A file is a safetensors file (metaseg/safefile.py): the network's tensors and the learning rates as raw
+A file is a safetensors file (metaseg/io/safefile.py): the network's tensors and the learning rates as raw
 tensors, the model card (configuration included) as JSON in the header's metadata. Next to it,
 `<file>.sha256` holds the expected hash; a file whose hash differs is refused. The shipped files' hashes
 are also in their model cards (Resources/Weights/*.md). An old PyTorch pickle (.pt) is refused, never
-unpickled: `metaseg convert-weights` converts a trusted one (metaseg/legacy.py).
+unpickled: `metaseg convert-weights` converts a trusted one (metaseg/train/legacy.py).
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from typing import Any, Dict, Optional
 import torch
 
 from .config import ModelConfig
-from .labelsets import TISSUES
+from ..labelsets import TISSUES
 from .fit import FitPlan
-from .atomic import write_all
+from ..io.atomic import write_all
 from .model import MetaSegNet
 from .prior import SpatialPrior, coarse_shape
-from .safefile import PickleRefused, WeightsError, check_not_pickle, dumps, loads, metadata_json, read_bytes  # noqa: F401
+from ..io.safefile import PickleRefused, WeightsError, check_not_pickle, dumps, loads, metadata_json, read_bytes  # noqa: F401
 
 FORMAT = "metaseg-weights/2"  # /1 was the torch.save pickle of metaseg <= 0.4.0
 MAX_BYTES = 1 << 30  # a weights file larger than this is refused before it is read

@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .io import InputError
+from ..io.readers import InputError
 from .plausibility import field_of_view_hint
 
 MODES = ("auto", "on", "off")
@@ -261,7 +261,7 @@ def prepare_brain(scan: sitk.Image, mode: str, device: Optional[torch.device] = 
         if decision.outside_fraction is not None:
             info["outside_fraction"] = round(decision.outside_fraction, 3)
     if cancel is not None and cancel.is_set():
-        from .fit import FitCancelled
+        from ..method.fit import FitCancelled
 
         raise FitCancelled("cancelled during brain extraction")
     if bm is not None:

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 from torch.func import functional_call
 
+from ..io.progress import FitProgress  # noqa: F401 (the event type lives with the reporting)
 from .model import MetaSegNet, Params
 from .preprocess import sample_grid
 
@@ -39,18 +40,6 @@ class FitPlan:
         if not self.average_last:  # cards and checkpoints of plans without averaging stay as they were
             d.pop("average_last")
         return d
-
-
-@dataclass
-class FitProgress:
-    """What a progress callback receives after each step."""
-
-    step: int
-    steps: int
-    loss: float
-    psnr: float
-    elapsed_s: float
-    remaining_s: float
 
 
 class FitCancelled(RuntimeError):

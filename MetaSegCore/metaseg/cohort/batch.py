@@ -31,21 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import __version__
-from .batch_progress import BatchProgress, ScanReporter
+from ..version import __version__
+from ..io.batch_progress import BatchProgress, ScanReporter
 from .cohort import Scan, find_scans, parse_shard, shard_of
 from .cohort_table import (Row, failed_row, lock_table, merge_shards, merge_warnings, ok_row, pending_row, status_counts,
                            table_name, write_table)
-from .device import pick_device
-from .atomic import OutputExistsError
-from .fit import FitCancelled
-from .io import InputError
-from .options import OPTIONAL_OUTPUTS, BatchSettings, Outputs, SegmentOptions
-from .output_paths import check_name_lengths, check_output_dir
-from .pipeline import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE, segment_scan
-from .progress import Reporter
-from .segmenter import Segmenter
-from .weights import WeightsError
+from ..method.device import pick_device
+from ..io.atomic import OutputExistsError
+from ..method.fit import FitCancelled
+from ..io.readers import InputError
+from ..options import OPTIONAL_OUTPUTS, BatchSettings, Outputs, SegmentOptions
+from ..io.output_paths import check_name_lengths, check_output_dir
+from ..exit_codes import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from ..pipeline import segment_scan
+from ..io.progress import Reporter
+from ..segmenter import Segmenter
+from ..method.weights import WeightsError
 
 # a scan's files in OUT/<id>/; the keys are those of the report's "outputs"
 OUTPUT_FILES = {"labels": "labels.nii.gz", "report": "report.json", "preview": "preview.png",

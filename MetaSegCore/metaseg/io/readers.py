@@ -11,26 +11,12 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import INPUT_FORMATS, InputError  # noqa: F401 (readers.InputError, readers.INPUT_FORMATS)
 from .metaimage_check import check_metaimage_complete
 from .nifti_check import (FORM_DISAGREEMENT_MM, TruncatedError, check_nifti_complete, corners, count_nonfinite_nifti,
                           nifti_forms)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class InputError(ValueError):
-    """The input is missing, unreadable or not an image this model can segment; the message says why.
-
-    The message is the command line's (it may name options such as --mask). A refusal that a program
-    words for its own users (the Slicer panel) also carries `reason`, a stable name of what was refused,
-    and `facts`, the numbers the message quotes; `metaseg segment --progress json` sends both with its
-    error event. The reasons: see REASONS in progress.py.
-    """
-
-    def __init__(self, message: str, reason: Optional[str] = None, **facts):
-        super().__init__(message)
-        self.reason = reason
-        self.facts = facts
 
 
 def read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
@@ -295,8 +281,6 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> Tuple[bool
 # ---- 3D inputs: more formats (MGZ, DICOM series) and the checks of a volume ----
 
 MGH_SUFFIXES = (".mgz", ".mgh", ".mgh.gz")
-INPUT_FORMATS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), FreeSurfer (.mgz, .mgh), " \
-    "a DICOM series folder"
 MIN_SIDE_3D = 32  # voxels; smaller volumes cannot hold a brain at any usual resolution
 
 

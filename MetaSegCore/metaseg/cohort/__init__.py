@@ -1,0 +1,1 @@
+"""`metaseg batch`: the scans of a cohort, their ids and shards, the volumes table, and the runner."""

@@ -1,0 +1,1 @@
+"""Training: `metaseg prepare` (data packs), meta-training, and `convert-weights` for old pickled weights."""
