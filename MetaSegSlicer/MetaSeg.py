@@ -679,6 +679,7 @@ class MetaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Done in {t}.").format(t=format_seconds(job.elapsed))
             self.ui.deviceLabel.text = device_text(job.report)
             self.ui.reportText.plainText = format_report(job.report)
+            self.ui.reportText.toolTip = format_report(job.report, weights=True)
             if self._parameterNode and self.logic.hasFittedNetwork(job.segmentationNode):
                 self._parameterNode.crossSectionSegmentation = job.segmentationNode
             if layoutManager() is not None:  # no slice views without a main window

@@ -6,7 +6,7 @@ The bundled 256^3 scan (Resources/Sample/ecog_t1.nii.gz) is segmented by the mod
 live preview on, in its real child process. Everything the module does on Slicer's main (GUI)
 thread happens inside `MetaSegJob.poll()` (a QTimer calls it in Slicer); this times each poll that
 handled a "labels" event or updated the preview, i.e. the GUI-thread cost of one preview update
-(the module decodes the snapshot file on a worker thread, so the two are separate polls). slicer-core has no
+(since issue 25 the module decodes the newest snapshot file in the poll itself: no worker thread). slicer-core has no
 rendering: the slice views' redraw of the preview is not part of the figure.
 """
 from __future__ import annotations

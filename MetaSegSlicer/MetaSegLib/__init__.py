@@ -3,6 +3,8 @@
 - `protocol`: parse and validate the core's JSON-lines progress events.
 - `process`: run the core (`python -m metaseg job` / `reslice`) as a child process, read its events
   with non-blocking reads from the caller's polls (no thread), cancel the whole process tree.
+- `install`: the install of what the core needs, planned (no torchvision, PyTorch's CPU build
+  without an NVIDIA GPU) and followed like a run; the offline `pip download` recipe.
 - `refusals`: a failed run in the panel's words (no command-line options), with the details and
   what the panel offers (Segment anyway, Advanced settings).
 - `install`: the missing packages installed from the panel, with what is downloaded and its progress.

@@ -60,6 +60,7 @@ class LabelReader:
     def __init__(self) -> None:
         self._pending: Optional[Tuple[int, str, Tuple[Dict[str, Any], ...]]] = None
         self._stopped = False
+        import SimpleITK  # noqa: F401  (its first import takes ~0.5 s: here, when the run starts, not in a preview poll)
 
     def submit(self, step: int, path: str, segments: Sequence[Dict[str, Any]]) -> None:
         if not self._stopped:

@@ -25,8 +25,9 @@ def device_text(report: Dict[str, Any]) -> str:
     return f"{report.get('device', '?')} (torch {torch_version})"
 
 
-def format_report(report: Dict[str, Any]) -> str:
-    """Tissue sizes, warnings, device and timing of one run, as plain text."""
+def format_report(report: Dict[str, Any], weights: bool = False) -> str:
+    """Tissue sizes, warnings, device and timing of one run, as plain text; with `weights`, also the weights file
+    and its checksum (the panel puts those in the report's tooltip, not in its text)."""
     lines = tissue_rows(report)
     fit = report.get("fit", {})
     timings = report.get("timings_s", {})
@@ -40,7 +41,7 @@ def format_report(report: Dict[str, Any]) -> str:
         details.append(f"{timings['total']:.1f} s")
     details.append(f"on {device_text(report)}")
     lines.append(", ".join(details))
-    if report.get("weights_sha256"):
+    if weights and report.get("weights_sha256"):
         lines.append(f"weights {report.get('weights', '')} (sha256 {report['weights_sha256'][:12]}…)")
     for w in report.get("warnings", []):
         lines.append(f"Warning: {w}")

@@ -81,6 +81,8 @@ def test_report_text():
     text = format_report(report)
     assert "Cortical gray matter: 7 mm² (7 voxels)" in text and "Background" not in text
     assert "on cuda (torch 2.3.1)" in text and "Warning: little white matter" in text
+    assert "sha256" not in text and "w.pt" not in text  # file names and checksums: details (issue 25, section 7)
+    assert "weights w.pt (sha256 abababababab…)" in format_report(report, weights=True)
 
 
 def test_paths_helpers(tmp_path):
