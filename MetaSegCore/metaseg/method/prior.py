@@ -13,7 +13,7 @@ probabilities: it is smooth by construction and this keeps it small.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -117,7 +117,3 @@ class SpatialPrior:
 
     def to(self, device: torch.device) -> "SpatialPrior":
         return SpatialPrior(self.probs.to(device))
-
-
-def prior_or_none(stored: Optional[torch.Tensor]) -> Optional[SpatialPrior]:
-    return None if stored is None else SpatialPrior.from_uint8(stored)
