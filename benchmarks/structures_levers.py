@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from metaseg.io.data import load_splits
-from metaseg.method.fit import adapt
+from metaseg.method.fit import FittedINR, adapt
 from metaseg.labelsets import label_set
 from metaseg.metrics import dice_per_class
-from metaseg.method.preprocess import grid_coords, normalize_intensity, sample_grid
+from metaseg.method.preprocess import grid_coords, normalize_intensity
 from metaseg.method.prior import SpatialPrior
 from metaseg.method.weights import load_weights
 
@@ -50,17 +50,6 @@ def fit_params(net, log_lr, plan, coords, values, seed: int, avg_last: tuple) ->
     out = {"last": {n: t.detach() for n, t in last.items()}}
     out.update({f"avg{k}": {n: t / k for n, t in sums[k].items()} for k in avg_last})
     return out
-
-
-def probabilities(net, params, coords, image, chunk=1 << 16) -> torch.Tensor:
-    out = []
-    with torch.inference_mode():
-        for s in range(0, coords.shape[0], chunk):
-            x = coords[s : s + chunk]
-            _, f = torch.func.functional_call(net, params, (x,))
-            logits = net.head(net.head_input(f, sample_grid(image, x)))
-            out.append(torch.softmax(logits, -1))
-    return torch.cat(out)
 
 
 def main() -> int:
@@ -110,7 +99,7 @@ def main() -> int:
         for seed in a.seeds:
             t1 = time.time()
             for variant, params in fit_params(net, log_lr, plan, coords, values, seed, tuple(a.avg)).items():
-                probs[(variant, seed)] = probabilities(net, params, coords, image)
+                probs[(variant, seed)] = FittedINR(net, params, image=image).probabilities(coords)  # decoding as segment does
             print(f"{subj} seed {seed}: {time.time() - t1:.0f} s", file=sys.stderr)
         variants = sorted({v for v, _ in probs})
         decoded = {}
