@@ -447,3 +447,57 @@ def test_this_rounds_arguments_on_every_subcommand_exit_2_with_one_line(tiny_wei
     p = subprocess.run([sys.executable, "-m", "metaseg", *map(str, cases["reslice overflow"])], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# ---- the image-quality gate: ghosting, strong noise and strong bias fields are warned about ----
+
+def _gate(img, labels) -> list:
+    import SimpleITK as sitk
+
+    from metaseg.space.image_quality import measure, quality_warnings
+
+    return quality_warnings(measure(sitk.GetArrayFromImage(img).reshape(-1), labels.reshape(-1)))
+
+
+def test_the_quality_gate_passes_clean_brains_under_their_reference_labels(shared_data):
+    """The sample and the validation subjects of both label groups, each under its own reference labels."""
+    import SimpleITK as sitk
+
+    from metaseg.io.data import load_splits
+
+    root = shared_data.parent
+    pairs = [(SAMPLE_T1, SAMPLE_T1.parent / "ecog_seg4.nii.gz")]
+    for s in load_splits()["validation"]:
+        d = root / ("brains" if (root / "brains" / s).is_dir() else "oasis-nmm") / s
+        pairs.append((d / "native_t1.nii.gz", d / "native_seg4.nii.gz"))
+    for t1, seg in pairs:
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
+        assert _gate(sitk.ReadImage(str(t1), sitk.sitkFloat32), labels) == [], t1
+
+
+@pytest.mark.parametrize("artefact", ["ghosts", "noise", "gradient_bias"])
+def test_the_quality_gate_fires_on_degraded_copies_of_the_sample(artefact):
+    import SimpleITK as sitk
+
+    from metaseg.train import artefacts
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_T1.parent / "ecog_seg4.nii.gz")))
+    (warning,) = _gate(getattr(artefacts, artefact)(sitk.ReadImage(str(SAMPLE_T1), sitk.sitkFloat32)), labels)
+    assert "poorly separated by their intensities" in warning and "motion ghosting" in warning
+
+
+def test_a_ghosted_scan_is_segmented_with_the_quality_warning(tmp_path, capsys):
+    """End to end (one whole 3D fit): the sample with 3 ghost copies at 25 %, shifted 24-48 mm."""
+    import json
+
+    import SimpleITK as sitk
+
+    from metaseg.train.artefacts import ghosts
+
+    sitk.WriteImage(ghosts(sitk.ReadImage(str(SAMPLE_T1), sitk.sitkFloat32)), str(tmp_path / "ghosted.nii.gz"))
+    rc, err = run(["segment", tmp_path / "ghosted.nii.gz", "-o", tmp_path / "l.nii.gz", "--report", tmp_path / "r.json",
+                   "--device", "cpu", "--progress", "none"], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    (warned,) = [w for w in report["warnings"] if "poorly separated by their intensities" in w]
+    assert warned[:80] in err and report["image_quality"]["ok"] is False

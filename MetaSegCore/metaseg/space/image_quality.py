@@ -74,6 +74,28 @@ def measure(intensity: np.ndarray, tissues: np.ndarray, probabilities: Optional[
     return {k: (round(float(x), 4) if x is not None else None) for k, x in out.items()}
 
 
+# The gate (benchmarks/exploration/quality_gate_calibration.py, docs/results.md "Hostile inputs, round 4"). Clean
+# scans (the sample as skull-stripped scan and as whole head, 6 native scans of training and validation subjects of
+# both label groups): WM/GM contrast CLEAN_CONTRAST, explained variance CLEAN_EXPLAINED. Degraded copies of the
+# sample: 3 ghost copies at 25 % 2.29 / 0.557 (skull-stripped) and 2.19 / 0.564 (whole head), noise 10 % 2.18 /
+# 0.542, a x0.4-1.6 gradient without N4 2.51 / 0.600, a +-40 % ripple of 50 mm that N4 leaves 2.29 / 0.499 (a
+# gradient that N4 removes: 2.89 / 0.645, white matter within 2.5 %: rightly passed). The gate fires when both lie
+# below their threshold, set between the two groups.
+CLEAN_CONTRAST = (2.93, 3.72)
+CLEAN_EXPLAINED = (0.645, 0.724)
+MIN_WM_GM_CONTRAST = 2.7
+MIN_EXPLAINED_VARIANCE = 0.62
+
+
 def quality_warnings(figures: Dict[str, Any]) -> List[str]:
-    """Warnings for figures outside the range of clean scans (none yet: set by the calibration)."""
-    return []
+    """A warning when the tissues' intensities under the labels overlap as on ghosted, very noisy or strongly
+    biased scans (both the WM/GM contrast and the explained variance below the gate); [] otherwise."""
+    c, e = figures.get("wm_gm_contrast"), figures.get("explained_variance")
+    if c is None or e is None or c >= MIN_WM_GM_CONTRAST or e >= MIN_EXPLAINED_VARIANCE:
+        return []
+    return [f"the scan's tissues are poorly separated by their intensities under the labels (white/grey matter "
+            f"contrast {c:.2f}, share of the intensity variance the tissues explain {e:.2f}; clean scans "
+            f"{CLEAN_CONTRAST[0]:.2f}-{CLEAN_CONTRAST[1]:.2f} and {CLEAN_EXPLAINED[0]:.2f}-{CLEAN_EXPLAINED[1]:.2f}): "
+            "motion ghosting (shifted copies of the brain), strong noise or a strong brightness gradient? The volumes "
+            "are unreliable (3 ghost copies at 25 % cost the sample 36 % of its white matter): check the scan and "
+            "the result"]

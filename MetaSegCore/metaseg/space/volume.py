@@ -286,7 +286,9 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     sample = flat[:: max(1, len(flat) // ENTROPY_POINTS)]  # a fixed sample: the same figures on every rerun
     probs = sum(m.query(voxel_points(scan, sample), "probabilities") for m in members) / len(members)
     quality = measure(arr.reshape(-1)[flat], tissues[flat], probs, psnr)
-    warnings += quality_warnings(quality)
+    found = quality_warnings(quality)
+    quality["ok"] = not found
+    warnings += found
     t3 = time.perf_counter()
     return VolumeResult(labels_img, fitted, psnr, entropy_img, reg_info, warnings,
                         {"prepare_s": t1 - t0, "fit_s": t2 - t1, "decode_s": t3 - t2}, quality, fit_counts)
