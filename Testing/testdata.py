@@ -5,6 +5,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "Resources" / "Sample"
 WEIGHTS_2D = ROOT / "Resources" / "Weights" / "metaseg2d.safetensors"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "brains"  # ../shared/data/brains, read-only
+SYNTHSEG_LABELS = ROOT.parent / "shared" / "data" / "synthseg-labels"  # SynthSeg's 20 label maps and T1 priors
 WEIGHTS_3D = ROOT / "Resources" / "Weights" / "metaseg3d.safetensors"
 SAMPLE_T1 = SAMPLE / "ecog_t1.nii.gz"  # ecog's skull-stripped T1 in its scanner geometry (uint8, 256^3)
 SAMPLE_SEG = SAMPLE / "ecog_seg4.nii.gz"  # its reference labels on the same grid

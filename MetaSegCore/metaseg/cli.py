@@ -1,4 +1,4 @@
-"""The `metaseg` command line: segment, batch, reslice, evaluate, prepare, train, info, convert-weights."""
+"""The `metaseg` command line: segment, batch, reslice, evaluate, prepare, synth, train, info, convert-weights."""
 from __future__ import annotations
 
 import argparse
@@ -200,6 +200,45 @@ def _prepare(a: argparse.Namespace) -> int:
         writers.append((qc, lambda tmp: Path(tmp).write_text(table, encoding="utf-8")))
     write_all(writers)
     print(f"wrote {out}: {len(kept)} subject(s){f', {len(refused)} refused' if refused else ''}", file=sys.stderr)
+    return 0
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="synthesize T1-like training subjects from brain label maps (SynthSeg-style), for `metaseg prepare`",
+        description="For each label map (FreeSurfer aseg numbers with SynthSeg's generation labels, e.g. "
+        "../shared/data/synthseg-labels/training_seg_*.nii.gz) write --copies subject folders OUT/<map>_synth<k>/ "
+        "laid out like a real subject: native_t1.nii.gz (a skull-stripped T1-like image: per-class Gaussian "
+        "intensities from SynthSeg's T1 priors, a smooth bias field, the blur of a random slice thickness, noise), "
+        "native_structures.nii.gz (the 31 structures), native_seg4.nii.gz (their tissues) and synth.json (what was "
+        "drawn). Each folder appears whole or not at all; existing ones are replaced only with --force.",
+        epilog="exit codes: 0 done, 2 bad input (a map missing structures, unknown labels, existing folders), "
+        "1 unexpected error. e.g. metaseg synth ../shared/data/synthseg-labels/training_seg_*.nii.gz -o synth --seed 0",
+    )
+    p.add_argument("labelmaps", nargs="+", help="label maps (.nii.gz, .mgz, ...), every one holding all 31 structures")
+    p.add_argument("-o", "--output", required=True, help="folder to write the subject folders into")
+    p.add_argument("--copies", type=int, default=1, help="subjects per label map (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--priors", help="folder of SynthSeg's generation_labels.npy, prior_means_t1.npy and "
+                   "prior_stds_t1.npy (default: the first label map's folder)")
+    p.add_argument("--force", action="store_true", help="replace existing subject folders")
+    p.set_defaults(func=_synth)
+
+
+def _synth(a: argparse.Namespace) -> int:
+    from .io.readers import InputError
+    from .options import check_seed
+    from .train.synth import SynthSettings, run_synth
+
+    try:
+        check_seed(a.seed)
+        settings = SynthSettings(tuple(Path(m) for m in a.labelmaps), Path(a.output), a.copies, a.seed,
+                                 Path(a.priors) if a.priors else None, a.force)
+        run_synth(settings, say=lambda line: print(line, file=sys.stderr))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -541,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reslice(sub)
     _add_evaluate(sub)
     _add_prepare(sub)
+    _add_synth(sub)
     _add_train(sub)
     _add_info(sub)
     _add_convert(sub)
