@@ -17,6 +17,7 @@ error, and the structures merged into the 4 tissues are scored against the tissu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -32,6 +33,7 @@ from metaseg.io.readers import read_image
 from metaseg.labelsets import TISSUES, LabelSet, label_set
 from metaseg.evaluate import score
 from metaseg.metrics import foreground_dice
+from metaseg.method.fit import SCHEDULES
 from metaseg.method.segment import segment_array
 from metaseg.runtime import Model
 from metaseg.space.volume import VolumeSettings, segment_volume
@@ -65,13 +67,13 @@ def tissue_scores(pred_values: np.ndarray, tissue_ref: np.ndarray, labels: Label
     return {"tissue_fg_dice": round(foreground_dice(merged, tissue_ref), 4)}
 
 
-def eval_3d(w, net, subject: str, data: Path, seed: int, labels: LabelSet) -> dict:
+def eval_3d(w, net, subject: str, data: Path, seed: int, labels: LabelSet, plan, fits: int = 1) -> dict:
     d = subject_dir(data, subject)
     img = read_image(d / "native_t1.nii.gz")
     ref_name = "native_seg4.nii.gz" if labels is TISSUES else "native_structures.nii.gz"
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / ref_name)))
     t0 = time.perf_counter()
-    res = segment_volume(img, Model(w, net, next(net.parameters()).device, w.plan), VolumeSettings(seed=seed))
+    res = segment_volume(img, Model(w, net, next(net.parameters()).device, plan), VolumeSettings(seed=seed, fits=fits))
     dt = time.perf_counter() - t0
     pred = sitk.GetArrayFromImage(res.labels)
     row = scores(pred, ref, float(np.prod(img.GetSpacing())) / 1000.0, labels)
@@ -107,6 +109,8 @@ def main() -> int:
     ap.add_argument("--json", default="docs/eval_groups.json")
     ap.add_argument("--label", default="", help="a name for this record (e.g. 'old weights')")
     ap.add_argument("--labels", default="tissues", choices=("tissues", "structures"), help="the weights' label set")
+    ap.add_argument("--schedule", choices=SCHEDULES, help="3D: the fit's batches (default: the weights' card)")
+    ap.add_argument("--fits", type=int, default=1, help="3D: fits averaged per scan (--quality best: 3)")
     a = ap.parse_args()
     labels = label_set(a.labels)
     torch.set_num_threads(a.threads)
@@ -115,7 +119,8 @@ def main() -> int:
     subjects = a.subjects or load_splits()[a.split]
     rows = []
     for s in subjects:
-        r = eval_3d(w, net, s, Path(a.data), a.seed, labels) if a.dims == "3d" \
+        plan = dataclasses.replace(w.plan, schedule=a.schedule) if a.schedule else w.plan
+        r = eval_3d(w, net, s, Path(a.data), a.seed, labels, plan, a.fits) if a.dims == "3d" \
             else eval_2d(w, net, s, Path(a.data), Path(a.pack), a.seed, labels)
         r = {"subject": s, "group": label_group(subject_dir(Path(a.data), s)), **r}
         rows.append(r)
@@ -138,7 +143,7 @@ def main() -> int:
     for g, v in groups.items():
         print(f"| **mean {g}** (n={v['n']}) | | " + " | ".join(str(v[k]) for k in keys) + " |  |" + (" |" if a.dims == "3d" else ""))
     rec = {"dims": a.dims, "labels": a.labels, "split": a.split, "subjects": subjects, "weights": a.weights, "sha256": w.sha256, "label": a.label,
-           "rows": rows, "groups": groups, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+           "schedule": a.schedule or "card", "fits": a.fits, "rows": rows, "groups": groups, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "command": "benchmarks/eval_groups.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M")}
     with open(a.json, "a") as f:

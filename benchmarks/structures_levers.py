@@ -5,6 +5,8 @@ test-time plan under several seeds, and the labels are decoded in several ways f
 - `last`: the fit's last step (what `segment` does);
 - `avgK`: the fit's parameters averaged over its last K steps (as SWA does in training; no extra fit);
 - `ens`: the probabilities of all seeds' fits averaged (`--quality best`);
+- with `--schedule fixed` the fits follow the canvas's fixed sequence of batches (`FixedSchedule`) and each "seed"
+  is an ensemble member's place in it (the user's seed plays no part in a fixed fit);
 - `+prior a`: any of the above times the spatial prior (metaseg.method.prior, built from the training subjects) to the
   power a, renormalized (a Bayesian prior on the head's output, no retraining).
 It reports mean Dice over the 31 structures, hippocampus Dice (L/R mean) and the hippocampal volume's change
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from metaseg.io.data import load_splits
-from metaseg.method.fit import FittedINR, adapt
+from metaseg.method.fit import FOREGROUND_SHARE, SCHEDULES, FittedINR, FixedSchedule, adapt
 from metaseg.labelsets import label_set
 from metaseg.metrics import dice_per_class
 from metaseg.method.preprocess import grid_coords, normalize_intensity
@@ -35,13 +38,13 @@ from metaseg.method.weights import load_weights
 HIPPO = ("Left-Hippocampus", "Right-Hippocampus")
 
 
-def fit_params(net, log_lr, plan, coords, values, seed: int, avg_last: tuple) -> dict:
+def fit_params(net, log_lr, plan, coords, values, seed: int, avg_last: tuple, batches=None) -> dict:
     """Fitted parameters at the last step and averaged over each of the last K steps in `avg_last`."""
     gen = torch.Generator().manual_seed(seed)
     sums = {k: None for k in avg_last}
     params = {k: p.detach() for k, p in net.named_parameters()}
     last = params
-    for step, _, fast in adapt(net, params, coords, values, plan, log_lr, generator=gen):
+    for step, _, fast in adapt(net, params, coords, values, plan, log_lr, generator=gen, batches=batches):
         for k in avg_last:
             if step > plan.steps - k:
                 cur = {n: t.detach().clone() for n, t in fast.items()}
@@ -55,7 +58,8 @@ def fit_params(net, log_lr, plan, coords, values, seed: int, avg_last: tuple) ->
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pack", default="pack/structures.npz")
-    ap.add_argument("--weights", default="Resources/Weights/metaseg3d_structures.pt")
+    ap.add_argument("--weights", default="Resources/Weights/metaseg3d_structures.safetensors")
+    ap.add_argument("--schedule", default="random", choices=SCHEDULES, help="the fit's batches (FitPlan.schedule)")
     ap.add_argument("--split", default="validation")
     ap.add_argument("--subjects", nargs="+", help="these subjects of the split only (default: all)")
     ap.add_argument("--prior-cache", help="keep the training brains' prior in this file (built once, ~3 min)")
@@ -78,11 +82,11 @@ def main() -> int:
     pack = np.load(a.pack)
     t0 = time.time()
     if a.prior_cache and Path(a.prior_cache).is_file():
-        prior = SpatialPrior.from_uint8(torch.load(a.prior_cache, weights_only=True))
+        prior = SpatialPrior.from_uint8(load_file(a.prior_cache)["prior"])
     else:
         prior = SpatialPrior.build((lut[pack[f"{s}/labels"]] for s in splits["train"]), len(labels))
         if a.prior_cache:
-            torch.save(prior.to_uint8(), a.prior_cache)
+            save_file({"prior": prior.to_uint8()}, a.prior_cache)
     print(f"prior of {len(splits['train'])} training brains: {time.time() - t0:.0f} s", file=sys.stderr)
     subjects = [s for s in splits[a.split] if not a.subjects or s in a.subjects]
     rows = []
@@ -98,7 +102,8 @@ def main() -> int:
         probs = {}  # (variant, seed) -> probabilities
         for seed in a.seeds:
             t1 = time.time()
-            for variant, params in fit_params(net, log_lr, plan, coords, values, seed, tuple(a.avg)).items():
+            batches = FixedSchedule(idx, flat.numel(), plan.batch_size, FOREGROUND_SHARE, seed) if a.schedule == "fixed" else None
+            for variant, params in fit_params(net, log_lr, plan, coords, values, seed, tuple(a.avg), batches).items():
                 probs[(variant, seed)] = FittedINR(net, params, image=image).probabilities(coords)  # decoding as segment does
             print(f"{subj} seed {seed}: {time.time() - t1:.0f} s", file=sys.stderr)
         variants = sorted({v for v, _ in probs})

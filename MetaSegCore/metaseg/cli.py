@@ -45,6 +45,8 @@ def _add_train(sub) -> None:
     p.add_argument("--test-lr", type=float, help="constant test-time learning rate; 0: the meta-learned per-step rates (1e-4)")
     p.add_argument("--test-average", type=int, help="the test-time fit decodes the mean of its parameters over its "
                    "last N steps; stage 2 and the card use it (0)")
+    p.add_argument("--test-schedule", choices=("random", "fixed"), help="the test-time fit's batches: random, or the model "
+                   "canvas's fixed sequence (the seed then plays no part); stage 2 and the card use it (random)")
     p.add_argument("--inner-lr", type=float, help="initial inner learning rate (3e-4)")
     p.add_argument("--fixed-inner-lr", action="store_true", help="do not meta-learn the inner learning rates")
     p.add_argument("--warm-steps", type=int, help="first outer steps without the inner fit (300)")
@@ -74,7 +76,7 @@ def _add_train(sub) -> None:
 # `metaseg train` option -> TrainSettings field
 _TRAIN_FIELDS = {
     "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
-    "test_batch": "test_batch", "test_lr": "test_lr", "test_average": "test_average", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
+    "test_batch": "test_batch", "test_lr": "test_lr", "test_average": "test_average", "test_schedule": "test_schedule", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
     "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "focal_gamma": "focal_gamma",
     "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",

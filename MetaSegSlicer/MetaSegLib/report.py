@@ -11,6 +11,9 @@ def tissue_rows(report: Dict[str, Any]) -> List[str]:
             continue
         if "volume_ml" in c:
             size = f"{c['volume_ml']:.2f} mL"
+            fits = c.get("volume_ml_fits")
+            if fits:  # several fits: the range this volume took between them says what it is worth
+                size += f" (fits {min(fits):.2f}–{max(fits):.2f})"
         elif "area_mm2" in c:
             size = f"{c['area_mm2']:.0f} mm²"
         else:
@@ -26,7 +29,7 @@ def device_text(report: Dict[str, Any]) -> str:
 
 
 def format_report(report: Dict[str, Any], weights: bool = False) -> str:
-    """Tissue sizes, warnings, device and timing of one run, as plain text; with `weights`, also the weights file
+    """Tissue sizes (with several fits, the range they took between the fits), warnings, device and timing of one run, as plain text; with `weights`, also the weights file
     and its checksum (the panel puts those in the report's tooltip, not in its text)."""
     lines = tissue_rows(report)
     fit = report.get("fit", {})

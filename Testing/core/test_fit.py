@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 
 from metaseg.method.config import ModelConfig
-from metaseg.method.fit import FitCancelled, FitPlan, adapt, fit
+from metaseg.method.fit import FitCancelled, FitPlan, FixedSchedule, adapt, fit
 from metaseg.train.meta_train import load_init
 from metaseg.method.model import MetaSegNet
 from metaseg.method.preprocess import grid_coords, normalize_intensity, pad_to_canvas, sample_grid
@@ -109,6 +109,33 @@ def test_fit_reports_progress_and_is_reproducible(sample_canvas):
     assert [p.step for p in seen] == [1, 2, 3, 4]
     assert seen[-1].remaining_s == 0 and all(p.psnr > 0 and p.elapsed_s >= 0 for p in seen)
     assert torch.equal(a.labels(coords[:500]), b.labels(coords[:500]))
+
+
+def test_a_fixed_schedule_visits_every_point_and_leaves_the_seed_out(sample_canvas):
+    coords, values = sample_canvas
+    brain = torch.nonzero(values > 0).squeeze(1)  # the slice's foreground, as a 3D fit sees its brain
+    sched = FixedSchedule(brain, values.numel(), 512, share=brain.numel() / values.numel())
+    seen = torch.zeros(brain.numel())
+    steps = -(-values.numel() // sched.per_step)  # one pass over the canvas (the last step wraps around)
+    for k in range(steps):
+        seen[sched(k)] += 1
+    assert seen.min() == 1 and seen.max() <= 2 and (seen == 2).sum() <= 1.25 * 512  # every point once per cycle
+    assert all(abs(sched(k).numel() - 512) < 0.25 * 512 for k in range(steps - 1))
+    # spread over the slice: each step's points reach every quarter of the rows
+    rows = brain[sched(3)] // 192
+    assert len(set((rows * 4 // 192).tolist())) >= 3
+    other = FixedSchedule(brain, values.numel(), 512, share=brain.numel() / values.numel(), member=1)
+    assert not torch.equal(other(0), sched(0))  # ensemble members start at other places
+
+    net = MetaSegNet(SMALL)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    plan = FitPlan(steps=5, batch_size=512, schedule="fixed")
+    a, b = (fit(net, params, coords[brain], values[brain], plan, _log_lr(net, 5), seed=seed, batches=sched)
+            for seed in (0, 7))
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)  # the seed plays no part
+    with pytest.raises(ValueError, match="unknown fit schedule"):
+        FitPlan(schedule="sometimes")
+    assert "schedule" not in FitPlan().to_dict() and FitPlan(schedule="fixed").to_dict()["schedule"] == "fixed"
 
 
 def test_cancel_stops_promptly_with_nothing_returned(sample_canvas):

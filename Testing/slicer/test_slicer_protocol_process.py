@@ -83,6 +83,10 @@ def test_report_text():
     assert "on cuda (torch 2.3.1)" in text and "Warning: little white matter" in text
     assert "sha256" not in text and "w.pt" not in text  # file names and checksums: details (issue 25, section 7)
     assert "weights w.pt (sha256 abababababab…)" in format_report(report, weights=True)
+    # several fits (quality best): each volume with the range the run measured between its fits
+    report["classes"] = [{"value": 17, "name": "Left-Hippocampus", "voxels": 3500, "volume_ml": 3.5,
+                          "volume_ml_fits": [3.4, 3.5, 3.6], "spread_pct": 5.71}]
+    assert "Left-Hippocampus: 3.50 mL (fits 3.40–3.60) (3500 voxels)" in format_report(report)
 
 
 def test_paths_helpers(tmp_path):

@@ -34,12 +34,64 @@ class FitPlan:
     # > 0: the fitted network is the mean of the parameters over the fit's last `average_last` steps (as SWA does
     # in training): the random batches of those steps average out, so the labels depend less on the fit's path
     average_last: int = 0
+    # "random": each step draws `batch_size` points at random (the seed decides the path); "fixed": the batches are
+    # a fixed sequence of places on the model canvas (`FixedSchedule`), the same for every scan and seed, so two
+    # fits of one brain, or of two scans of it registered to the template, follow the same path
+    schedule: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown fit schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.average_last:  # cards and checkpoints of plans without averaging stay as they were
-            d.pop("average_last")
+        for key, default in (("average_last", 0), ("schedule", "random")):
+            if d[key] == default:  # cards and checkpoints of plans without these stay as they were
+                d.pop(key)
         return d
+
+
+SCHEDULES = ("random", "fixed")
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # the Weyl sequence k * GOLDEN mod 1 fills [0, 1) most evenly
+# A brain fills about a fifth of the 3D canvas (1.2-1.6 L of 224 x 192 x 160 mm): a fixed schedule draws
+# batch_size / FOREGROUND_SHARE canvas places per step so that about batch_size of them fall in the brain
+FOREGROUND_SHARE = 0.2
+
+
+class FixedSchedule:
+    """The batches of a fit as a fixed sequence of canvas places, whatever the scan and the seed.
+
+    Step k takes the canvas voxels at golden-ratio (Weyl) positions k * per_step ... (k + 1) * per_step - 1
+    of the flattened canvas, offset by the ensemble member's phase, and keeps those among the fitted points.
+    The sequence depends on the canvas alone: a random batch makes the labels depend on the path (issue 28:
+    26 % hippocampal volume between seeds), a fixed one does not, and registered repeat scans see the same
+    places at the same step. Each step's places are spread over the whole canvas (a low-discrepancy sequence).
+    """
+
+    def __init__(self, point_index: torch.Tensor, canvas_size: int, batch_size: int, share: float,
+                 member: int = 0):
+        self.size = canvas_size
+        self.per_step = min(canvas_size, max(1, int(round(batch_size / share))))
+        # the Weyl step in whole voxels, made coprime with the canvas so that the sequence visits every voxel once
+        # per cycle (integer arithmetic: exact on any machine)
+        stride = int(round(GOLDEN * canvas_size))
+        while math.gcd(stride, canvas_size) != 1:
+            stride += 1
+        offset = int((member * (math.sqrt(2.0) - 1.0)) % 1.0 * canvas_size)  # members of an ensemble start apart
+        # each fitted point's place in the sequence, sorted once: a step's batch is then a slice
+        place = ((point_index.cpu().long() - offset) % canvas_size * pow(stride, -1, canvas_size)) % canvas_size
+        self.place, self.order = torch.sort(place)
+
+    def _between(self, lo: int, hi: int) -> torch.Tensor:
+        a, b = torch.searchsorted(self.place, torch.tensor([lo, hi])).tolist()
+        return self.order[a:b]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        lo = step * self.per_step % self.size
+        hi = lo + self.per_step
+        if hi <= self.size:
+            return self._between(lo, hi)
+        return torch.cat([self._between(lo, self.size), self._between(0, hi - self.size)])
 
 
 class FitCancelled(RuntimeError):
@@ -73,6 +125,7 @@ def adapt(
     create_graph: bool = False,
     first_order: bool = False,
     generator: Optional[torch.Generator] = None,
+    batches: Optional[Callable[[int], torch.Tensor]] = None,
 ) -> Iterator[tuple]:
     """Run `plan.steps` Adam steps on the MSE to `values` at `coords`; yield (step, loss, params).
 
@@ -81,7 +134,8 @@ def adapt(
     differentiable: with `create_graph` (second-order MAML) gradients flow through the
     gradients themselves; with `first_order` the gradients are treated as constants but the
     result still depends on the initialization and the learning rates; with neither (test
-    time) everything is detached.
+    time) everything is detached. `batches(k)`, if given, names step k's points (a `FixedSchedule`)
+    instead of `plan.batch_size` random ones.
     """
     track = create_graph or first_order
     names = model.inr_parameter_names()
@@ -93,6 +147,9 @@ def adapt(
     for k in range(plan.steps):
         if full:
             x, y = coords, values
+        elif batches is not None:
+            idx = batches(k).to(coords.device)
+            x, y = coords[idx], values[idx]
         else:
             idx = torch.randint(0, n_points, (plan.batch_size,), generator=generator, device="cpu").to(coords.device)
             x, y = coords[idx], values[idx]
@@ -204,6 +261,7 @@ def fit(
     snapshot_every: int = 0,
     image: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    batches: Optional[Callable[[int], torch.Tensor]] = None,
 ) -> FittedINR:
     """Fit the INR to (coords, values) from `params`; return the fitted, queryable INR.
 
@@ -211,7 +269,8 @@ def fit(
     FitCancelled promptly when set. `snapshot(step, inr)` receives the INR as it is every
     `snapshot_every` steps (live preview of the labels forming). `image`: the normalized canvas
     image, for a head that reads intensities (`FittedINR`). `generator`, if given, draws the coordinate batches
-    instead of one seeded by `seed` (training's shared random stream).
+    instead of one seeded by `seed` (training's shared random stream); `batches` replaces the random draws by
+    a fixed sequence (`FixedSchedule`; the seed then plays no part).
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -219,7 +278,7 @@ def fit(
     if cancel is not None and cancel.is_set():
         raise FitCancelled("fit cancelled before the first step")
     mean = _RunningMean(plan.steps - plan.average_last) if plan.average_last > 0 else None
-    for step, loss, fast in adapt(model, params, coords, values, plan, log_lr, generator=gen):
+    for step, loss, fast in adapt(model, params, coords, values, plan, log_lr, generator=gen, batches=batches):
         if mean is not None:
             mean.add(step, fast)
         if progress is not None:

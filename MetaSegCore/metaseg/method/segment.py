@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .fit import FitPlan, FitProgress, FittedINR, fit, psnr_from_mse
+from .fit import FOREGROUND_SHARE, FitPlan, FitProgress, FittedINR, FixedSchedule, fit, psnr_from_mse
 from .model import MetaSegNet
 from .preprocess import grid_coords, normalize_intensity, pad_to_canvas
 
@@ -43,6 +43,7 @@ def segment_array(
     live_every: int = 0,
     decode: bool = True,
     snapshot: Optional[Callable[[int, FittedINR], None]] = None,
+    member: int = 0,
 ) -> SegmentResult:
     """Fit the INR to `image` (on the model canvas) and decode labels for the image's pixels.
 
@@ -53,6 +54,8 @@ def segment_array(
     preview costs a small fraction of the fit. With `decode=False` only the fit runs (labels None,
     PSNR on the fit's last batches): for callers that decode elsewhere, e.g. on a scan's own grid;
     they get the fit in progress as `snapshot(step, inr)` every `live_every` steps instead of `live`.
+    With `plan.schedule == "fixed"` the batches follow the canvas's fixed sequence (the seed plays no part) and
+    `member` (the fit's place in an ensemble) sets where in it the fit starts.
     """
     device = next(net.parameters()).device
     t0 = time.perf_counter()
@@ -83,8 +86,13 @@ def segment_array(
         if progress is not None:
             progress(p)
 
+    batches = None
+    if plan.schedule == "fixed":
+        points = out_idx if plan.foreground_only else torch.arange(flat.shape[0])
+        batches = FixedSchedule(points, flat.shape[0], plan.batch_size,
+                                FOREGROUND_SHARE if plan.foreground_only else 1.0, member)
     fitted = fit(net, params, fit_coords, values, plan, log_lr.to(device), seed=seed, progress=on_step, cancel=cancel,
-                 snapshot=snapshot, snapshot_every=live_every, image=torch.from_numpy(padded))
+                 snapshot=snapshot, snapshot_every=live_every, image=torch.from_numpy(padded), batches=batches)
     t2 = time.perf_counter()
     if not decode:
         return SegmentResult(None, fitted, region, psnr_from_mse(last_loss[0]), {"preprocess_s": t1 - t0, "fit_s": t2 - t1})

@@ -241,7 +241,8 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     for k in range(fits):
         say("fit", f"fitting {plan.steps} steps" + (f" (fit {k + 1} of {fits})" if fits > 1 else ""))
         res = segment_array(net, log_lr, plan, model_arr, canvas, seed=seed + k, normalize=False, progress=hooks.progress,
-                            cancel=cancel, snapshot=snapshot if k == 0 else None, live_every=live_every, decode=False)
+                            cancel=cancel, snapshot=snapshot if k == 0 else None, live_every=live_every, decode=False,
+                            member=k)
         members.append(FittedVolume(res.fitted, m2p, mask=brain, info=fit_info))
         psnrs.append(res.psnr)
     fitted, psnr = members[0], min(psnrs)  # the worst fit decides the PSNR warning

@@ -38,7 +38,7 @@ from ..version import __version__
 from ..method.config import ModelConfig
 from ..io.data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, load_volume
 from ..method.device import pick_device
-from ..method.fit import FitPlan, adapt, fit, weighted_mse
+from ..method.fit import FOREGROUND_SHARE, FitPlan, FixedSchedule, adapt, fit, weighted_mse
 from ..metrics import foreground_dice, generalized_dice
 from ..method.model import MetaSegNet
 from ..method.prior import SpatialPrior, class_fractions
@@ -67,6 +67,7 @@ class TrainSettings:
     test_batch: int = 4096  # coordinates per test-time step (0: the inner loop's)
     test_lr: float = 1e-4  # constant test-time learning rate (0: the meta-learned per-step rates)
     test_average: int = 0  # the test-time fit decodes the mean of its parameters over its last N steps (FitPlan)
+    test_schedule: str = "random"  # the test-time fit's batches: random, or the canvas's fixed sequence (FitPlan)
     inner_lr: float = 3e-4  # initial value of the meta-learned per-step learning rates
     learn_inner_lr: bool = True
     first_order: bool = True  # first-order learned faster per CPU-minute than second-order in our runs
@@ -98,7 +99,7 @@ class TrainSettings:
         """The fit run at test time (and for stage 2): the inner loop's unless overridden."""
         return FitPlan(steps=self.test_steps or self.plan.steps, batch_size=self.test_batch or self.plan.batch_size,
                        bg_weight=self.plan.bg_weight, foreground_only=self.plan.foreground_only,
-                       average_last=self.test_average)
+                       average_last=self.test_average, schedule=self.test_schedule)
 
     def test_log_lr(self, log_lr: torch.Tensor) -> torch.Tensor:
         """Test-time log learning rates: a constant `test_lr`, or the meta-learned ones."""
@@ -194,6 +195,14 @@ class TaskPoints:
             values = add_noise(values, self.s.noise, gen)
         return coords, values, labels
 
+    def schedule(self, t: LabeledImage, plan: FitPlan, member: int) -> Optional[FixedSchedule]:
+        """The fixed batches of fit `member` of a 3D image as at test time (None: the plan draws them at random)."""
+        if plan.schedule != "fixed" or self.s.dims != 3:
+            return None
+        self._points(t, None, False)  # fills the cache
+        share = FOREGROUND_SHARE if plan.foreground_only else 1.0
+        return FixedSchedule(self.cache[t.name][3], t.image.numel(), plan.batch_size, share, member)
+
     def _points(self, t: LabeledImage, gen: torch.Generator, augment: bool) -> tuple:
         if self.s.dims == 2:
             img, lab = augment_2d(t.image, t.labels, gen) if augment else (t.image, t.labels)
@@ -202,8 +211,8 @@ class TaskPoints:
             flat = t.image.reshape(-1)
             idx = torch.nonzero(flat > 0).squeeze(1) if self.s.plan.foreground_only else torch.arange(flat.numel())
             self.cache[t.name] = tuple(x.to(self.device) for x in
-                                       (grid_coords(self.s.canvas, idx), flat[idx], t.labels.reshape(-1)[idx].long()))
-        coords, values, labels = self.cache[t.name]
+                                       (grid_coords(self.s.canvas, idx), flat[idx], t.labels.reshape(-1)[idx].long(), idx))
+        coords, values, labels, _ = self.cache[t.name]
         if augment:
             coords, values = augment_points(coords, values, gen)
         return coords, values, labels
@@ -560,7 +569,7 @@ def _core(s: TrainSettings) -> str:
     d = s.to_dict()
     d.pop("init", None)
     for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps", "head_lr",
-              "head_fits_per_image", "head_points", "test_steps", "test_batch", "test_lr", "test_average"):
+              "head_fits_per_image", "head_points", "test_steps", "test_batch", "test_lr", "test_average", "test_schedule"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
@@ -574,9 +583,10 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
     for i, t in enumerate(train):
         if i % 10 == 0:
             Log.bar(i, len(train), t0, "stage 2: fitting the training images")
-        for _ in range(s.head_fits_per_image):
+        for j in range(s.head_fits_per_image):
             coords, values, target = points(t, gen, s.augment)
-            fast = fit(net, init, coords, values, s.test_plan, log_lr, image=t.image, generator=gen).params
+            fast = fit(net, init, coords, values, s.test_plan, log_lr, image=t.image, generator=gen,
+                       batches=points.schedule(t, s.test_plan, j)).params
             idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen).to(coords.device)
             with torch.no_grad():
                 _, f = torch.func.functional_call(net, fast, (coords[idx],))
