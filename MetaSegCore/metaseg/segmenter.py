@@ -239,7 +239,8 @@ def _segment_volume(inp: InputImage, model: Model, options: SegmentOptions, hook
               "timings_s": {"load": round(t_load - t_start, 3),
                             **({"brain_extraction": brain["seconds"]} if "seconds" in brain else {}),
                             **{k: round(v, 3) for k, v in res.timings.items()}},
-              **measured, "seed_spread": seed_spread(from_card(model.labels).name, options.quality),
+              **measured,
+              "seed_spread": seed_spread(from_card(model.labels).name, options.quality, model.plan.schedule),
               "warnings": warnings, "versions": environment()}
     return Segmentation(res.labels, report, model.labels, img, res.entropy, res.fitted, brain_mask,
                         inp.nibabel_order, inp.path)

@@ -52,3 +52,11 @@ def test_same_seed_gives_identical_labels_and_report(sample_2mm, tmp_path):
     assert rec["seed"] == 3 and rec["device"] == "cpu" and rec["itk_registration_threads"] == 1
     assert rec["torch_threads"] >= 1 and rec["itk_threads"] >= 1 and "identical" in rec["bitwise"]
     assert {"metaseg", "torch", "SimpleITK", "numpy"} <= set(r1["versions"])
+
+
+def test_a_fixed_schedule_reports_that_the_seed_moves_nothing():
+    from metaseg.method.seed_spread import seed_spread
+
+    assert seed_spread("structures", "fast")["percent"]["Left-Hippocampus"] > 0
+    fixed = seed_spread("structures", "best", "fixed")
+    assert fixed["percent"] == {} and "--seed changes nothing" in fixed["note"]

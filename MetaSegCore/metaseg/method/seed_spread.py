@@ -27,9 +27,14 @@ SOURCE = ("docs/results.md: 'Repeat scans' (tissues, 5 seeds of ecog; 0.3.1 weig
           "copies: hippocampal and ventricular volumes' (structures: ecog, oas1-0040)")
 
 
-def seed_spread(label_set: str, quality: str) -> Dict[str, Any]:
+def seed_spread(label_set: str, quality: str, schedule: str = "random") -> Dict[str, Any]:
     """The report's `seed_spread`: the largest measured change (%) of each volume when only the seed changes,
-    for this label set and quality, what it means and where it was measured."""
+    for this label set and quality, what it means and where it was measured. A model whose fit follows the fixed
+    schedule (`FitPlan.schedule`) does not read the seed: nothing moves."""
+    if schedule == "fixed":
+        return {"percent": {}, "quality": quality, "schedule": schedule,
+                "note": "this model's fit follows a fixed schedule of batches: --seed changes nothing. Repeat scans "
+                        "still differ (docs/results.md, 'Repeat copies')", "source": "metaseg.method.fit.FixedSchedule"}
     percent: Dict[str, float] = dict(TISSUES_FAST)
     if label_set == "structures":
         percent.update(STRUCTURES_BEST if quality == "best" else STRUCTURES_FAST)
