@@ -13,10 +13,14 @@ instead of the 10.3 MB of the former pickle; docs/results.md "Stored fitted netw
   the bundled scan: labels agree with the float32 network's at Dice 0.9998;
 - `physical_to_model`: float64 4x4;
 - `mask.zlib`: the brain mask's bits (numpy packbits), zlib-compressed;
-- `image.zlib` (models whose head reads the intensity): the fitted image on the mask's bounding box,
-  quantized to 8 bits (the image is normalized to [0, 1]; 1/255 steps), as its 3D finite difference
-  (value minus the x, y, z neighbours' planar prediction; exact, undone by three cumulative sums),
-  zlib-compressed. With it, reslicing agrees with the unquantized volume at Dice >= 0.999;
+- `image.zlib` (models whose head reads the intensity): the fitted image's brain voxels, quantized to 8 bits (the
+  image is normalized to [0, 1]; 1/255 steps), coded losslessly by metaseg/io/voxelcode.py (coarse to fine,
+  each voxel predicted from known neighbours on both sides, the errors deflated by context) on the mask's
+  bounding box. With it, reslicing agrees with the unquantized volume at Dice >= 0.999. Files of metaseg 0.5
+  (the image as its 3D finite difference, zlib: IMAGE_CODING) are still read;
+- `prior` (metadata; models that read a spatial prior): the sha256 of the weights that hold the prior. The
+  prior (3-30 MB) is not copied into the file: loading takes it from those weights (`prior_from_weights`: the
+  caller's files or folders, then the shipped weights' folders), and refuses in one line naming the sha256;
 - metadata (JSON strings): format, config, info (labels, weights sha256, source, the scan's
   reference grid), mask shape, image box and coding.
 Decompression is bounded by the sizes the metadata declares, so a crafted file cannot inflate.
@@ -50,6 +54,7 @@ FULL_PRECISION = ("trunk.0.",)  # parameters kept in float32 (the first sine lay
 LEVELS = 255  # the stored image's quantization: round(image * 255) in uint8
 MAX_BYTES = 512 << 20  # a fitted-network file larger than this is refused before it is read
 MAX_VOXELS = 1 << 28  # a mask or image box larger than this is refused (a 1024^3 canvas is 2^30)
+# the image coding of metaseg 0.5, still read (this version writes voxelcode.CODING)
 IMAGE_CODING = "uint8 round(x*255) on the mask's box, 3D finite difference (z, y, x) mod 256, zlib"
 
 
