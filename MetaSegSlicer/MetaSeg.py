@@ -1307,7 +1307,8 @@ class MetaSegLogic(ScriptedLoadableModuleLogic):
                 sliceToNetwork, (side, side), float(spacing.min()) / int(superResolution), diagonal)
             process = ResliceProcess(str(fittedPath), centre, u, v, extent[0], step,
                                      what=what, device=device, python=python_executable(IN_SLICER_APP),
-                                     python_path=[str(self._corePath())], temp_root=str(self.runRoot))
+                                     python_path=[str(self._corePath())], temp_root=str(self.runRoot),
+                                     weights=[str(d) for d in paths.weights_dirs(self.moduleDir) if d.is_dir()])
         except (ProcessError, ValueError) as e:
             raise MetaSegError(str(e)) from e
         try:

@@ -6,7 +6,9 @@ Slicer scene do, reads it back, and compares what both give:
 - labels on the scan's own brain voxels, on README's oblique plane (coronal tilted 20/0/10 degrees, 0.25 mm:
   4x super-resolution) and on an axial plane through the centre (0.25 mm);
 - agreement: mean over the foreground classes of the Dice between the two labelings (1.0 = identical);
-- each one's mean foreground Dice against the reference labels (on the scan's voxels).
+- each one's mean foreground Dice against the reference labels (on the scan's voxels);
+- the file's bytes (and per part: parameters, mask, image, header) and its text in the Slicer scene (characters:
+  MetaSegLib.fitted's base85 text; base64, as MetaSeg 0.5 kept it, for comparison).
 
   PYTHONPATH=MetaSegCore .venv/bin/python benchmarks/fitted_storage.py [--labels tissues|structures] [--json OUT]
 """
@@ -23,12 +25,25 @@ import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "MetaSegSlicer"))  # MetaSegLib.fitted: the scene's text (no Qt, no MRML)
 
 
 def dice(a: np.ndarray, b: np.ndarray, classes) -> float:
     scores = [2 * np.sum((a == c) & (b == c)) / (np.sum(a == c) + np.sum(b == c)) for c in classes
               if np.sum(a == c) + np.sum(b == c) > 0]
     return float(np.mean(scores))
+
+
+def parts(data: bytes) -> dict:
+    """Bytes per part of a fitted file: parameters, mask, image, header (JSON) and the rest."""
+    from metaseg.io.safefile import loads
+
+    tensors, _ = loads(data, "benchmark")
+    out = {"header": int.from_bytes(data[:8], "little") + 8}
+    for name, t in tensors.items():
+        key = "parameters" if name.startswith("param/") else name
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out
 
 
 def main() -> int:
@@ -38,6 +53,7 @@ def main() -> int:
     from metaseg.space.fitted import FittedVolume
     from metaseg.space.reslice import reslice, standard_plane
     from metaseg.space.volume import voxel_points
+    from MetaSegLib import fitted as scene_text
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--image", default=str(ROOT / "Resources/Sample/ecog_t1.nii.gz"))
@@ -60,7 +76,8 @@ def main() -> int:
     planes = {"oblique_coronal_20_0_10_0.25mm": standard_plane(full.info["reference"], "coronal", 0.25, (20, 0, 10)),
               "axial_centre_0.25mm": standard_plane(full.info["reference"], "axial", 0.25)}
     out = {"image": a.image, "labels": a.labels, "weights_sha256": full.info.get("weights_sha256"),
-           "bytes": len(data), "base64_chars": len(base64.b64encode(data)), "voxels": {}, "planes": {}}
+           "bytes": len(data), "scene_chars": len(scene_text.encode_bytes(data)),
+           "base64_chars": len(base64.b64encode(data)), "parts_bytes": parts(data), "voxels": {}, "planes": {}}
     a_lab, b_lab = full.query(points), stored.query(points)
     out["voxels"] = {"agreement_dice": dice(a_lab, b_lab, classes), "differing_fraction": float(np.mean(a_lab != b_lab)),
                      "dice_vs_reference_full": dice(a_lab, ref, classes), "dice_vs_reference_stored": dice(b_lab, ref, classes)}

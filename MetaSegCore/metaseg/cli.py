@@ -413,6 +413,10 @@ def _add_reslice(sub) -> None:
     p.add_argument("--extent", type=float, help="plane width and height in mm (default: the scan's longest side)")
     p.add_argument("--spacing", type=float, help="pixel spacing in mm, e.g. 0.25 for 4x super-resolution of 1 mm "
                    "(default: the scan's smallest)")
+    p.add_argument("--weights", action="append", default=[], metavar="FILE_OR_FOLDER",
+                   help="weights the result was made with (a file, or a folder of them; repeatable): a model that "
+                   "reads a spatial prior takes it from the weights of the sha256 the fitted INR names, looked for "
+                   "here and among the shipped weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_reslice)
@@ -435,7 +439,7 @@ def _reslice(a: argparse.Namespace) -> int:
             raise InputError("NIfTI loses the plane's orientation for multi-component images: write the "
                              "probabilities as .nrrd or .mha")
         _check_plane_numbers(a)
-        vol = FittedVolume.load(Path(a.inr), pick_device(a.device))
+        vol = FittedVolume.load(Path(a.inr), pick_device(a.device), weights=[Path(w) for w in a.weights])
         ref = vol.info["reference"]
         sp = a.spacing if a.spacing is not None else float(min(ref["spacing"]))
         extent = a.extent if a.extent is not None else float(((np.array(ref["size"]) - 1) * np.array(ref["spacing"])).max())

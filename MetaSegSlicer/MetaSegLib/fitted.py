@@ -3,8 +3,9 @@
 Where it is kept, and why (Slicer's source, cited by file:line@tag; Testing/slicer/test_slicer_save_rules.py
 follows each version's rules):
 - The network is the text of the segmentation node's attribute `MetaSeg.FittedNetwork.safetensors` (see
-  MetaSeg.py): base64 of a `metaseg-fitted/2` file (a safetensors file, ~1.7 MB for a 3D result of the
-  bundled scan). Node attributes are written into the scene file itself by vtkMRMLNode::WriteXML
+  MetaSeg.py): a `metaseg-fitted/2` file (a safetensors file, ~1.5 MB for a 3D result of the bundled scan)
+  as base85 text in an alphabet the scene file keeps verbatim (`encode_bytes`; earlier versions' base64 text
+  is still read). Node attributes are written into the scene file itself by vtkMRMLNode::WriteXML
   (Libs/MRML/Core/vtkMRMLNode.cxx:495@v5.6.2, :565@v5.8.1, :685@v5.10.0) and read back by
   ReadXMLAttributes (:381@v5.6.2, :409@v5.8.1, :416@v5.10.0). The scene file is what every version's
   File > Save writes: as .mrml, qSlicerSceneWriter::writeToMRML calls vtkMRMLScene::Commit
@@ -57,13 +58,25 @@ def _looks_like_pickle(data: bytes) -> bool:
     return data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"
 
 
+# The attribute text: TEXT_PREFIX, then base85 (5 characters per 4 bytes; base64 takes 6 per 4.5) in Python's
+# alphabet with the five characters that a scene file would escape swapped for five it keeps as they are: Slicer
+# writes an attribute's value with % and ; percent-encoded and & < > " ' as XML entities (vtkMRMLNode::WriteXML
+# and XMLAttributeEncodeString, Libs/MRML/Core/vtkMRMLNode.cxx:507-508 and :1031-1041@v5.6.2, :577-578 and
+# :1124-1134@v5.8.1, :697-698 and :1251-1261@v5.10.0), which would lengthen the text. Every character of the
+# text is written to the scene file as one byte.
+TEXT_PREFIX = "metaseg-b85:"  # ':' is no base64 character: a base64 text (earlier versions) never starts so
+_ESCAPED, _KEPT = b"%&;<>", b",./[]"  # Python's b85 characters the scene would escape, and their stand-ins
+_TO_TEXT = bytes.maketrans(_ESCAPED, _KEPT)
+_FROM_TEXT = bytes.maketrans(_KEPT, _ESCAPED)
+
+
 def encode_bytes(data: bytes) -> str:
-    """A fitted network file's bytes as the attribute text (base64, one line)."""
+    """A fitted network file's bytes as the attribute text (TEXT_PREFIX and scene-safe base85, one line)."""
     if not _looks_like_safetensors(data):
         raise FittedError("the fitted network is not a safetensors file")
     if len(data) > MAX_BYTES:
         raise FittedError(f"the fitted network has {len(data):,} bytes, more than {MAX_BYTES:,}")
-    return base64.b64encode(data).decode("ascii")
+    return TEXT_PREFIX + base64.b85encode(data).translate(_TO_TEXT).decode("ascii")
 
 
 def encode(path: Path) -> str:
@@ -83,12 +96,22 @@ def decode(text: str) -> bytes:
     text = (text or "").strip()
     if not text:
         raise FittedError("the segmentation keeps no fitted network")
-    if len(text) > MAX_BYTES * 4 // 3 + 4:
+    if len(text) > MAX_BYTES * 4 // 3 + 4 + len(TEXT_PREFIX):
         raise FittedError(f"the kept network has {len(text):,} characters, more than a fitted network can have")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise FittedError(f"the kept network is not valid base64 ({e})") from None
+    if text.startswith(TEXT_PREFIX):  # this version's text
+        body = text[len(TEXT_PREFIX):]
+        try:
+            raw = body.encode("ascii")
+            if any(c in raw for c in _ESCAPED):  # strict: only the text's alphabet
+                raise ValueError("characters outside its alphabet")
+            data = base64.b85decode(raw.translate(_FROM_TEXT))
+        except (UnicodeEncodeError, ValueError) as e:
+            raise FittedError(f"the kept network is not valid base85 text ({e})") from None
+    else:  # the text of MetaSeg 0.5 (base64): still read
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise FittedError(f"the kept network is not valid base64 ({e})") from None
     if _looks_like_pickle(data) and not _looks_like_safetensors(data):
         raise FittedError(LEGACY_MESSAGE)
     if not _looks_like_safetensors(data):

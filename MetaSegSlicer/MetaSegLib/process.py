@@ -492,8 +492,10 @@ class ResliceProcess(WorkdirProcess):
     def __init__(self, fitted: str, centre: Sequence[float], u: Sequence[float], v: Sequence[float],
                  extent_mm: float, spacing_mm: float, what: str = "labels", device: str = "cpu",
                  python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                 python_path: Optional[Sequence[str]] = None, temp_root: Optional[str] = None):
+                 python_path: Optional[Sequence[str]] = None, temp_root: Optional[str] = None,
+                 weights: Sequence[str] = ()):
         self.fitted, self.what, self.device = str(fitted), what, device
+        self.weights = [str(w) for w in weights]  # where a model's spatial prior may be (files or folders of weights)
         self.centre, self.u, self.v = ([float(x) for x in p] for p in (centre, u, v))
         self.extent_mm, self.spacing_mm = float(extent_mm), float(spacing_mm)
         super().__init__(python, env, python_path, temp_root)
@@ -509,6 +511,8 @@ class ResliceProcess(WorkdirProcess):
                "--what", self.what, "--device", self.device,
                "--extent", num(self.extent_mm), "--spacing", num(self.spacing_mm), "--origin"]
         cmd += [num(x) for x in self.centre] + ["--u"] + [num(x) for x in self.u] + ["--v"] + [num(x) for x in self.v]
+        for w in self.weights:
+            cmd += ["--weights", w]
         return cmd
 
     def error_message(self) -> Optional[str]:

@@ -126,8 +126,13 @@ def test_a_damaged_kept_network_is_a_clear_error(scene, MetaSeg, fitted_3d, tmp_
     path = fitted.materialize(text, tmp_path / "a")
     assert path.read_bytes() == fitted_3d.read_bytes() and path.name == hashlib.sha256(path.read_bytes()).hexdigest()[:32] + ".safetensors"
     assert fitted.materialize(text, tmp_path / "a") == path
-    with pytest.raises(fitted.FittedError, match="not valid base64"):
-        fitted.materialize(text[:-5] + "!!!!!", tmp_path / "b")
+    with pytest.raises(fitted.FittedError, match="not valid base85"):
+        fitted.materialize(text[:-5] + "<<<<<", tmp_path / "b")
+    with pytest.raises(fitted.FittedError, match="not valid base64"):  # the base64 text of MetaSeg 0.5
+        fitted.materialize(base64.b64encode(fitted_3d.read_bytes()).decode()[:-5] + "!!!!!", tmp_path / "b")
+    # MetaSeg 0.5's base64 text still gives the same file
+    assert fitted.materialize(base64.b64encode(fitted_3d.read_bytes()).decode(), tmp_path / "e").read_bytes() \
+        == fitted_3d.read_bytes()
     with pytest.raises(fitted.FittedError, match="not a MetaSeg fitted network"):
         fitted.materialize(base64.b64encode(b"hello, this is not a network").decode(), tmp_path / "c")
     with pytest.raises(fitted.FittedError, match="older MetaSeg"):

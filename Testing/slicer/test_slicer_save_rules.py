@@ -276,7 +276,9 @@ def test_the_network_goes_with_its_segmentation(MetaSeg, fitted_3d, tmp_path):
     scene = result_scene(MetaSeg, fitted_3d, tmp_path / "runs")
     seg = scene.GetFirstNodeByName("ecog MetaSeg")
     text = seg.GetAttribute(MetaSeg.FITTED_NETWORK_ATTRIBUTE)
-    assert len(text) == (fitted_3d.stat().st_size + 2) // 3 * 4  # base64 of the file, nothing else
+    n = fitted_3d.stat().st_size  # the prefix and base85 of the file (5 characters per 4 bytes), nothing else
+    assert text.startswith("metaseg-b85:") and len(text) == len("metaseg-b85:") + n // 4 * 5 + (n % 4 and n % 4 + 1)
+    assert not set(text) & set("%;&<>\"'\n\r")  # nothing the scene file would escape
     before = {scene.GetNthNode(i).GetClassName() for i in range(scene.GetNumberOfNodes())}
     assert "vtkMRMLTextNode" not in before
     scene.RemoveNode(seg)

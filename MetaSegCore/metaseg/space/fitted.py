@@ -13,10 +13,14 @@ instead of the 10.3 MB of the former pickle; docs/results.md "Stored fitted netw
   the bundled scan: labels agree with the float32 network's at Dice 0.9998;
 - `physical_to_model`: float64 4x4;
 - `mask.zlib`: the brain mask's bits (numpy packbits), zlib-compressed;
-- `image.zlib` (models whose head reads the intensity): the fitted image on the mask's bounding box,
-  quantized to 8 bits (the image is normalized to [0, 1]; 1/255 steps), as its 3D finite difference
-  (value minus the x, y, z neighbours' planar prediction; exact, undone by three cumulative sums),
-  zlib-compressed. With it, reslicing agrees with the unquantized volume at Dice >= 0.999;
+- `image.zlib` (models whose head reads the intensity): the fitted image's brain voxels, quantized to 8 bits (the
+  image is normalized to [0, 1]; 1/255 steps), coded losslessly by metaseg/io/voxelcode.py (coarse to fine,
+  each voxel predicted from known neighbours on both sides, the errors deflated by context) on the mask's
+  bounding box. With it, reslicing agrees with the unquantized volume at Dice >= 0.999. Files of metaseg 0.5
+  (the image as its 3D finite difference, zlib: IMAGE_CODING) are still read;
+- `prior` (metadata; models that read a spatial prior): the sha256 of the weights that hold the prior. The
+  prior (3-30 MB) is not copied into the file: loading takes it from those weights (`prior_from_weights`: the
+  caller's files or folders, then the shipped weights' folders), and refuses in one line naming the sha256;
 - metadata (JSON strings): format, config, info (labels, weights sha256, source, the scan's
   reference grid), mask shape, image box and coding.
 Decompression is bounded by the sizes the metadata declares, so a crafted file cannot inflate.
@@ -29,7 +33,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +42,11 @@ from ..method.config import ModelConfig
 from ..method.fit import FittedINR
 from ..method.model import MetaSegNet
 from ..method.preprocess import sample_grid
-from ..io.safefile import WeightsError, dumps, loads, metadata_json
-from ..method.weights import checked_writers, config_problem, expected_state_shapes, load_checked, save_checked
+from ..io import voxelcode
+from ..io.safefile import SUFFIX, WeightsError, dumps, loads, metadata_json
+from ..method.prior import SpatialPrior
+from ..method.weights import (checked_writers, config_problem, expected_state_shapes, load_checked, load_weights,
+                              save_checked, sha256_of)
 
 FORMAT = "metaseg-fitted/2"  # /1 was the torch.save pickle of metaseg <= 0.4.0
 WHAT = ("labels", "probabilities", "intensity")
@@ -47,6 +54,7 @@ FULL_PRECISION = ("trunk.0.",)  # parameters kept in float32 (the first sine lay
 LEVELS = 255  # the stored image's quantization: round(image * 255) in uint8
 MAX_BYTES = 512 << 20  # a fitted-network file larger than this is refused before it is read
 MAX_VOXELS = 1 << 28  # a mask or image box larger than this is refused (a 1024^3 canvas is 2^30)
+# the image coding of metaseg 0.5, still read (this version writes voxelcode.CODING)
 IMAGE_CODING = "uint8 round(x*255) on the mask's box, 3D finite difference (z, y, x) mod 256, zlib"
 
 
@@ -119,6 +127,12 @@ class FittedVolume:
         tensors["physical_to_model"] = torch.from_numpy(np.asarray(self.physical_to_model, np.float64))
         metadata = {"format": FORMAT, "config": json.dumps(self.inr.model.config.to_dict()),
                     "info": json.dumps(self.info, sort_keys=True)}
+        if self.inr.model.config.uses_prior:  # the prior stays in the weights: the file names them by their hash
+            digest = self.info.get("weights_sha256")
+            if not _is_sha256(digest):
+                raise ValueError("this fitted volume's model reads a spatial prior, which is not stored with it: "
+                                 "its info must name the weights' sha256 (weights_sha256)")
+            metadata["prior"] = json.dumps({"from": "weights", "weights_sha256": digest})
         image = self.inr.image
         mask = self.mask
         canvas = tuple(image.shape) if image is not None else (tuple(mask.shape) if mask is not None else None)
@@ -126,44 +140,42 @@ class FittedVolume:
             metadata["mask"] = json.dumps({"shape": list(mask.shape)})
             tensors["mask.zlib"] = _bytes_tensor(zlib.compress(np.packbits(mask.reshape(-1)).tobytes(), 9))
         if image is not None:  # a head that reads intensities: keep the fitted image (its tissue voxels suffice)
-            q = np.rint(np.clip(image.detach().cpu().numpy(), 0.0, 1.0) * LEVELS).astype(np.int16)
-            if mask is not None:
-                q[~mask] = 0
-                nz = np.argwhere(mask)
-                lo, hi = (nz.min(0), nz.max(0) + 1) if len(nz) else (np.zeros(3, int), np.ones(3, int))
-            else:
-                lo, hi = np.zeros(3, int), np.array(canvas)
-            box = q[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-            for axis in (2, 1, 0):
-                box = np.diff(box, axis=axis, prepend=0)
-            packer = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_RLE)  # best on these residuals (measured)
-            data = packer.compress((box % 256).astype(np.uint8).tobytes()) + packer.flush()
+            q = np.rint(np.clip(image.detach().cpu().numpy(), 0.0, 1.0) * LEVELS).astype(np.uint8)
+            where = mask if mask is not None else np.ones(canvas, bool)
+            nz = np.argwhere(where)
+            lo, hi = (nz.min(0), nz.max(0) + 1) if len(nz) else (np.zeros(3, int), np.ones(3, int))
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            data, spec = voxelcode.encode(q[box], where[box])
             tensors["image.zlib"] = _bytes_tensor(data)
             metadata["image"] = json.dumps({"shape": list(canvas), "box": [lo.tolist(), hi.tolist()],
-                                            "levels": LEVELS, "coding": IMAGE_CODING})
+                                            "levels": LEVELS, **spec})
         return dumps(tensors, metadata)
 
     @classmethod
     def load(cls, path: Path, device: torch.device = torch.device("cpu"),
-             expected_sha256: Optional[str] = None) -> "FittedVolume":
+             expected_sha256: Optional[str] = None, weights: Sequence[Path] = ()) -> "FittedVolume":
         """Read a saved fitted volume (hash checked, no code executed); a file that parses but does not
-        hold a consistent fitted volume raises WeightsError saying what is wrong."""
+        hold a consistent fitted volume raises WeightsError saying what is wrong. A model that reads a spatial
+        prior takes it from the weights the file names by sha256: found among `weights` (files or folders)
+        and the shipped weights' folders (`resources.weights_dirs`), else WeightsError saying which are needed."""
         tensors, metadata, digest = load_checked(path, FORMAT, expected_sha256, what="fitted INR", limit=MAX_BYTES)
-        return cls._from_parts(tensors, metadata, digest, device, path)
+        return cls._from_parts(tensors, metadata, digest, device, path, weights)
 
     @classmethod
-    def from_bytes(cls, data: bytes, device: torch.device = torch.device("cpu"), source: str = "fitted INR") -> "FittedVolume":
+    def from_bytes(cls, data: bytes, device: torch.device = torch.device("cpu"), source: str = "fitted INR",
+                   weights: Sequence[Path] = ()) -> "FittedVolume":
         """A fitted volume from a file's bytes (no sidecar: the format is what makes it safe to read)."""
         tensors, metadata = loads(bytes(data), source, "fitted INR")
         if metadata.get("format") != FORMAT:
             raise WeightsError(f"{source} is not a MetaSeg fitted INR file (format {metadata.get('format')!r}, "
                                f"expected {FORMAT!r})")
-        return cls._from_parts(tensors, metadata, hashlib.sha256(data).hexdigest(), device, source)
+        return cls._from_parts(tensors, metadata, hashlib.sha256(data).hexdigest(), device, source, weights)
 
     @classmethod
-    def _from_parts(cls, tensors, metadata, digest: str, device: torch.device, source) -> "FittedVolume":
+    def _from_parts(cls, tensors, metadata, digest: str, device: torch.device, source,
+                    weights: Sequence[Path] = ()) -> "FittedVolume":
         try:
-            return cls._build(tensors, metadata, digest, device, source)
+            return cls._build(tensors, metadata, digest, device, source, weights)
         except WeightsError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, zlib.error) as e:
@@ -174,7 +186,8 @@ class FittedVolume:
                                "--save-inr") from e
 
     @classmethod
-    def _build(cls, tensors, metadata, digest: str, device: torch.device, source) -> "FittedVolume":
+    def _build(cls, tensors, metadata, digest: str, device: torch.device, source,
+               weights: Sequence[Path] = ()) -> "FittedVolume":
         config = ModelConfig.from_dict(metadata_json(metadata, "config", source, "fitted INR"))
         problem = config_problem(config, dims=3)
         if problem:
@@ -210,8 +223,10 @@ class FittedVolume:
         image = None
         if "image" in metadata:
             spec = metadata_json(metadata, "image", source, "fitted INR")
-            if not isinstance(spec, dict) or spec.get("levels") != LEVELS or spec.get("coding") != IMAGE_CODING:
-                raise ValueError(f"its image is coded as {spec!r}, which this version does not read")
+            if not isinstance(spec, dict) or spec.get("levels") != LEVELS \
+                    or spec.get("coding") not in (IMAGE_CODING, voxelcode.CODING):
+                coding = spec.get("coding") if isinstance(spec, dict) else spec
+                raise ValueError(f"its image is coded as {coding!r}, which this version does not read")
             canvas = _shape(spec.get("shape"), "image")
             if mask is not None and canvas != mask.shape:
                 raise ValueError(f"its image {canvas} and brain mask {mask.shape} differ in shape")
@@ -222,10 +237,17 @@ class FittedVolume:
                 raise ValueError(f"its image box {box!r} does not lie in the canvas {canvas}")
             lo, hi = box
             size = tuple(h - l for l, h in zip(lo, hi))
-            raw = _inflate(tensors["image.zlib"], int(np.prod(size)), "image")
-            q = np.frombuffer(raw, np.uint8).reshape(size).astype(np.int64)
-            for axis in (0, 1, 2):  # undo the finite differences
-                q = np.cumsum(q, axis=axis)
+            if spec["coding"] == voxelcode.CODING:  # this version's coding
+                where = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] if mask is not None else np.ones(size, bool)
+                data = tensors["image.zlib"]
+                if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+                    raise ValueError("its image is not a byte string")
+                q = voxelcode.decode(data.numpy().tobytes(), spec, where, _inflate_bytes).astype(np.int64)
+            else:  # the files of metaseg 0.5 (3D finite difference): still read
+                raw = _inflate(tensors["image.zlib"], int(np.prod(size)), "image")
+                q = np.frombuffer(raw, np.uint8).reshape(size).astype(np.int64)
+                for axis in (0, 1, 2):  # undo the finite differences
+                    q = np.cumsum(q, axis=axis)
             values = np.zeros(canvas, np.float32)
             values[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = (q % 256).astype(np.float32) / LEVELS
             if mask is not None:
@@ -233,9 +255,55 @@ class FittedVolume:
             image = torch.from_numpy(values)
         if config.head_intensity and image is None:
             raise ValueError("its model reads the image's intensity but the file holds no image")
+        if "prior" in tensors or any(k.startswith("prior") for k in tensors):
+            raise ValueError("it holds a spatial prior: fitted files name the weights that hold it instead")
         net = MetaSegNet(config).to(device).eval()
+        if config.uses_prior:  # last: the file is consistent, so the message is about the weights alone
+            net.prior = prior_from_weights(info.get("weights_sha256"), config, source, weights).to(device)
         inr = FittedINR(net, {k: v.to(device) for k, v in state.items()}, image=image)
         return cls(inr, m.numpy(), mask, info)
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _weights_files(places: Sequence[Path]) -> Iterator[Path]:
+    for place in places:
+        place = Path(place)
+        if place.is_dir():
+            yield from sorted(place.glob("*" + SUFFIX))
+        elif place.is_file():
+            yield place
+
+
+def prior_from_weights(digest: Any, config: ModelConfig, source: Any, weights: Sequence[Path] = ()) -> SpatialPrior:
+    """The spatial prior of the weights whose sha256 is `digest`, for a fitted network of `config` made with them:
+    looked for in `weights` (files or folders, the caller's) and then in the shipped weights' folders. A file is
+    taken when its `.sha256` sidecar (or, for a file the caller named, its content) has that hash; it is then read
+    as any weights file (hash verified, shapes checked). WeightsError in one line when none has it."""
+    from ..resources import WEIGHTS_ENV, weights_dirs
+
+    if not _is_sha256(digest):
+        raise WeightsError(f"fitted INR {source} reads a spatial prior but does not name the weights that hold it "
+                           "(no weights sha256 in its info); segment the scan again with --save-inr")
+    named = [Path(p) for p in weights]
+    for path in _weights_files(named + weights_dirs()):
+        side = Path(str(path) + ".sha256")
+        try:
+            words = side.read_text(encoding="utf-8", errors="replace").split() if side.is_file() else []
+            match = (words[:1] == [digest]) or (path in named and sha256_of(path) == digest)
+        except OSError:
+            continue
+        if match:
+            w = load_weights(path, expected_sha256=digest)
+            if w.prior is None or w.config.n_classes != config.n_classes:
+                raise WeightsError(f"weights {path} (sha256 {digest}) hold no spatial prior for this fitted INR")
+            return w.spatial_prior
+    searched = ", ".join(str(p) for p in named + weights_dirs())
+    raise WeightsError(f"fitted INR {source} needs the spatial prior of the weights with sha256 {digest}, which are "
+                       f"not installed (searched {searched}): install the weights the result was made with, or "
+                       f"pass them with --weights FILE (API: weights=[FILE]) or put them in ${WEIGHTS_ENV}")
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:
@@ -255,11 +323,14 @@ def _inflate(t: Any, size: int, what: str) -> bytes:
     """zlib data of exactly `size` bytes when inflated (never more is inflated: no zip bomb)."""
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
         raise ValueError(f"its {what} is not a byte string")
+    return _inflate_bytes(t.numpy().tobytes(), size, what)
+
+
+def _inflate_bytes(data: bytes, size: int, what: str) -> bytes:
+    """`_inflate` of bytes: at most size + 1 bytes are ever inflated (max_length 0 would mean no bound)."""
     unpacker = zlib.decompressobj()
-    out = unpacker.decompress(t.numpy().tobytes(), size)
-    if len(out) == size and not unpacker.eof and unpacker.decompress(unpacker.unconsumed_tail, 1):
-        out += b"?"  # more than declared
-    if len(out) != size or not unpacker.eof or unpacker.unused_data:
+    out = unpacker.decompress(data, size + 1)
+    if len(out) != size or not unpacker.eof or unpacker.unused_data or unpacker.unconsumed_tail:
         raise ValueError(f"its {what} does not hold the {size:,} bytes its shape needs")
     return out
 
