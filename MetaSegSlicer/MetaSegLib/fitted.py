@@ -3,7 +3,7 @@
 Where it is kept, and why (Slicer's source, cited by file:line@tag; Testing/slicer/test_slicer_save_rules.py
 follows each version's rules):
 - The network is the text of the segmentation node's attribute `MetaSeg.FittedNetwork.safetensors` (see
-  MetaSeg.py): a `metaseg-fitted/2` file (a safetensors file, ~1.5 MB for a 3D result of the bundled scan)
+  MetaSeg.py): a `metaseg-fitted/2` file (a safetensors file, ~1.6 MB for a 3D result of the bundled scan)
   as base85 text in an alphabet the scene file keeps verbatim (`encode_bytes`; earlier versions' base64 text
   is still read). Node attributes are written into the scene file itself by vtkMRMLNode::WriteXML
   (Libs/MRML/Core/vtkMRMLNode.cxx:495@v5.6.2, :565@v5.8.1, :685@v5.10.0) and read back by

@@ -1,5 +1,6 @@
-"""Stored fitted networks (metaseg/space/fitted.py): the image's lossless coding (metaseg/io/voxelcode.py), files
-of the former coding still read, and models that read a spatial prior, whose prior stays in the weights."""
+"""Stored fitted networks (metaseg/space/fitted.py): the image's lossless coding (its finite differences where they
+can be nonzero), files of the former coding still read, and models that read a spatial prior, whose prior stays in
+the weights."""
 import json
 import math
 import zlib
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from metaseg.io import voxelcode
 from metaseg.io.safefile import dumps, loads
 from metaseg.method.config import ModelConfig
 from metaseg.method.fit import FitPlan, FittedINR
@@ -30,38 +30,25 @@ def _image_and_mask(shape=(23, 30, 17), seed=0):
     return np.clip(np.rint(img), 0, 255).astype(np.uint8) * mask, mask
 
 
-def _inflate(data, size, what):
-    return fitted._inflate_bytes(data, size, what)
-
-
 @pytest.mark.parametrize("shape", [(23, 30, 17), (1, 5, 40), (33, 2, 3)])
-def test_voxel_coding_is_lossless_inside_the_mask(shape):
+def test_the_differences_are_zero_outside_their_support(shape):
+    """The stored differences leave out only zeros: the image comes back from the support alone."""
     img, mask = _image_and_mask(shape)
-    data, spec = voxelcode.encode(img, mask)
-    assert json.loads(json.dumps(spec)) == spec
-    assert np.array_equal(voxelcode.decode(data, spec, mask, _inflate), img)
-    if mask.sum() > 1000:  # smaller than the former coding (3D finite difference, zlib)
-        box = img.astype(np.int16)
-        for axis in (2, 1, 0):
-            box = np.diff(box, axis=axis, prepend=0)
-        assert len(data) < len(zlib.compress((box % 256).astype(np.uint8).tobytes(), 9))
+    diff = img.astype(np.int16)
+    for axis in (2, 1, 0):
+        diff = np.diff(diff, axis=axis, prepend=0)
+    support = fitted._difference_support(mask)
+    assert not diff[~support].any() and support[mask].all()
+    if mask.sum() > 1000:  # and it is a small part of the box
+        assert support.sum() < 1.3 * mask.sum() < support.size
 
 
-def test_voxel_coding_refuses_what_does_not_fit_the_mask():
-    img, mask = _image_and_mask()
-    data, spec = voxelcode.encode(img, mask)
-    with pytest.raises(ValueError, match="lengths"):
-        voxelcode.decode(data + b"x", spec, mask, _inflate)
-    bomb = zlib.compress(bytes(1 << 20))  # far more than any group's voxel count: refused after count + 1 bytes
-    lengths = list(spec["lengths"])
-    lengths[0] = len(bomb)
-    rest = data[spec["lengths"][0]:]
-    with pytest.raises(ValueError, match="bytes its shape needs"):
-        voxelcode.decode(bomb + rest, dict(spec, lengths=lengths), mask, _inflate)
-    with pytest.raises(ValueError, match="weights"):
-        voxelcode.decode(data, dict(spec, weights=[[1 << 40]]), mask, _inflate)
-    with pytest.raises(ValueError, match="does not read"):
-        voxelcode.decode(data, dict(spec, coding="something else"), mask, _inflate)
+def test_a_bomb_in_place_of_the_image_is_refused_after_its_declared_size():
+    vol = _intensity_volume()
+    tensors, metadata = loads(vol.to_bytes(), "new", "fitted INR")
+    tensors["image.zlib"] = torch.frombuffer(bytearray(zlib.compress(bytes(1 << 20))), dtype=torch.uint8)
+    with pytest.raises(WeightsError, match="bytes its shape needs"):
+        FittedVolume.from_bytes(dumps(tensors, metadata))
 
 
 def _intensity_volume():
