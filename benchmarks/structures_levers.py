@@ -17,6 +17,7 @@ Appends a JSON record to --json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metaseg.io.data import load_splits
-from metaseg.method.fit import FOREGROUND_SHARE, SCHEDULES, FittedINR, FixedSchedule, adapt
+from metaseg.method.fit import SCHEDULES, FittedINR, FixedSchedule, adapt
 from metaseg.labelsets import label_set
 from metaseg.metrics import dice_per_class
 from metaseg.method.preprocess import grid_coords, normalize_intensity
@@ -102,7 +103,7 @@ def main() -> int:
         probs = {}  # (variant, seed) -> probabilities
         for seed in a.seeds:
             t1 = time.time()
-            batches = FixedSchedule(idx, flat.numel(), plan.batch_size, FOREGROUND_SHARE, seed) if a.schedule == "fixed" else None
+            batches = FixedSchedule.for_plan(dataclasses.replace(plan, schedule=a.schedule), idx, flat.numel(), seed)
             for variant, params in fit_params(net, log_lr, plan, coords, values, seed, tuple(a.avg), batches).items():
                 probs[(variant, seed)] = FittedINR(net, params, image=image).probabilities(coords)  # decoding as segment does
             print(f"{subj} seed {seed}: {time.time() - t1:.0f} s", file=sys.stderr)

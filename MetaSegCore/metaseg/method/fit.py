@@ -82,6 +82,16 @@ class FixedSchedule:
         place = ((point_index.cpu().long() - offset) % canvas_size * pow(stride, -1, canvas_size)) % canvas_size
         self.place, self.order = torch.sort(place)
 
+    @classmethod
+    def for_plan(cls, plan: "FitPlan", point_index: torch.Tensor, canvas_size: int,
+                 member: int = 0) -> Optional["FixedSchedule"]:
+        """The schedule of fit `member` of `plan` over the points at `point_index` of the flattened canvas (None
+        when the plan draws its batches at random)."""
+        if plan.schedule != "fixed":
+            return None
+        share = FOREGROUND_SHARE if plan.foreground_only else 1.0
+        return cls(point_index, canvas_size, plan.batch_size, share, member)
+
     def _between(self, lo: int, hi: int) -> torch.Tensor:
         a, b = torch.searchsorted(self.place, torch.tensor([lo, hi])).tolist()
         return self.order[a:b]

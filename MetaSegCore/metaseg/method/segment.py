@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .fit import FOREGROUND_SHARE, FitPlan, FitProgress, FittedINR, FixedSchedule, fit, psnr_from_mse
+from .fit import FitPlan, FitProgress, FittedINR, FixedSchedule, fit, psnr_from_mse
 from .model import MetaSegNet
 from .preprocess import grid_coords, normalize_intensity, pad_to_canvas
 
@@ -86,11 +86,8 @@ def segment_array(
         if progress is not None:
             progress(p)
 
-    batches = None
-    if plan.schedule == "fixed":
-        points = out_idx if plan.foreground_only else torch.arange(flat.shape[0])
-        batches = FixedSchedule(points, flat.shape[0], plan.batch_size,
-                                FOREGROUND_SHARE if plan.foreground_only else 1.0, member)
+    points = out_idx if plan.foreground_only else torch.arange(flat.shape[0])
+    batches = FixedSchedule.for_plan(plan, points, flat.shape[0], member)
     fitted = fit(net, params, fit_coords, values, plan, log_lr.to(device), seed=seed, progress=on_step, cancel=cancel,
                  snapshot=snapshot, snapshot_every=live_every, image=torch.from_numpy(padded), batches=batches)
     t2 = time.perf_counter()

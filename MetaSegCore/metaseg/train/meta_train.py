@@ -38,7 +38,7 @@ from ..version import __version__
 from ..method.config import ModelConfig
 from ..io.data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, load_volume
 from ..method.device import pick_device
-from ..method.fit import FOREGROUND_SHARE, FitPlan, FixedSchedule, adapt, fit, weighted_mse
+from ..method.fit import FitPlan, FixedSchedule, adapt, fit, weighted_mse
 from ..metrics import foreground_dice, generalized_dice
 from ..method.model import MetaSegNet
 from ..method.prior import SpatialPrior, class_fractions
@@ -200,8 +200,7 @@ class TaskPoints:
         if plan.schedule != "fixed" or self.s.dims != 3:
             return None
         self._points(t, None, False)  # fills the cache
-        share = FOREGROUND_SHARE if plan.foreground_only else 1.0
-        return FixedSchedule(self.cache[t.name][3], t.image.numel(), plan.batch_size, share, member)
+        return FixedSchedule.for_plan(plan, self.cache[t.name][3], t.image.numel(), member)
 
     def _points(self, t: LabeledImage, gen: torch.Generator, augment: bool) -> tuple:
         if self.s.dims == 2:
