@@ -2,7 +2,7 @@
 
 Motion ghosting (shifted copies of the brain laid over it), strong noise and a strong bias field leave a brain that
 registers well and whose labels have plausible proportions, yet the labels are wrong (3 ghost copies at 25 % cost
-40 % of the white matter). What they all do is blur the intensity contrast between tissues: under the run's own
+36 % of the white matter). What they all do is blur the intensity contrast between tissues: under the run's own
 labels, white and grey matter overlap, and the tissue classes explain less of the intensity. `measure` takes these
 figures from the scan's brain voxels (after N4 where it ran) and the labels; `quality_warnings` compares them with
 the range measured on clean scans (`benchmarks/exploration/quality_gate_calibration.py`, docs/results.md).
