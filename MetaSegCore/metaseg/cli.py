@@ -36,6 +36,8 @@ def _add_train(sub) -> None:
     p.add_argument("--head-prior", action="store_true",
                    help="the head also reads the spatial prior: each class's frequency at the point across the training "
                    "brains (3D; each training brain reads the other brains' prior)")
+    p.add_argument("--head-hidden", type=int, nargs="+", metavar="UNITS",
+                   help="the head's hidden layer sizes, e.g. 256 256 (default: one layer of --width units, the paper's)")
     p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.safetensors) or weights file instead of the SIREN "
                    "initialization; with --steps 0 only stage 2 runs (e.g. a new head for the same initialization)")
     p.add_argument("--fit-steps", type=int, help="inner Adam steps (2D 10, 3D 20)")
@@ -57,6 +59,8 @@ def _add_train(sub) -> None:
     p.add_argument("--head-fits", type=int, help="stage-2 fits per training image (2D 1, 3D 4)")
     p.add_argument("--head-steps", type=int, help="stage-2 head fine-tuning steps (4000)")
     p.add_argument("--head-points", type=int, help="stage-2 points per fit whose features train the head (2D 8192, 3D 16384)")
+    p.add_argument("--head-balance", type=float, help="stage 2 samples a point of a class with frequency f with "
+                   "probability ~ f^-B, so small structures weigh more in the head's training (0: uniform)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
@@ -78,7 +82,7 @@ _TRAIN_FIELDS = {
     "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
     "test_batch": "test_batch", "test_lr": "test_lr", "test_average": "test_average", "test_schedule": "test_schedule", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
-    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "focal_gamma": "focal_gamma",
+    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "head_balance": "head_balance", "focal_gamma": "focal_gamma",
     "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",
     "label_set": "label_set",
 }
@@ -110,6 +114,8 @@ def _train(a: argparse.Namespace) -> int:
     plan = {"steps": a.fit_steps, "batch_size": a.fit_batch}
     if a.width:
         s = dataclasses.replace(s, model=dataclasses.replace(s.model, width=a.width))
+    if a.head_hidden:
+        s = dataclasses.replace(s, model=dataclasses.replace(s.model, head_hidden=tuple(a.head_hidden)))
     if a.head_intensity or a.head_all_layers or a.head_prior:
         s = dataclasses.replace(s, model=dataclasses.replace(
             s.model, head_intensity=a.head_intensity, head_all_layers=a.head_all_layers, head_prior=a.head_prior))

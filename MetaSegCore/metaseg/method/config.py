@@ -28,6 +28,8 @@ class ModelConfig:
     # The head also reads the spatial prior (metaseg.method.prior): each class's frequency at the point across the training
     # brains, registered like the scan. It tells the head where the small structures lie, whatever the fit's path.
     head_prior: bool = False
+    # The head's hidden layers (LeakyReLU); empty: one of `width` units (the paper's head).
+    head_hidden: Tuple[int, ...] = ()
     # > 0: the head's class probabilities are multiplied by the spatial prior to this power and renormalized (a
     # Bayesian prior on the output: the labels lean towards where each structure lies in the training brains)
     prior_power: float = 0.0
@@ -37,6 +39,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_values", tuple(int(v) for v in self.label_values))  # JSON gives a list
+        object.__setattr__(self, "head_hidden", tuple(int(v) for v in self.head_hidden))
         if self.label_values and len(self.label_values) != self.n_classes:
             raise ValueError(f"{len(self.label_values)} label values for {self.n_classes} classes")
 
@@ -44,6 +47,11 @@ class ModelConfig:
     def uses_prior(self) -> bool:
         """Whether the network needs the spatial prior (as the head's input or on its output)."""
         return self.head_prior or self.prior_power > 0
+
+    @property
+    def hidden(self) -> Tuple[int, ...]:
+        """The head's hidden layer sizes."""
+        return self.head_hidden or (self.width,)
 
     @property
     def values(self) -> Tuple[int, ...]:
@@ -56,6 +64,10 @@ class ModelConfig:
             d.pop("label_values")
         if not self.head_prior:  # likewise for models without a prior
             d.pop("head_prior")
+        if not self.head_hidden:  # and with the paper's head
+            d.pop("head_hidden")
+        else:
+            d["head_hidden"] = list(self.head_hidden)
         if not self.prior_power:
             d.pop("prior_power")
         else:

@@ -59,9 +59,11 @@ class MetaSegNet(nn.Module):
         bound = math.sqrt(6.0 / c.width) / c.omega0
         with torch.no_grad():
             self.intensity.weight.uniform_(-bound, bound)
-        self.head = nn.Sequential(
-            nn.Linear(self.head_in_features, c.width), nn.LeakyReLU(0.01), nn.Linear(c.width, c.n_classes)
-        )
+        head, n_in = [], self.head_in_features
+        for n in c.hidden:
+            head += [nn.Linear(n_in, n), nn.LeakyReLU(0.01)]
+            n_in = n
+        self.head = nn.Sequential(*head, nn.Linear(n_in, c.n_classes))
         # With `config.head_prior`: the class frequencies the head reads beside the features. Part of the weights,
         # not a parameter: the fit never moves it, and a fitted network needs only its parameters.
         self.prior: Optional[SpatialPrior] = None

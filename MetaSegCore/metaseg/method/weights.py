@@ -159,6 +159,8 @@ def config_problem(config: ModelConfig, dims: Optional[int] = None) -> Optional[
         return f"the network reads {config.in_dim}D points"
     if not 1 <= config.width <= 4096 or not 0 <= config.hidden_layers <= 32:
         return f"the network's size (width {config.width}, {config.hidden_layers} hidden layers) is out of range"
+    if len(config.head_hidden) > 8 or not all(1 <= n <= 4096 for n in config.head_hidden):
+        return f"the head's hidden layers {list(config.head_hidden)[:9]} are out of range (at most 8, 1..4096 units)"
     if not 2 <= config.n_classes <= 256 or not all(0 <= v <= 255 for v in config.values):
         return f"the network's classes ({config.n_classes}, values {list(config.values)[:8]}) are out of range 0..255"
     if not (isinstance(config.omega0, (int, float)) and 0 < config.omega0 < 1e4):

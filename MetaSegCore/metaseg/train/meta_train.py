@@ -19,11 +19,13 @@ logs, validates, checkpoints and runs stage 2. One process (no torchrun) is the 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -87,6 +89,7 @@ class TrainSettings:
     head_lr: float = 1e-3
     head_fits_per_image: int = 1
     head_points: int = 8192
+    head_balance: float = 0.0  # stage 2 samples a point of class frequency f with probability ~ f^-head_balance
     seed: int = 0
     label_set: str = "tissues"  # what the head outputs (metaseg.labelsets): tissues or structures
     splits: str = ""  # a splits JSON like metaseg/splits.json (train/validation lists); "" = the package's
@@ -462,7 +465,7 @@ def meta_train(s: TrainSettings) -> Path:
     stage1 = {"step": state["best_step"]}
     if not s.image_only and (s.outer_steps > 0 or (s.init and state.get("head_loaded", True))):
         stage1.update(validate(net, test_lr, s.test_plan, val, s.canvas))  # a new head untrained: nothing to score
-    head_metrics = train_head(net, test_lr.to(dev), s, train, points, gen, log)
+    head_metrics = train_head(net, test_lr.to(dev), s, train, points, gen, log, out / "stage2_fits")
     stage2 = validate(net, test_lr, s.test_plan, val, s.canvas)
     log.write(event="stage2", **stage2)
     if "fg_dice" in stage1 and stage2["fg_dice"] < stage1["fg_dice"]:
@@ -535,20 +538,21 @@ def load_init(net: MetaSegNet, log_lr: torch.Tensor, path: Path) -> bool:
     except WeightsError as e:
         raise SystemExit(f"--init: {e}") from None
     state = dict(blob["net"])
-    head_shapes = {k: v.shape for k, v in net.state_dict().items() if k.startswith("head.")}
-    if state.get("head.2.weight") is not None and state["head.2.weight"].shape != head_shapes["head.2.weight"]:
-        # another label set: keep the trunk, start a new head (stage 2 trains it)
-        print(f"--init: {path} has a head for {state['head.2.weight'].shape[0]} classes, this model "
-              f"{head_shapes['head.2.weight'][0]}: its trunk is used, the head starts afresh", file=sys.stderr)
-        state.update({k: v for k, v in net.state_dict().items() if k.startswith("head.")})
-        head_loaded = False
-    else:
-        head_loaded = True
     w = state.get("head.0.weight")
     if w is not None and w.shape[1] == net.config.width != net.head_in_features:
         state["head.0.weight"] = net.widen_head_weight(w)
     elif w is not None and net.config.head_prior and w.shape[1] == net.head_in_features - net.config.n_classes:
         state["head.0.weight"] = net.widen_prior_columns(w)  # the same head, now also reading the prior
+    mine = {k: v.shape for k, v in net.state_dict().items() if k.startswith("head.")}
+    theirs = {k: v.shape for k, v in state.items() if k.startswith("head.")}
+    head_loaded = mine == theirs
+    if not head_loaded:  # another label set or head shape: keep the trunk, start a new head (stage 2 trains it)
+        last = max(theirs, key=lambda k: int(k.split(".")[1])) if theirs else None
+        had = f"a head for {theirs[last][0]} classes with {len(theirs) // 2 - 1} hidden layer(s)" if last else "no head"
+        print(f"--init: {path} has {had}, this model {net.config.n_classes} classes with hidden layers "
+              f"{list(net.config.hidden)}: its trunk is used, the head starts afresh", file=sys.stderr)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: v for k, v in net.state_dict().items() if k.startswith("head.")})
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -568,27 +572,80 @@ def _core(s: TrainSettings) -> str:
     d = s.to_dict()
     d.pop("init", None)
     for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps", "head_lr",
-              "head_fits_per_image", "head_points", "test_steps", "test_batch", "test_lr", "test_average", "test_schedule"):
+              "head_fits_per_image", "head_points", "head_balance", "test_steps", "test_batch", "test_lr", "test_average", "test_schedule"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
 
-def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoints, gen, log: Log) -> dict:
-    """Stage 2: fit the initialization to each training image exactly as at test time (plan
-    `s.test_plan`, learning rates `log_lr`), then fine-tune the head alone on the features."""
+def fit_key(net: MetaSegNet, log_lr: torch.Tensor, s: TrainSettings) -> str:
+    """What a stage-2 fit depends on besides its image and member: the initialization, the learning rates, the
+    test-time plan, the noise and augmentation. A kept fit with another key is stale and fitted again."""
+    h = hashlib.sha256(json.dumps([s.test_plan.to_dict(), s.noise, s.augment], sort_keys=True).encode())
+    for name in net.inr_parameter_names():
+        h.update(net.get_parameter(name).detach().cpu().float().numpy().tobytes())
+    h.update(log_lr.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fit_generator(s: TrainSettings, name: str, member: int) -> torch.Generator:
+    """The random stream of one stage-2 fit (its noise draw, augmentation, random batches): a function of the
+    image, the member and the seed alone, so a fit is the same whenever and in whatever order it is made."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{name}/{member}".encode()) ^ s.seed)
+
+
+def stage2_fit(net: MetaSegNet, log_lr: torch.Tensor, s: TrainSettings, t: LabeledImage, member: int,
+               points: "TaskPoints", key: str, keep: Optional[Path]) -> tuple:
+    """Fit `member` of training image `t` as at test time; return (fitted INR parameters, coords, values, target).
+    With `keep` (a folder) the parameters are kept there as safetensors (0.3 MB), so an interrupted stage 2
+    resumes where it stopped and other heads can be trained on the same fits (benchmarks/head_lab.py)."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    gen = fit_generator(s, t.name, member)
+    coords, values, target = points(t, gen, s.augment)
+    path = keep / f"{t.name}_{member}.safetensors" if keep else None
+    if path is not None and path.is_file():
+        with safe_open(str(path), "pt") as f:
+            fresh = (f.metadata() or {}).get("key") == key
+        if fresh:
+            return {k: v.to(coords.device) for k, v in load_file(str(path)).items()}, coords, values, target
     init = {k: p.detach() for k, p in net.named_parameters()}
+    fast = fit(net, init, coords, values, s.test_plan, log_lr, image=t.image, generator=gen,
+               batches=points.schedule(t, s.test_plan, member)).params
+    fast = {k: v.detach() for k, v in fast.items() if not k.startswith("head.")}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_all([(path, lambda tmp: save_file({k: v.cpu().contiguous() for k, v in fast.items()}, tmp,
+                                                metadata={"key": key}))])
+    return fast, coords, values, target
+
+
+def head_sample(target: torch.Tensor, s: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """`s.head_points` indices into a fit's points: uniform, or with `s.head_balance` > 0 a point of a class of
+    frequency f drawn with probability ~ f^-head_balance, so that small structures weigh more in the head's loss."""
+    if s.head_balance <= 0:
+        return torch.randint(0, target.numel(), (s.head_points,), generator=gen).to(target.device)
+    freq = torch.bincount(target, minlength=len(s.labels)).float().clamp_min(1)
+    weight = (freq[target] ** -s.head_balance).cpu()
+    return torch.multinomial(weight, s.head_points, replacement=True, generator=gen).to(target.device)
+
+
+def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoints, gen, log: Log,
+               keep: Optional[Path] = None) -> dict:
+    """Stage 2: fit the initialization to each training image exactly as at test time (plan
+    `s.test_plan`, learning rates `log_lr`), then fine-tune the head alone on the features.
+    The fits are kept in `keep` (see `stage2_fit`)."""
+    key = fit_key(net, log_lr, s)
+    head = {k: p.detach() for k, p in net.named_parameters() if k.startswith("head.")}
     feats, targets = [], []
     t0 = time.time()
     for i, t in enumerate(train):
         if i % 10 == 0:
             Log.bar(i, len(train), t0, "stage 2: fitting the training images")
         for j in range(s.head_fits_per_image):
-            coords, values, target = points(t, gen, s.augment)
-            fast = fit(net, init, coords, values, s.test_plan, log_lr, image=t.image, generator=gen,
-                       batches=points.schedule(t, s.test_plan, j)).params
-            idx = torch.randint(0, coords.shape[0], (s.head_points,), generator=gen).to(coords.device)
+            fast, coords, values, target = stage2_fit(net, log_lr, s, t, j, points, key, keep)
+            idx = head_sample(target, s, gen)
             with torch.no_grad():
-                _, f = torch.func.functional_call(net, fast, (coords[idx],))
+                _, f = torch.func.functional_call(net, {**fast, **head}, (coords[idx],))
             feats.append(net.head_input(f, values[idx], coords[idx], points.prior(t)))
             targets.append(target[idx])
     feats, targets = torch.cat(feats), torch.cat(targets)
