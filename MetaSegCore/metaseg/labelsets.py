@@ -93,6 +93,15 @@ class LabelSet:
     def card_labels(self) -> List[Dict[str, object]]:
         return [lab.to_card() for lab in self.labels]
 
+    def merges_into(self, coarse: "LabelSet") -> Optional[List[int]]:
+        """For each class of this set, the class of `coarse` it belongs to (structures -> tissues: each
+        structure's tissue); None if this set does not merge into `coarse`. A set merges into itself."""
+        if coarse is self:
+            return list(range(len(self)))
+        if coarse is TISSUES and all(lab.tissue in TISSUES.values for lab in self.labels):
+            return [TISSUES.values.index(lab.tissue) for lab in self.labels]
+        return None
+
 
 def terminology(lab: Label) -> Dict[str, object]:
     """Slicer's terminology entry (as slicerio writes it) for one label."""

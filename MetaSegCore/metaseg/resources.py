@@ -7,9 +7,11 @@ from typing import Dict, List
 
 WEIGHTS_ENV = "METASEG_WEIGHTS_DIR"
 # label set -> the shipped weights file per input dimension; a weights card names its set ("label_set",
-# "tissues" when absent) and carries the set's table (value, name, colour) under "labels"
+# "tissues" when absent) and carries the set's table (value, name, colour) under "labels". In 3D one model
+# serves both sets: the structures model's classes summed into the tissues (docs/results.md: it labels the
+# tissues better than the tissue model, metaseg3d.safetensors, which stays for `--weights` and old results).
 LABEL_SETS: Dict[str, Dict[int, str]] = {
-    "tissues": {2: "metaseg2d.safetensors", 3: "metaseg3d.safetensors"},
+    "tissues": {2: "metaseg2d.safetensors", 3: "metaseg3d_structures.safetensors"},
     "structures": {2: "metaseg2d_structures.safetensors", 3: "metaseg3d_structures.safetensors"}}
 
 

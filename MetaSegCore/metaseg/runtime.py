@@ -16,14 +16,16 @@ import torch
 from .method.fit import FitPlan, FitProgress
 from .method.model import MetaSegNet
 from .method.weights import Weights
+from .labelsets import for_values
 
 
 @dataclass(frozen=True)
 class Model:
     """Checked weights built into a network on a device, with the fit plan a run uses.
 
-    `canvas` is the model grid's array shape; `labels` the label set's table (value, name, colour, ...)
-    from the weights' card; `path` the weights file. The network is only read by a fit (its parameters are
+    `canvas` is the model grid's array shape; `labels` the output label set's table (value, name, colour, ...):
+    the weights' card's, or the set the network's classes were merged into (`Weights.build`); `path` the
+    weights file. The network is only read by a fit (its parameters are
     copied into the fit), so one Model serves any number of runs.
     """
 
@@ -34,8 +36,10 @@ class Model:
     path: Optional[Path] = None
 
     @classmethod
-    def build(cls, weights: Weights, device: torch.device = torch.device("cpu"), path: Optional[Path] = None) -> "Model":
-        return cls(weights, weights.build(device), device, weights.plan, path)
+    def build(cls, weights: Weights, device: torch.device = torch.device("cpu"), path: Optional[Path] = None,
+              labels: Optional[str] = None) -> "Model":
+        """`labels`: the label set to output when it is not the weights' own (their classes merged into it)."""
+        return cls(weights, weights.build(device, labels), device, weights.plan, path)
 
     @property
     def log_lr(self) -> torch.Tensor:
@@ -47,6 +51,8 @@ class Model:
 
     @property
     def labels(self) -> List[Dict[str, Any]]:
+        if self.net.merged is not None:
+            return for_values(self.net.values).card_labels()
         return self.weights.card["labels"]
 
     @property

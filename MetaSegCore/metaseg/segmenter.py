@@ -81,11 +81,11 @@ class Segmenter:
         if found != dims:
             raise InputError(f"the weights {path.name} are for {found}D images but the input is {dims}D; "
                              f"use {dims}D weights")
-        label_set = weights.card.get("label_set", "tissues")  # the set's table is the card's "labels"
-        if label_set != self.options.labels:
-            raise InputError(f"the weights {path.name} segment the label set {label_set!r}, not "
-                             f"{self.options.labels!r}: ask for labels={label_set!r} or give other weights")
-        return Model.build(weights, self.device, path)
+        try:  # the weights' own label set, or one their classes merge into (a structures model gives tissues)
+            return Model.build(weights, self.device, path, self.options.labels)
+        except ValueError:
+            raise InputError(f"the weights {path.name} segment the label set {weights.label_set!r}, not "
+                             f"{self.options.labels!r}: ask for labels={weights.label_set!r} or give other weights") from None
 
     def __call__(self, image: Any, *, quality: str = "fast", brain_extraction: str = "auto",
                  bias_correction: str = "auto", mask: Any = None, steps: Optional[int] = None, seed: int = 0,
@@ -205,7 +205,7 @@ def _segment_slice(inp: InputImage, model: Model, options: SegmentOptions, hooks
     res = segment_array(model.net, model.log_lr, model.plan, array, model.canvas, seed=options.seed,
                         progress=hooks.progress, cancel=hooks.cancel, live=live, live_every=hooks.live_every)
     labels = labels_like(res.labels, img)
-    found = plausibility_warnings(as_tissues(res.labels, model.net.config.values), res.psnr)
+    found = plausibility_warnings(as_tissues(res.labels, model.net.values), res.psnr)
     for msg in found:
         hooks.warn(msg)
     spacing = img.GetSpacing()[: res.labels.ndim] if img.GetDimension() == res.labels.ndim else _inplane_spacing(img)

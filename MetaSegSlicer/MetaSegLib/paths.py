@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 # (label set, dims) -> shipped weights file (the core's resources.LABEL_SETS, for the module's own lookups)
-WEIGHTS_FILES = {("tissues", 2): "metaseg2d.safetensors", ("tissues", 3): "metaseg3d.safetensors",
+WEIGHTS_FILES = {("tissues", 2): "metaseg2d.safetensors", ("tissues", 3): "metaseg3d_structures.safetensors",
                  ("structures", 2): "metaseg2d_structures.safetensors",
                  ("structures", 3): "metaseg3d_structures.safetensors"}
 CORE_PACKAGE = "metaseg"

@@ -220,7 +220,7 @@ class FittedINR:
                 inten, feats = functional_call(self.model, self.params, (x,))
                 if head:
                     pixels = sample_grid(self.image, x) if self.image is not None else None
-                    feats = self.model.with_prior(functional_call(self.model.head, _sub(self.params, "head."),
+                    feats = self.model.outputs(functional_call(self.model.head, _sub(self.params, "head."),
                                                                   (self.model.head_input(feats, pixels, x),)), x)
                 out.append(fn(inten, feats))
         return torch.cat(out)
@@ -231,13 +231,13 @@ class FittedINR:
         return self.values[packed[:, 0].long()], packed[:, 1].contiguous()
 
     def labels(self, coords: torch.Tensor) -> torch.Tensor:
-        """Label values (uint8): the argmax class mapped to its value (`ModelConfig.values`)."""
+        """Label values (uint8): the argmax class mapped to its value (`MetaSegNet.values`)."""
         return self.values[self._map(coords, lambda i, z: z.argmax(-1), head=True).cpu()]
 
     @property
     def values(self) -> torch.Tensor:
         """The label value of each class (uint8), indexed by class."""
-        return torch.tensor(self.model.config.values, dtype=torch.uint8)
+        return torch.tensor(self.model.values, dtype=torch.uint8)
 
     def probabilities(self, coords: torch.Tensor) -> torch.Tensor:
         return self._map(coords, lambda i, z: torch.softmax(z, -1), head=True).cpu()

@@ -9,7 +9,7 @@ dictionary of parameters, which is how meta-training differentiates through the 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -40,6 +40,21 @@ class SineLayer(nn.Module):
 PRIOR_FLOOR = 1e-3
 
 
+class MergedOutput:
+    """The network's classes summed into coarser ones (31 structures -> 4 tissues), so one model serves both label
+    sets: each coarse class's logit is the log-sum-exp of its classes' logits, hence softmax gives the summed
+    probabilities exactly and argmax the most probable coarse class."""
+
+    def __init__(self, groups: Sequence[int], values: Sequence[int]):
+        self.groups = [torch.tensor([i for i, g in enumerate(groups) if g == c]) for c in range(len(values))]
+        if any(len(g) == 0 for g in self.groups):
+            raise ValueError("every coarse class needs at least one of the network's classes")
+        self.values = tuple(int(v) for v in values)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.logsumexp(logits[:, g.to(logits.device)], 1) for g in self.groups], 1)
+
+
 class MetaSegNet(nn.Module):
     """SIREN trunk -> (intensity, features); head(features) -> class logits.
 
@@ -67,6 +82,13 @@ class MetaSegNet(nn.Module):
         # With `config.head_prior`: the class frequencies the head reads beside the features. Part of the weights,
         # not a parameter: the fit never moves it, and a fitted network needs only its parameters.
         self.prior: Optional[SpatialPrior] = None
+        # With a `MergedOutput`: the labels come out in a coarser label set (`values`), e.g. tissues from structures.
+        self.merged: Optional[MergedOutput] = None
+
+    @property
+    def values(self) -> Tuple[int, ...]:
+        """The label value of each output class, in class order: the configuration's, or the merged set's."""
+        return self.merged.values if self.merged is not None else self.config.values
 
     @property
     def head_in_features(self) -> int:
@@ -105,6 +127,12 @@ class MetaSegNet(nn.Module):
                                  "were given")
             cols.append(prior.at(coords).to(feats.device, feats.dtype))
         return torch.cat(cols, 1) if len(cols) > 1 else feats
+
+    def outputs(self, logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """The head's logits at `coords` as the labels are read from them: weighed by the prior (`with_prior`),
+        then merged into the output label set (`merged`)."""
+        logits = self.with_prior(logits, coords)
+        return self.merged(logits) if self.merged is not None else logits
 
     def with_prior(self, logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """The head's logits at `coords`, with `config.prior_power` > 0 shifted by power * log(prior): softmax then

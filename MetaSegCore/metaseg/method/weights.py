@@ -12,15 +12,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 from .config import ModelConfig
-from ..labelsets import TISSUES
+from ..labelsets import TISSUES, for_values, label_set as get_label_set
 from .fit import FitPlan
 from ..io.atomic import write_all
-from .model import MetaSegNet
+from .model import MergedOutput, MetaSegNet
 from .prior import SpatialPrior, coarse_shape
 from ..io.safefile import PickleRefused, WeightsError, check_not_pickle, dumps, loads, metadata_json, read_bytes  # noqa: F401
 
@@ -53,11 +53,30 @@ class Weights:
     def canvas(self):
         return tuple(self.card["input"]["canvas"])
 
-    def build(self, device: torch.device = torch.device("cpu")) -> MetaSegNet:
+    @property
+    def label_set(self) -> str:
+        """The label set the network was trained on (cards before label sets: tissues)."""
+        return self.card.get("label_set", "tissues")
+
+    def build(self, device: torch.device = torch.device("cpu"), labels: Optional[str] = None) -> MetaSegNet:
+        """The network on `device`; with `labels` another label set than its own, its classes merged into that
+        set (`merge_output`: a structures model gives tissues)."""
         net = MetaSegNet(self.config)
         net.load_state_dict(self.state)
         net.prior = None if self.prior is None else self.spatial_prior.to(device)
+        if labels is not None and labels != self.label_set:
+            merge_output(net, get_label_set(labels).values)
         return net.to(device).eval()
+
+
+def merge_output(net: MetaSegNet, values: Sequence[int]) -> None:
+    """Make `net` label in the label set with `values` by summing its own classes into them (structures ->
+    tissues); ValueError if its classes do not merge into that set."""
+    own, target = for_values(net.config.values), for_values(values)
+    groups = own.merges_into(target)
+    if groups is None:
+        raise ValueError(f"a model of the label set {own.name!r} cannot label {target.name!r}")
+    net.merged = None if target is own else MergedOutput(groups, target.values)
 
 
 def sha256_of(path: Path) -> str:

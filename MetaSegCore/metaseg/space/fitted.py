@@ -46,7 +46,7 @@ from ..method.preprocess import sample_grid
 from ..io.safefile import SUFFIX, WeightsError, dumps, loads, metadata_json
 from ..method.prior import SpatialPrior
 from ..method.weights import (checked_writers, config_problem, expected_state_shapes, load_checked, load_weights,
-                              save_checked, sha256_of)
+                              merge_output, save_checked, sha256_of)
 
 FORMAT = "metaseg-fitted/2"  # /1 was the torch.save pickle of metaseg <= 0.4.0
 WHAT = ("labels", "probabilities", "intensity")
@@ -70,7 +70,8 @@ class FittedVolume:
 
     @property
     def n_classes(self) -> int:
-        return self.inr.model.config.n_classes
+        """The output classes (the label set its info names: a structures network may label tissues)."""
+        return len(self.inr.model.values)
 
     def model_coords(self, points: np.ndarray) -> torch.Tensor:
         p = np.asarray(points, float).reshape(-1, 3)
@@ -271,6 +272,12 @@ class FittedVolume:
         if "prior" in tensors or any(k.startswith("prior") for k in tensors):
             raise ValueError("it holds a spatial prior: fitted files name the weights that hold it instead")
         net = MetaSegNet(config).to(device).eval()
+        values = [lab.get("value") for lab in info.get("labels") or [] if isinstance(lab, dict)]
+        if values and values != list(config.values):  # its labels are a coarser set (tissues of a structures network)
+            try:
+                merge_output(net, values)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"its info's labels do not match its network: {e}") from None
         if config.uses_prior:  # last: the file is consistent, so the message is about the weights alone
             net.prior = prior_from_weights(info.get("weights_sha256"), config, source, weights).to(device)
         inr = FittedINR(net, {k: v.to(device) for k, v in state.items()}, image=image)

@@ -251,7 +251,7 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     say("decode", "labelling the scan's voxels")
     flat = np.flatnonzero(arr.reshape(-1) > 0)
     labels = np.zeros(arr.size, np.uint8)
-    values = np.asarray(net.config.values, np.uint8)
+    values = np.asarray(net.values, np.uint8)
     fit_counts = np.zeros((len(members), 256), np.int64) if len(members) > 1 else None
     ent = np.zeros(arr.size, np.float32) if settings.uncertainty else None
     t_dec = time.perf_counter()
@@ -282,7 +282,7 @@ def segment_volume(scan: sitk.Image, model: Model, settings: VolumeSettings = Vo
     if psnr < MIN_PSNR_3D:
         warnings.append(f"the fit reproduced the scan poorly (PSNR {psnr:.1f} dB on brain voxels): is this a "
                         "skull-stripped T1 brain MRI?")
-    tissues = as_tissues(labels, net.config.values)
+    tissues = as_tissues(labels, net.values)
     warnings += tissue_warnings(tissues, 3)
     sample = flat[:: max(1, len(flat) // ENTROPY_POINTS)]  # a fixed sample: the same figures on every rerun
     probs = sum(m.query(voxel_points(scan, sample), "probabilities") for m in members) / len(members)
