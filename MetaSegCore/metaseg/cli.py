@@ -252,7 +252,8 @@ def _synth(a: argparse.Namespace) -> int:
 
 LABEL_SETS = ("tissues", "structures")
 LABELS_HELP = ("tissues: background, cortical GM, subcortical GM, WM, CSF (values 0-4); structures: 31 brain structures "
-               "in FreeSurfer's aseg numbering (hippocampus 17/53, ventricles, thalamus, ...) (default: %(default)s)")
+               "in FreeSurfer's aseg numbering (hippocampus 17/53, ventricles, thalamus, ...). 3D: one model gives both, its "
+               "structures summed into the tissues (default: %(default)s)")
 QUALITY_HELP = ("3D: best = an ensemble of 3 fits averaged in probability, +0.010 validation Dice for 3x the fit "
                 "time; 2D slices have no accuracy mode (an ensemble gained < 0.01 there) (default: %(default)s)")
 

@@ -185,9 +185,13 @@ def two_networks(fitted_3d, tmp_path_factory) -> tuple:
 
     from metaseg.space.fitted import FittedVolume
 
+    from metaseg.labelsets import for_values
+
     b = FittedVolume.load(fitted_3d)
+    last = max((k for k in b.inr.params if k.startswith("head.") and k.endswith(".bias")), key=lambda k: int(k.split(".")[1]))
+    white = [i for i, lab in enumerate(for_values(b.inr.model.config.values).labels) if lab.tissue == 3]
     with torch.no_grad():
-        b.inr.params["head.2.bias"][3] += 4.0
+        b.inr.params[last][white] += 4.0
     path = tmp_path_factory.mktemp("b") / "b.safetensors"
     b.save(path)
     return fitted_3d, path
