@@ -38,6 +38,7 @@ from metaseg.method.segment import segment_array
 from metaseg.runtime import Model
 from metaseg.space.volume import VolumeSettings, segment_volume
 from metaseg.method.weights import load_weights
+from metaseg.resources import default_weights
 
 CLASSES = {1: "cortex", 2: "subcortical", 3: "wm", 4: "csf"}
 
@@ -99,7 +100,7 @@ def eval_2d(w, net, subject: str, data: Path, pack: Path, seed: int, labels: Lab
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("dims", choices=("2d", "3d"))
-    ap.add_argument("--weights", help="default: Resources/Weights/metaseg{2d,3d}.safetensors")
+    ap.add_argument("--weights", help="default: the shipped weights of --labels")
     ap.add_argument("--split", default="validation")
     ap.add_argument("--subjects", nargs="+", help="instead of --split")
     ap.add_argument("--data", default="../shared/data")
@@ -108,14 +109,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="docs/eval_groups.json")
     ap.add_argument("--label", default="", help="a name for this record (e.g. 'old weights')")
-    ap.add_argument("--labels", default="tissues", choices=("tissues", "structures"), help="the weights' label set")
+    ap.add_argument("--labels", default="tissues", choices=("tissues", "structures"),
+                    help="the label set to score (a structures model's classes are summed into the tissues)")
     ap.add_argument("--schedule", choices=SCHEDULES, help="3D: the fit's batches (default: the weights' card)")
     ap.add_argument("--fits", type=int, default=1, help="3D: fits averaged per scan (--quality best: 3)")
     a = ap.parse_args()
     labels = label_set(a.labels)
     torch.set_num_threads(a.threads)
-    w = load_weights(Path(a.weights or f"Resources/Weights/metaseg{a.dims}.safetensors"))
-    net = w.build()
+    w = load_weights(Path(a.weights) if a.weights else default_weights(int(a.dims[0]), a.labels))
+    net = w.build(labels=a.labels)  # a structures model labels tissues with its classes summed into them
     subjects = a.subjects or load_splits()[a.split]
     rows = []
     for s in subjects:
