@@ -8,7 +8,7 @@ the same fits (`head`):
 
   # the fits: training brains as stage 2 makes them (fixed schedule, member j, 2 % noise), validation as segment does
   python benchmarks/head_lab.py fits --pack pack/structures.npz --split train --fits 3 --noise 0.02
-  python benchmarks/head_lab.py fits --pack pack/synth.npz --subjects all --fits 3 --noise 0.02
+  python benchmarks/head_lab.py fits --pack pack/synth.npz --subjects all --fits 1 --noise 0.02
   python benchmarks/head_lab.py fits --pack pack/structures.npz --split validation --fits 1
   # heads: trained on the training fits (optionally the synthetic ones too), scored on the validation fits
   python benchmarks/head_lab.py head --hidden 128 --steps 6000          # stage 2's head, for reference
@@ -100,7 +100,10 @@ def cmd_head(a, w, net) -> None:
     hip = [names.index(h) for h in HIPPO]
     splits = load_splits()
     s_train, s_val = card_settings(w, a.noise), card_settings(w, 0.0)
-    train = pack_tasks(a.pack, splits["train"], s_train) + (pack_tasks(a.synth, ["all"], s_train) if a.synth else [])
+    train = pack_tasks(a.pack, splits["train"][: a.train or None], s_train)
+    synth = pack_tasks(a.synth, ["all"], s_train) if a.synth else []
+    synth_names = {t.name for t in synth}
+    train += synth
     t0 = time.time()
     fractions = {t.name: class_fractions(t.labels.numpy(), n) for t in train}
     full = SpatialPrior(sum(fractions.values()) / len(fractions))
@@ -110,7 +113,8 @@ def cmd_head(a, w, net) -> None:
     feats, targets = [], []
     for t in train:
         loo = full.without(fractions[t.name], len(fractions))
-        for params, coords, values, target in kept_fits(a, w, net, s_train, t, points):
+        n_fits = argparse.Namespace(**{**vars(a), "fits": a.synth_fits if t.name in synth_names else a.fits})
+        for params, coords, values, target in kept_fits(n_fits, w, net, s_train, t, points):
             idx = head_sample(target, sampling, gen)
             feats.append(features(net, params, coords[idx], values[idx], loo).to(torch.bfloat16))
             targets.append(target[idx])
@@ -134,7 +138,7 @@ def cmd_head(a, w, net) -> None:
         opt.step()
         if sched:
             sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (i + 1) % 1000 == 0:
             print(f"  step {i + 1}: focal {np.mean(losses[-1000:]):.4f}", file=sys.stderr, flush=True)
     t_head = time.time() - t1
@@ -161,7 +165,7 @@ def cmd_head(a, w, net) -> None:
     print(json.dumps(summary))
     rec = {"command": " ".join(sys.argv), "weights_sha256": w.sha256, "machine": platform.processor() or platform.machine(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_brains": len(train), "feature_s": round(t_feat),
-           "head_s": round(t_head), "final_focal": float(np.mean(losses[-500:])), "summary": summary, "rows": rows}
+           "head_s": round(t_head), "final_focal": float(np.mean(losses[-500:])) if losses else None, "summary": summary, "rows": rows}
     with open(a.json, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -181,6 +185,8 @@ def main() -> int:
     g.add_argument("--subjects", nargs="+", help="these subjects instead of --split ('all': every one in the pack)")
     g = ap.add_argument_group("head")
     g.add_argument("--synth", help="a pack of synthetic brains (fitted with `fits`) to train on as well")
+    g.add_argument("--train", type=int, default=0, help="the first N real training brains only (0: all; a smoke test)")
+    g.add_argument("--synth-fits", type=int, default=1, help="fits per synthetic brain")
     g.add_argument("--hidden", type=int, nargs="+", default=[128])
     g.add_argument("--points", type=int, default=32768, help="points per fit")
     g.add_argument("--balance", type=float, default=0.0, help="sample points with p ~ class frequency^-balance")

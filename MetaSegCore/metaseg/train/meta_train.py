@@ -636,8 +636,12 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
     The fits are kept in `keep` (see `stage2_fit`)."""
     key = fit_key(net, log_lr, s)
     head = {k: p.detach() for k, p in net.named_parameters() if k.startswith("head.")}
-    feats, targets = [], []
-    t0 = time.time()
+    n = len(train) * s.head_fits_per_image * s.head_points
+    dev = next(net.parameters()).device
+    # filled in place: a list joined at the end would hold every feature twice (about 10 GB each for 38 brains)
+    feats = torch.empty((n, net.head_in_features), device=dev)
+    targets = torch.empty(n, dtype=torch.long, device=dev)
+    t0, row = time.time(), 0
     for i, t in enumerate(train):
         if i % 10 == 0:
             Log.bar(i, len(train), t0, "stage 2: fitting the training images")
@@ -646,9 +650,9 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
             idx = head_sample(target, s, gen)
             with torch.no_grad():
                 _, f = torch.func.functional_call(net, {**fast, **head}, (coords[idx],))
-            feats.append(net.head_input(f, values[idx], coords[idx], points.prior(t)))
-            targets.append(target[idx])
-    feats, targets = torch.cat(feats), torch.cat(targets)
+                feats[row : row + len(idx)] = net.head_input(f, values[idx], coords[idx], points.prior(t))
+            targets[row : row + len(idx)] = target[idx]
+            row += len(idx)
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)
     losses = []
     for i in range(s.head_steps):
