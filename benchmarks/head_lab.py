@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from metaseg.io.data import load_splits, pack_subjects
 from metaseg.labelsets import label_set
 from metaseg.method.fit import FitPlan
+from metaseg.method.model import MetaSegNet
 from metaseg.method.prior import SpatialPrior, class_fractions
 from metaseg.method.weights import load_weights
 from metaseg.metrics import dice_per_class
@@ -85,14 +85,6 @@ def features(net, params: dict, coords: torch.Tensor, values: torch.Tensor, prio
     return torch.cat(out)
 
 
-def make_head(n_in: int, hidden, n_out: int) -> nn.Sequential:
-    layers, prev = [], n_in
-    for h in hidden:
-        layers += [nn.Linear(prev, h), nn.LeakyReLU(0.01)]
-        prev = h
-    return nn.Sequential(*layers, nn.Linear(prev, n_out))
-
-
 def cmd_head(a, w, net) -> None:
     labels = label_set(w.card.get("label_set", "structures"))
     n = len(labels)
@@ -123,9 +115,7 @@ def cmd_head(a, w, net) -> None:
     t_feat = time.time() - t0
     print(f"{len(train)} brains x {a.fits} fits: {feats.shape[0]} points ({t_feat:.0f} s)", file=sys.stderr, flush=True)
     torch.manual_seed(a.seed)
-    head = make_head(feats.shape[1], a.hidden, n)
-    if a.hidden == [net.config.width] and a.from_shipped:
-        head.load_state_dict({k.replace("head.", ""): v for k, v in w.state.items() if k.startswith("head.")})
+    head = MetaSegNet(replace(net.config, head_hidden=tuple(a.hidden))).head  # the head `--head-hidden` trains
     opt = torch.optim.Adam(head.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
     losses = []
@@ -196,7 +186,6 @@ def main() -> int:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
     g.add_argument("--gamma", type=float, default=1.0, help="focal loss gamma")
-    g.add_argument("--from-shipped", action="store_true", help="start a 128-unit head from the shipped one")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", default="docs/head_lab.json")
     a = ap.parse_args()
