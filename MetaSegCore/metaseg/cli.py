@@ -36,6 +36,9 @@ def _add_train(sub) -> None:
     p.add_argument("--head-prior", action="store_true",
                    help="the head also reads the spatial prior: each class's frequency at the point across the training "
                    "brains (3D; each training brain reads the other brains' prior)")
+    p.add_argument("--head-context", action="store_true",
+                   help="the head also reads the image around each point: the scan smoothed at 1/2/4 voxels and its "
+                   "changes 2 and 4 voxels away (3D, with --no-augment)")
     p.add_argument("--head-hidden", type=int, nargs="+", metavar="UNITS",
                    help="the head's hidden layer sizes, e.g. 256 256 (default: one layer of --width units, the paper's)")
     p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.safetensors) or weights file instead of the SIREN "
@@ -116,9 +119,10 @@ def _train(a: argparse.Namespace) -> int:
         s = dataclasses.replace(s, model=dataclasses.replace(s.model, width=a.width))
     if a.head_hidden:
         s = dataclasses.replace(s, model=dataclasses.replace(s.model, head_hidden=tuple(a.head_hidden)))
-    if a.head_intensity or a.head_all_layers or a.head_prior:
+    if a.head_intensity or a.head_all_layers or a.head_prior or a.head_context:
         s = dataclasses.replace(s, model=dataclasses.replace(
-            s.model, head_intensity=a.head_intensity, head_all_layers=a.head_all_layers, head_prior=a.head_prior))
+            s.model, head_intensity=a.head_intensity, head_all_layers=a.head_all_layers, head_prior=a.head_prior,
+            head_context=a.head_context))
     s = dataclasses.replace(
         s, plan=dataclasses.replace(s.plan, **{k: v for k, v in plan.items() if v is not None}),
         learn_inner_lr=not a.fixed_inner_lr, first_order=not a.second_order, image_only=a.image_only,

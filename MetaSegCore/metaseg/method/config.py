@@ -28,6 +28,9 @@ class ModelConfig:
     # The head also reads the spatial prior (metaseg.method.prior): each class's frequency at the point across the training
     # brains, registered like the scan. It tells the head where the small structures lie, whatever the fit's path.
     head_prior: bool = False
+    # The head also reads the image around the point (metaseg.method.context, 3D): the scan smoothed at three scales
+    # and its changes a few voxels away, which a point's own features and intensity cannot tell.
+    head_context: bool = False
     # The head's hidden layers (LeakyReLU); empty: one of `width` units (the paper's head).
     head_hidden: Tuple[int, ...] = ()
     # > 0: the head's class probabilities are multiplied by the spatial prior to this power and renormalized (a
@@ -42,6 +45,8 @@ class ModelConfig:
         object.__setattr__(self, "head_hidden", tuple(int(v) for v in self.head_hidden))
         if self.label_values and len(self.label_values) != self.n_classes:
             raise ValueError(f"{len(self.label_values)} label values for {self.n_classes} classes")
+        if self.head_context and self.in_dim != 3:
+            raise ValueError("head_context (the image around each point) is for 3D models")
 
     @property
     def uses_prior(self) -> bool:
@@ -64,6 +69,8 @@ class ModelConfig:
             d.pop("label_values")
         if not self.head_prior:  # likewise for models without a prior
             d.pop("head_prior")
+        if not self.head_context:  # or without the image context
+            d.pop("head_context")
         if not self.head_hidden:  # and with the paper's head
             d.pop("head_hidden")
         else:

@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call
 
 from ..io.progress import FitProgress  # noqa: F401 (the event type lives with the reporting)
+from .context import ImageContext
 from .model import MetaSegNet, Params
 from .preprocess import sample_grid
 
@@ -190,17 +191,28 @@ class FittedINR:
 
     Coordinates are model coordinates in [-1, 1]; queries run in chunks so memory stays
     bounded whatever the number of points. A model whose head also reads the image's intensity
-    (`config.head_intensity`) needs that `image` (normalized, on the model canvas); it is
-    interpolated at the query points, which gives the pixel values themselves on the grid.
+    (`config.head_intensity`) or the image around each point (`config.head_context`) needs that `image`
+    (normalized, on the model canvas); it is interpolated at the query points, which gives the pixel values
+    themselves on the grid. `context`: the image's `ImageContext` where the caller has it already (made otherwise).
     """
 
-    def __init__(self, model: MetaSegNet, params: Params, chunk: int = 1 << 16, image: Optional[torch.Tensor] = None):
-        if model.config.head_intensity and image is None:
-            raise ValueError("this model's head reads the image's intensity: pass the fitted image")
+    def __init__(self, model: MetaSegNet, params: Params, chunk: int = 1 << 16, image: Optional[torch.Tensor] = None,
+                 context: Optional[ImageContext] = None):
+        c = model.config
+        if (c.head_intensity or c.head_context) and image is None:
+            raise ValueError("this model's head reads the image's intensity or its surroundings: pass the fitted image")
         self.model = model
         self.params = {k: t.detach() for k, t in params.items()}
         self.chunk = chunk
-        self.image = image.to(self.device, torch.float32) if model.config.head_intensity else None
+        self.image = image.to(self.device, torch.float32) if (c.head_intensity or c.head_context) else None
+        self._context = context
+
+    @property
+    def context(self) -> Optional[ImageContext]:
+        """The image around each point, for a head that reads it (made on first use: three blurs of the canvas)."""
+        if self._context is None and self.model.config.head_context:
+            self._context = ImageContext(self.image)
+        return self._context
 
     @property
     def device(self) -> torch.device:
@@ -220,8 +232,9 @@ class FittedINR:
                 inten, feats = functional_call(self.model, self.params, (x,))
                 if head:
                     pixels = sample_grid(self.image, x) if self.image is not None else None
+                    ctx = self.context.at(x) if self.model.config.head_context else None
                     feats = self.model.outputs(functional_call(self.model.head, _sub(self.params, "head."),
-                                                                  (self.model.head_input(feats, pixels, x),)), x)
+                                                                  (self.model.head_input(feats, pixels, x, context=ctx),)), x)
                 out.append(fn(inten, feats))
         return torch.cat(out)
 
@@ -288,6 +301,7 @@ def fit(
     if cancel is not None and cancel.is_set():
         raise FitCancelled("fit cancelled before the first step")
     mean = _RunningMean(plan.steps - plan.average_last) if plan.average_last > 0 else None
+    context = ImageContext(image) if model.config.head_context and image is not None else None  # once, not per snapshot
     for step, loss, fast in adapt(model, params, coords, values, plan, log_lr, generator=gen, batches=batches):
         if mean is not None:
             mean.add(step, fast)
@@ -298,8 +312,8 @@ def fit(
         if cancel is not None and cancel.is_set():
             raise FitCancelled(f"fit cancelled at step {step} of {plan.steps}")
         if snapshot is not None and snapshot_every > 0 and step % snapshot_every == 0 and step < plan.steps:
-            snapshot(step, FittedINR(model, fast, image=image))
-    return FittedINR(model, fast if mean is None else mean.value(), image=image)
+            snapshot(step, FittedINR(model, fast, image=image, context=context))
+    return FittedINR(model, fast if mean is None else mean.value(), image=image, context=context)
 
 
 class _RunningMean:

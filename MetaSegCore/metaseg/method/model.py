@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .context import N_COLUMNS as CONTEXT_COLUMNS
 from .prior import SpatialPrior
 
 Params = Dict[str, torch.Tensor]
@@ -94,7 +95,7 @@ class MetaSegNet(nn.Module):
     def head_in_features(self) -> int:
         c = self.config
         return (c.width * (c.hidden_layers + 1 if c.head_all_layers else 1) + int(c.head_intensity)
-                + (c.n_classes if c.head_prior else 0))
+                + (c.n_classes if c.head_prior else 0) + (CONTEXT_COLUMNS if c.head_context else 0))
 
     def features(self, coords: torch.Tensor) -> torch.Tensor:
         """The head's trunk features at `coords` (N, in_dim) in [-1, 1]."""
@@ -112,10 +113,11 @@ class MetaSegNet(nn.Module):
         return self.intensity(x).squeeze(-1), torch.cat(outs, -1)
 
     def head_input(self, feats: torch.Tensor, pixels: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None,
-                   prior: Optional[SpatialPrior] = None) -> torch.Tensor:
+                   prior: Optional[SpatialPrior] = None, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the head reads at N points: the features; with `config.head_intensity` the image's normalized
         intensity `pixels` (N,) there as one more column; with `config.head_prior` the spatial prior's class
-        probabilities at the model coordinates `coords` (N, dims): `prior`, or the model's own (`self.prior`).
+        probabilities at the model coordinates `coords` (N, dims): `prior`, or the model's own (`self.prior`);
+        with `config.head_context` the image around the points, `context` (N, CONTEXT_COLUMNS; `ImageContext.at`).
         Training passes each brain the prior of the other brains."""
         cols = [feats]
         if self.config.head_intensity:
@@ -126,6 +128,10 @@ class MetaSegNet(nn.Module):
                 raise ValueError("this model's head reads a spatial prior: the weights carry none, or no coordinates "
                                  "were given")
             cols.append(prior.at(coords).to(feats.device, feats.dtype))
+        if self.config.head_context:
+            if context is None:
+                raise ValueError("this model's head reads the image around each point: pass its context")
+            cols.append(context.to(feats.device, feats.dtype))
         return torch.cat(cols, 1) if len(cols) > 1 else feats
 
     def outputs(self, logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

@@ -267,8 +267,8 @@ class FittedVolume:
             if mask is not None:
                 values[~mask] = 0.0
             image = torch.from_numpy(values)
-        if config.head_intensity and image is None:
-            raise ValueError("its model reads the image's intensity but the file holds no image")
+        if (config.head_intensity or config.head_context) and image is None:
+            raise ValueError("its model reads the image (intensity or context) but the file holds no image")
         if "prior" in tensors or any(k.startswith("prior") for k in tensors):
             raise ValueError("it holds a spatial prior: fitted files name the weights that hold it instead")
         net = MetaSegNet(config).to(device).eval()

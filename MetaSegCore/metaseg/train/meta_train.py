@@ -42,6 +42,7 @@ from ..io.data import PAPER_SLICE, LabeledImage, coronal_slices, load_splits, lo
 from ..method.device import pick_device
 from ..method.fit import FitPlan, FixedSchedule, adapt, fit, weighted_mse
 from ..metrics import foreground_dice, generalized_dice
+from ..method.context import ImageContext
 from ..method.model import MetaSegNet
 from ..method.prior import SpatialPrior, class_fractions
 from ..method.preprocess import add_noise, augment_2d, augment_points, grid_coords, normalize_intensity, pad_to_canvas
@@ -187,10 +188,20 @@ class TaskPoints:
         self.grid = grid_coords(s.canvas).to(device)
         self.cache: Dict[str, tuple] = {}
         self.priors: Dict[str, SpatialPrior] = {}  # with a prior head: each training image's leave-one-out prior
+        self._context, self._context_of = None, None
 
     def prior(self, t: LabeledImage) -> Optional[SpatialPrior]:
         """The spatial prior this image's head reads in training: the other training brains' (None without one)."""
         return self.priors.get(t.name)
+
+    def context(self, t: LabeledImage, coords: torch.Tensor) -> Optional[torch.Tensor]:
+        """The image around `coords` of image `t` for a head that reads it (`ImageContext`; None otherwise). Made
+        from the clean image: smoothing leaves little of the fit's 2 % noise, and a scan's own noise is in it too."""
+        if not self.s.model.head_context:
+            return None
+        if self._context_of != t.name:  # one image's blurs at a time (80 MB in 3D)
+            self._context, self._context_of = ImageContext(t.image.to(self.device)), t.name
+        return self._context.at(coords)
 
     def __call__(self, t: LabeledImage, gen: torch.Generator, augment: bool) -> tuple:
         coords, values, labels = self._points(t, gen, augment)
@@ -301,7 +312,8 @@ def outer_step(net: MetaSegNet, log_lr: torch.Tensor, opt: torch.optim.Optimizer
         loss = mse
         if not s.image_only:
             logits = torch.func.functional_call(net.head, {k[5:]: v for k, v in fast.items() if k.startswith("head.")},
-                                                (net.head_input(feats, values[idx], coords[idx], points.prior(t)),))
+                                                (net.head_input(feats, values[idx], coords[idx], points.prior(t),
+                                                                points.context(t, coords[idx])),))
             foc = focal_loss(logits, target[idx], s.focal_gamma)
             loss = loss + foc
             totals[1] += float(foc.detach())
@@ -376,6 +388,9 @@ def meta_train(s: TrainSettings) -> Path:
     if not (out / "checkpoint.safetensors").exists() and (out / "checkpoint.pt").exists():
         # a run of metaseg <= 0.4.0: its checkpoint is a pickle, never opened here
         raise SystemExit(pickle_message(out / "checkpoint.pt", "checkpoint") + "; then rerun to resume")
+    if s.model.head_context and s.augment:
+        # augmentation moves the points off the voxels whose surroundings the context describes
+        raise SystemExit("--head-context needs --no-augment")
     log = Log(out / "train.log")
     root = Path(s.data_root)
     splits = load_splits(Path(s.splits)) if s.splits else load_splits()
@@ -650,7 +665,8 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
             idx = head_sample(target, s, gen)
             with torch.no_grad():
                 _, f = torch.func.functional_call(net, {**fast, **head}, (coords[idx],))
-                feats[row : row + len(idx)] = net.head_input(f, values[idx], coords[idx], points.prior(t))
+                feats[row : row + len(idx)] = net.head_input(f, values[idx], coords[idx], points.prior(t),
+                                                             points.context(t, coords[idx]))
             targets[row : row + len(idx)] = target[idx]
             row += len(idx)
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)

@@ -1,0 +1,78 @@
+"""Issue 28: the head reads the image around each point (`ModelConfig.head_context`, metaseg/method/context.py).
+The columns describe the neighbourhood (flat where the image is flat, signed across an edge), a network with them
+labels only with its image, and a fitted network keeps them through its file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metaseg.method.config import ModelConfig
+from metaseg.method.context import N_COLUMNS, SIGMAS, ImageContext
+from metaseg.method.fit import FittedINR
+from metaseg.method.model import MetaSegNet
+from metaseg.method.preprocess import grid_coords
+from metaseg.space.fitted import FittedVolume
+
+SHAPE = (40, 36, 32)
+
+
+def _at_voxels(ctx: ImageContext, voxels) -> torch.Tensor:
+    flat = np.ravel_multi_index(np.asarray(voxels).T, SHAPE)
+    return ctx.at(grid_coords(SHAPE, torch.from_numpy(flat)))
+
+
+def test_a_flat_image_has_its_value_and_no_differences_inside():
+    ctx = ImageContext(torch.full(SHAPE, 0.6))
+    cols = _at_voxels(ctx, [(20, 18, 16), (17, 20, 14)])
+    assert cols.shape == (2, N_COLUMNS)
+    torch.testing.assert_close(cols[:, : len(SIGMAS)], torch.full((2, len(SIGMAS)), 0.6))
+    torch.testing.assert_close(cols[:, len(SIGMAS):], torch.zeros(2, N_COLUMNS - len(SIGMAS)), atol=1e-6, rtol=0)
+
+
+def test_an_edge_shows_in_the_differences_along_its_axis_only():
+    img = torch.zeros(SHAPE)
+    img[20:] = 1.0  # brighter from row 20 on, along the first axis
+    cols = _at_voxels(ImageContext(img), [(19, 18, 16)])[0]
+    diffs = cols[len(SIGMAS):].reshape(2, 3, 2)  # (1-voxel at 2 / 2-voxel at 4) x axis x (-, +)
+    assert (diffs[:, 0, 1] > 0.1).all() and (diffs[:, 0, 0] < 0.1).all()
+    assert diffs[:, 0, 1].min() > diffs[:, 0, 0].max()
+    torch.testing.assert_close(diffs[:, 1:, 0], diffs[:, 1:, 1])  # nothing changes across the other axes
+
+
+def _net() -> MetaSegNet:
+    torch.manual_seed(0)
+    return MetaSegNet(ModelConfig(in_dim=3, width=8, hidden_layers=1, n_classes=4, head_intensity=True,
+                                  head_context=True))
+
+
+def test_a_context_head_needs_its_image_and_reads_it():
+    net = _net()
+    assert net.head_in_features == 8 + 1 + N_COLUMNS
+    assert ModelConfig.from_dict(net.config.to_dict()) == net.config
+    assert "head_context" not in ModelConfig(in_dim=3).to_dict()  # files of models without it stay as they were
+    with pytest.raises(ValueError, match="pass the fitted image"):
+        FittedINR(net, dict(net.named_parameters()))
+    with pytest.raises(ValueError, match="for 3D models"):
+        ModelConfig(in_dim=2, head_context=True)
+    gen = torch.Generator().manual_seed(1)
+    img = torch.rand(SHAPE, generator=gen)
+    coords = grid_coords(SHAPE)[::97]
+    a = FittedINR(net, dict(net.named_parameters()), image=img).probabilities(coords)
+    b = FittedINR(net, dict(net.named_parameters()), image=img.flip(0)).probabilities(coords)
+    assert not torch.allclose(a, b)
+
+
+def test_a_fitted_context_network_labels_the_same_after_its_file():
+    net = _net()
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    mask = x ** 2 + y ** 2 + z ** 2 < 0.7
+    image = torch.from_numpy((np.rint(255 * (0.5 + 0.4 * np.sin(4 * x) * y)) * mask / 255).astype(np.float32))
+    ref = {"size": list(SHAPE), "spacing": [1.0] * 3, "origin": [0.0] * 3, "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
+    vol = FittedVolume(FittedINR(net, dict(net.named_parameters()), image=image), np.eye(4), mask, {"reference": ref})
+    back = FittedVolume.from_bytes(vol.to_bytes())
+    coords = grid_coords(SHAPE)[torch.from_numpy(mask.reshape(-1))]
+    assert back.inr.model.config.head_context
+    # the file keeps the parameters a little rounded (docs/results.md, stored fitted networks), the image exactly
+    torch.testing.assert_close(back.inr.image, vol.inr.image)
+    torch.testing.assert_close(back.inr.probabilities(coords), vol.inr.probabilities(coords), atol=1e-3, rtol=0)
