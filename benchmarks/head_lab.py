@@ -35,8 +35,8 @@ from metaseg.io.data import load_splits, pack_subjects
 from metaseg.labelsets import label_set
 from metaseg.method.fit import FitPlan
 from metaseg.method.model import MetaSegNet
-from metaseg.method.preprocess import sample_grid
-from metaseg.method.prior import SpatialPrior, class_fractions, smooth
+from metaseg.method.context import ImageContext
+from metaseg.method.prior import SpatialPrior, class_fractions
 from metaseg.method.weights import load_weights
 from metaseg.metrics import dice_per_class
 from metaseg.train.meta_train import (TaskPoints, TrainSettings, fit_key, focal_loss, head_sample, prepare_tasks,
@@ -86,21 +86,6 @@ def features(net, params: dict, coords: torch.Tensor, values: torch.Tensor, prio
     return torch.cat(out)
 
 
-def context_columns(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """An experiment (`--context`): the image around each point, as 15 columns: the image smoothed at sigma 1 / 2 /
-    4 voxels at the point, and the sigma-1 (sigma-2) image 2 (4) voxels away along each axis, minus the point's."""
-    vols = smooth(image[None].float(), 1.0)[0], smooth(image[None].float(), 2.0)[0], smooth(image[None].float(), 4.0)[0]
-    step = 2.0 / (torch.tensor(image.shape, dtype=torch.float32) - 1)
-    cols = [sample_grid(v, coords) for v in vols]
-    for v, d in ((vols[0], 2), (vols[1], 4)):
-        for axis in range(3):
-            for sign in (-1, 1):
-                off = torch.zeros(3)
-                off[axis] = sign * d * step[axis]
-                cols.append(sample_grid(v, coords + off) - cols[0])
-    return torch.stack(cols, 1)
-
-
 def cmd_head(a, w, net) -> None:
     labels = label_set(w.card.get("label_set", "structures"))
     n = len(labels)
@@ -126,7 +111,7 @@ def cmd_head(a, w, net) -> None:
             idx = head_sample(target, sampling, gen)
             f = features(net, params, coords[idx], values[idx], loo)
             if a.context:
-                f = torch.cat([f, context_columns(t.image, coords[idx])], 1)
+                f = torch.cat([f, ImageContext(t.image).at(coords[idx])], 1)
             feats.append(f.to(torch.bfloat16))
             targets.append(target[idx])
         points.cache.clear()
@@ -134,10 +119,8 @@ def cmd_head(a, w, net) -> None:
     t_feat = time.time() - t0
     print(f"{len(train)} brains x {a.fits} fits: {feats.shape[0]} points ({t_feat:.0f} s)", file=sys.stderr, flush=True)
     torch.manual_seed(a.seed)
-    head = MetaSegNet(replace(net.config, head_hidden=tuple(a.hidden))).head  # the head `--head-hidden` trains
-    if a.context:  # the experiment's 15 more inputs
-        first = head[0]
-        head[0] = torch.nn.Linear(first.in_features + 15, first.out_features)
+    # the head `--head-hidden` (and `--head-context`) trains
+    head = MetaSegNet(replace(net.config, head_hidden=tuple(a.hidden), head_context=a.context)).head
     opt = torch.optim.Adam(head.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
     losses = []
@@ -164,7 +147,7 @@ def cmd_head(a, w, net) -> None:
         with torch.no_grad():
             f = features(net, params, coords, values, full)
             if a.context:
-                f = torch.cat([f, context_columns(t.image, coords)], 1)
+                f = torch.cat([f, ImageContext(t.image).at(coords)], 1)
             lab = torch.cat([head(x).argmax(1) for x in torch.split(f, 1 << 16)]).numpy()
         dc = dice_per_class(lab, target.numpy(), n)
         d = np.array([dc[c] for c in range(1, n)])
@@ -210,7 +193,7 @@ def main() -> int:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
     g.add_argument("--gamma", type=float, default=1.0, help="focal loss gamma")
-    g.add_argument("--context", action="store_true", help="an experiment: the image around each point as 15 more inputs")
+    g.add_argument("--context", action="store_true", help="the head also reads the image around each point (--head-context)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", default="docs/head_lab.json")
     a = ap.parse_args()

@@ -76,3 +76,24 @@ def test_a_fitted_context_network_labels_the_same_after_its_file():
     # the file keeps the parameters a little rounded (docs/results.md, stored fitted networks), the image exactly
     torch.testing.assert_close(back.inr.image, vol.inr.image)
     torch.testing.assert_close(back.inr.probabilities(coords), vol.inr.probabilities(coords), atol=1e-3, rtol=0)
+
+
+def test_training_reads_each_images_context_and_refuses_augmentation(tmp_path):
+    """Stage 2 gives each training image's head the context of that image (`TaskPoints.context`); augmentation,
+    which moves the points off their voxels, is refused with what to do."""
+    from metaseg.io.data import LabeledImage
+    from metaseg.train.meta_train import TaskPoints, meta_train, settings_for
+
+    s = settings_for(3, model=_net().config, canvas=SHAPE, augment=False, out_dir=str(tmp_path / "run"))
+    points = TaskPoints(s, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(2)
+    images = [LabeledImage(n, torch.rand(SHAPE, generator=gen), torch.zeros(SHAPE, dtype=torch.uint8)) for n in "ab"]
+    coords = grid_coords(SHAPE)[::53]
+    for t in images + images[:1]:
+        torch.testing.assert_close(points.context(t, coords), ImageContext(t.image).at(coords))
+    plain = settings_for(3, canvas=SHAPE)
+    assert TaskPoints(plain, torch.device("cpu")).context(images[0], coords) is None
+    from dataclasses import replace
+
+    with pytest.raises(SystemExit, match="--head-context needs --no-augment"):
+        meta_train(replace(s, augment=True))
