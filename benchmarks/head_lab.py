@@ -13,6 +13,7 @@ the same fits (`head`):
   # heads: trained on the training fits (optionally the synthetic ones too), scored on the validation fits
   python benchmarks/head_lab.py head --hidden 128 --steps 6000          # stage 2's head, for reference
   python benchmarks/head_lab.py head --hidden 256 256 --balance 0.5 --synth pack/synth.npz
+  python benchmarks/head_lab.py head --hidden 128 128 --balance 0.25 --synth pack/synth.npz --context   # 0.8.0's head
 
 Dice is computed on the model grid over the validation brains' voxels (like `metaseg train`'s validation), so it is
 comparable between heads, not with the native-space figures of `eval_groups.py`. Appends a record to --json.
@@ -35,7 +36,7 @@ from metaseg.io.data import load_splits, pack_subjects
 from metaseg.labelsets import label_set
 from metaseg.method.fit import FitPlan
 from metaseg.method.model import MetaSegNet
-from metaseg.method.context import ImageContext
+from metaseg.method.context import N_COLUMNS, ImageContext
 from metaseg.method.prior import SpatialPrior, class_fractions
 from metaseg.method.weights import load_weights
 from metaseg.metrics import dice_per_class
@@ -86,7 +87,13 @@ def features(net, params: dict, coords: torch.Tensor, values: torch.Tensor, prio
     return torch.cat(out)
 
 
+WIDE = ((1.0, 2.0, 4.0, 8.0), ((0, 2), (1, 4), (2, 8)))
+
+
 def cmd_head(a, w, net) -> None:
+    def context(image: torch.Tensor) -> ImageContext:
+        return ImageContext(image, *WIDE) if a.context_wide else ImageContext(image)
+
     labels = label_set(w.card.get("label_set", "structures"))
     n = len(labels)
     names = [lab.name for lab in labels.labels][1:]
@@ -111,7 +118,7 @@ def cmd_head(a, w, net) -> None:
             idx = head_sample(target, sampling, gen)
             f = features(net, params, coords[idx], values[idx], loo)
             if a.context:
-                f = torch.cat([f, ImageContext(t.image).at(coords[idx])], 1)
+                f = torch.cat([f, context(t.image).at(coords[idx])], 1)
             feats.append(f.to(torch.bfloat16))
             targets.append(target[idx])
         points.cache.clear()
@@ -121,6 +128,8 @@ def cmd_head(a, w, net) -> None:
     torch.manual_seed(a.seed)
     # the head `--head-hidden` (and `--head-context`) trains
     head = MetaSegNet(replace(net.config, head_hidden=tuple(a.hidden), head_context=a.context)).head
+    if a.context and a.context_wide:  # the experiment's wider context: more columns than the module's
+        head[0] = torch.nn.Linear(head[0].in_features - N_COLUMNS + len(WIDE[0]) + 6 * len(WIDE[1]), head[0].out_features)
     opt = torch.optim.Adam(head.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
     losses = []
@@ -147,7 +156,7 @@ def cmd_head(a, w, net) -> None:
         with torch.no_grad():
             f = features(net, params, coords, values, full)
             if a.context:
-                f = torch.cat([f, ImageContext(t.image).at(coords)], 1)
+                f = torch.cat([f, context(t.image).at(coords)], 1)
             lab = torch.cat([head(x).argmax(1) for x in torch.split(f, 1 << 16)]).numpy()
         dc = dice_per_class(lab, target.numpy(), n)
         d = np.array([dc[c] for c in range(1, n)])
@@ -194,6 +203,8 @@ def main() -> int:
     g.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
     g.add_argument("--gamma", type=float, default=1.0, help="focal loss gamma")
     g.add_argument("--context", action="store_true", help="the head also reads the image around each point (--head-context)")
+    g.add_argument("--context-wide", action="store_true", help="with --context: blurs of 1/2/4/8 voxels and offsets "
+                   "2/4/8 (an experiment)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", default="docs/head_lab.json")
     a = ap.parse_args()

@@ -86,7 +86,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(f"unknown model config keys {sorted(unknown)} (a model of a newer metaseg? update metaseg); "
+                             f"expected {sorted(known)}")
         return cls(**d)
 
 

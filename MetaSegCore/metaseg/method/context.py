@@ -27,28 +27,31 @@ class ImageContext:
     Only the image's non-zero box (with a margin as wide as the widest blur) is blurred: the canvas around a brain is
     zeros, and the blurs of zeros stay zeros, so the columns are the same as the whole canvas's, in less time."""
 
-    def __init__(self, image: torch.Tensor):
+    def __init__(self, image: torch.Tensor, sigmas=SIGMAS, offsets=OFFSETS):
+        """`sigmas`, `offsets`: the columns (the module's, which the shipped head reads; others for experiments)."""
         if image.dim() != 3:
             raise ValueError(f"the head's image context is for 3D canvas images, got shape {tuple(image.shape)}")
         shape = torch.tensor(image.shape)
         nz = torch.nonzero(image)
-        margin = int(math.ceil(3 * max(SIGMAS))) + 1  # beyond the blur kernel's reach everything stays 0
+        self.offsets = tuple(offsets)
+        margin = int(math.ceil(3 * max(sigmas))) + 1  # beyond the blur kernel's reach everything stays 0
         lo = (nz.min(0).values - margin).clamp_min(0) if len(nz) else torch.zeros(3, dtype=torch.long)
         hi = torch.minimum(nz.max(0).values + margin + 1, shape) if len(nz) else shape.clone()
         lo = torch.minimum(lo, (hi - 2).clamp_min(0))  # two voxels at least along each axis, so it has a step
         box = image.detach().float()[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][None]
-        self.volumes = [smooth(box, s)[0] for s in SIGMAS]
+        self.volumes = [smooth(box, s)[0] for s in sigmas]
         # model coordinates of the canvas -> those of the box: the canvas voxel index, less the box's corner
         n, nb = (shape - 1).clamp_min(1).float(), (hi - lo - 1).clamp_min(1).float()
         self.scale, self.shift = n / nb, (n - 2 * lo.float()) / nb - 1
         self.step = 2.0 / nb  # one voxel in the box's coordinates
 
     def at(self, coords: torch.Tensor) -> torch.Tensor:
-        """(N, N_COLUMNS) context columns at model coordinates (N, 3) of the canvas."""
+        """(N, N_COLUMNS) context columns at model coordinates (N, 3) of the canvas (more or fewer for other sigmas
+        and offsets)."""
         dev = self.volumes[0].device
         coords = coords.to(dev, torch.float32) * self.scale.to(dev) + self.shift.to(dev)
         cols = [sample_grid(v, coords) for v in self.volumes]
-        for which, dist in OFFSETS:
+        for which, dist in self.offsets:
             for axis in range(3):
                 for sign in (-1.0, 1.0):
                     off = torch.zeros(3, device=dev)
