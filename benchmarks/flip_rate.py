@@ -39,8 +39,10 @@ import metaseg.space.volume as volume
 from metaseg.io.data import load_splits
 from metaseg.io.readers import read_image
 from metaseg.space.registration import _as_affine
-from metaseg.space.volume import segment_volume, voxel_points
+from metaseg.runtime import Model
+from metaseg.space.volume import VolumeSettings, segment_volume, voxel_points
 from metaseg.method.weights import load_weights
+from metaseg.resources import default_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repeat_scans import CLASSES, noisy, volumes_ml  # noqa: E402
@@ -130,7 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subjects", nargs="+", default=["ws01", "ecog", "oas1-0040", "oas1-0191"])
     ap.add_argument("--data", default="..", help="folder holding shared/data (default: the worktree's parent)")
-    ap.add_argument("--weights", default="Resources/Weights/metaseg3d.safetensors")
+    ap.add_argument("--weights", help="default: the shipped 3D weights of the tissues (since 0.7.0 the structures model, "
+                    "its classes summed into the tissues)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fits", type=int, default=1, help="fits averaged per scan (3: --quality best)")
     ap.add_argument("--runs", default="seed,regjitter,header,reslice,noise")
@@ -140,8 +143,8 @@ def main() -> None:
     if not set(a.subjects) <= validation:
         raise SystemExit(f"validation subjects only ({sorted(validation)}); never tune on test subjects")
     torch.set_num_threads(a.threads)
-    w = load_weights(Path(a.weights))
-    net = w.build()
+    w = load_weights(Path(a.weights) if a.weights else default_weights(3, "tissues"))
+    net = w.build(labels="tissues")
     root = Path(a.data) / "shared" / "data"
     wanted = a.runs.split(",")
     records = []
@@ -174,7 +177,7 @@ def main() -> None:
         for name, make, seed, jitter, pts in runs:
             t0 = time.perf_counter()
             with JitteredRegistration(jitter):
-                res = segment_volume(net, w.log_lr, w.plan, make(), w.canvas, seed=seed, fits=a.fits)
+                res = segment_volume(make(), Model(w, net, torch.device("cpu"), w.plan), VolumeSettings(seed=seed, fits=a.fits))
             members = res.fitted if a.fits == 1 else None
             vol = volumes_ml(res.labels)
             ref_vol = ref_vol or vol
