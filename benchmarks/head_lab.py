@@ -211,6 +211,10 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     w = load_weights(Path(a.weights))
     net = w.build()
+    if net.config.head_context:  # the laboratory appends the context itself (--context): its features leave it out
+        plain = MetaSegNet(replace(net.config, head_context=False))
+        plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("head.")}, strict=False)
+        plain.prior, net = net.prior, plain
     (cmd_fits if a.what == "fits" else cmd_head)(a, w, net)
     return 0
 
