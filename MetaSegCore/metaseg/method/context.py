@@ -4,8 +4,8 @@ The head decodes each point on its own: the fitted network's features and the vo
 is *at* the point, not what surrounds it, and a voxel of the hippocampus has the intensity of the cortex beside it.
 These 15 columns add the neighbourhood, measured on the scan itself (its canvas image, as the fit sees it):
 the image smoothed over 1, 2 and 4 voxels at the point, and the 1-voxel (2-voxel) smoothed image 2 (4) voxels away
-along each axis, less the point's 1-voxel smoothed value. Smoothing makes them stable under noise and re-slicing; they cost three blurs of the
-canvas per scan and 15 interpolations per point (docs/results.md, part 4).
+along each axis, less the point's 1-voxel smoothed value. Smoothing makes them stable under noise and re-slicing;
+they cost three blurs of the canvas per scan and 15 interpolations per point (docs/results.md, part 4).
 """
 from __future__ import annotations
 

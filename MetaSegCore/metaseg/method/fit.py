@@ -233,8 +233,8 @@ class FittedINR:
                 if head:
                     pixels = sample_grid(self.image, x) if self.image is not None else None
                     ctx = self.context.at(x) if self.model.config.head_context else None
-                    feats = self.model.outputs(functional_call(self.model.head, _sub(self.params, "head."),
-                                                                  (self.model.head_input(feats, pixels, x, context=ctx),)), x)
+                    head_in = self.model.head_input(feats, pixels, x, context=ctx)
+                    feats = self.model.outputs(functional_call(self.model.head, _sub(self.params, "head."), (head_in,)), x)
                 out.append(fn(inten, feats))
         return torch.cat(out)
 
