@@ -97,3 +97,4 @@ def test_training_reads_each_images_context_and_refuses_augmentation(tmp_path):
 
     with pytest.raises(SystemExit, match="--head-context needs --no-augment"):
         meta_train(replace(s, augment=True))
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -382,15 +382,15 @@ def _dist_finish() -> None:
 
 def meta_train(s: TrainSettings) -> Path:
     """Run (or resume) stage 1 and stage 2; write `<out_dir>/metaseg.safetensors` and return its path."""
+    if s.model.head_context and s.augment:
+        # augmentation moves the points off the voxels whose surroundings the context describes
+        raise SystemExit("--head-context needs --no-augment")
     torch.manual_seed(s.seed)
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "checkpoint.safetensors").exists() and (out / "checkpoint.pt").exists():
         # a run of metaseg <= 0.4.0: its checkpoint is a pickle, never opened here
         raise SystemExit(pickle_message(out / "checkpoint.pt", "checkpoint") + "; then rerun to resume")
-    if s.model.head_context and s.augment:
-        # augmentation moves the points off the voxels whose surroundings the context describes
-        raise SystemExit("--head-context needs --no-augment")
     log = Log(out / "train.log")
     root = Path(s.data_root)
     splits = load_splits(Path(s.splits)) if s.splits else load_splits()
