@@ -98,3 +98,18 @@ def test_training_reads_each_images_context_and_refuses_augmentation(tmp_path):
     with pytest.raises(SystemExit, match="--head-context needs --no-augment"):
         meta_train(replace(s, augment=True))
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_the_columns_are_the_same_whatever_the_number_of_threads():
+    """A cross-section rendered by another process (other thread count) must label the same voxels: the blurs add
+    their terms in one order (`prior.smooth`), so the columns are bit for bit the same."""
+    img = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3))
+    coords = grid_coords(SHAPE)[::31] + 0.004
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ImageContext(img).at(coords)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(ImageContext(img).at(coords), one)
+    finally:
+        torch.set_num_threads(threads)

@@ -218,11 +218,14 @@ def result_scene(MetaSeg, network: Path, runs: Path):
     view = scene.AddNewNodeByClass("vtkMRMLSliceNode", VIEW)
     view.SetLayoutName(VIEW)
     m = view.GetSliceToRAS()
-    c, s = np.cos(0.35), np.sin(0.35)
-    for i, row in enumerate([[1, 0, 0], [0, c, -s], [0, s, c]]):  # an oblique plane through the scan's centre
+    # An oblique plane through the scan's centre, in numbers that the scene's text keeps exactly (the slice node
+    # writes its matrix with 6 significant digits): the reloaded plane is then the same plane, and the rendering
+    # the same network's, to the voxel (a plane moved by a rounding can flip a voxel on a near-tie of two labels).
+    c, s = 0.8, 0.6
+    for i, row in enumerate([[1, 0, 0], [0, c, -s], [0, s, c]]):
         for j in range(3):
             m.SetElement(i, j, row[j])
-        m.SetElement(i, 3, (bounds[2 * i] + bounds[2 * i + 1]) / 2)
+        m.SetElement(i, 3, round((bounds[2 * i] + bounds[2 * i + 1]) / 2, 1))
     view.SetFieldOfView(120.0, 120.0, 1.0)
     view.UpdateMatrices()
     return scene
