@@ -114,11 +114,12 @@ def cmd_head(a, w, net) -> None:
     for t in train:
         loo = full.without(fractions[t.name], len(fractions))
         n_fits = argparse.Namespace(**{**vars(a), "fits": a.synth_fits if t.name in synth_names else a.fits})
+        ctx = context(t.image) if a.context else None  # one image's blurs serve all its fits
         for params, coords, values, target in kept_fits(n_fits, w, net, s_train, t, points):
             idx = head_sample(target, sampling, gen)
             f = features(net, params, coords[idx], values[idx], loo)
-            if a.context:
-                f = torch.cat([f, context(t.image).at(coords[idx])], 1)
+            if ctx is not None:
+                f = torch.cat([f, ctx.at(coords[idx])], 1)
             feats.append(f.to(torch.bfloat16))
             targets.append(target[idx])
         points.cache.clear()
