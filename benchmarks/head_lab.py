@@ -36,7 +36,7 @@ from metaseg.io.data import load_splits, pack_subjects
 from metaseg.labelsets import label_set
 from metaseg.method.fit import FitPlan
 from metaseg.method.model import MetaSegNet
-from metaseg.method.context import N_COLUMNS, ImageContext
+from metaseg.method.context import ImageContext, n_columns
 from metaseg.method.prior import SpatialPrior, class_fractions
 from metaseg.method.weights import load_weights
 from metaseg.metrics import dice_per_class
@@ -98,6 +98,18 @@ def cmd_head(a, w, net) -> None:
     n = len(labels)
     names = [lab.name for lab in labels.labels][1:]
     hip = [names.index(h) for h in HIPPO]
+
+    def row(subject: str, lab: np.ndarray, target: torch.Tensor) -> dict:
+        dc = dice_per_class(lab, target.numpy(), n)
+        d = np.array([dc[c] for c in range(1, n)])
+        return {"subject": subject, "mean_dice": float(np.nanmean(d)), "hippo_dice": float(np.mean(d[hip])),
+                "min_dice": float(np.nanmin(d)), "per_structure": [round(float(x), 4) for x in d]}
+
+    def summarize(rows: list) -> dict:
+        per = np.mean([r["per_structure"] for r in rows], 0)
+        return {"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
+                "hippo_dice": float(np.mean([r["hippo_dice"] for r in rows])),
+                "lowest_structure_mean": float(per.min()), "lowest_structure": names[int(per.argmin())]}
     splits = load_splits()
     s_train, s_val = card_settings(w, a.noise), card_settings(w, 0.0)
     train = pack_tasks(a.pack, splits["train"][: a.train or None], s_train)
@@ -111,6 +123,7 @@ def cmd_head(a, w, net) -> None:
     points = TaskPoints(s_train, torch.device("cpu"))
     sampling = replace(s_train, head_points=a.points, head_balance=a.balance)
     feats, targets = [], []
+    counts = torch.zeros(n)  # the fits' class frequencies, for the logit adjustment (--adjust)
     for t in train:
         loo = full.without(fractions[t.name], len(fractions))
         n_fits = argparse.Namespace(**{**vars(a), "fits": a.synth_fits if t.name in synth_names else a.fits})
@@ -122,6 +135,7 @@ def cmd_head(a, w, net) -> None:
                 f = torch.cat([f, ctx.at(coords[idx])], 1)
             feats.append(f.to(torch.bfloat16))
             targets.append(target[idx])
+            counts += torch.bincount(target, minlength=n).float() / target.numel()
         points.cache.clear()
     feats, targets = torch.cat(feats), torch.cat(targets)
     t_feat = time.time() - t0
@@ -130,7 +144,7 @@ def cmd_head(a, w, net) -> None:
     # the head `--head-hidden` (and `--head-context`) trains
     head = MetaSegNet(replace(net.config, head_hidden=tuple(a.hidden), head_context=a.context)).head
     if a.context and a.context_wide:  # the experiment's wider context: more columns than the module's
-        head[0] = torch.nn.Linear(head[0].in_features - N_COLUMNS + len(WIDE[0]) + 6 * len(WIDE[1]), head[0].out_features)
+        head[0] = torch.nn.Linear(head[0].in_features - n_columns(3) + n_columns(3, *WIDE), head[0].out_features)
     opt = torch.optim.Adam(head.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
     losses = []
@@ -148,7 +162,10 @@ def cmd_head(a, w, net) -> None:
             print(f"  step {i + 1}: focal {np.mean(losses[-1000:]):.4f}", file=sys.stderr, flush=True)
     t_head = time.time() - t1
     del feats
-    rows = []
+    # balanced sampling trains the head on a prior ~ f^(1-B); adding tau*B*log f to its logits moves it back towards
+    # the true prior by the share tau (Menon et al. 2021, logit adjustment): fewer small structures over-called
+    log_f = torch.log((counts / counts.sum()).clamp_min(1e-8))
+    rows, adjusted = [], {tau: [] for tau in a.adjust}
     head.eval()
     points = TaskPoints(s_val, torch.device("cpu"))
     val_fits = argparse.Namespace(**{**vars(a), "fits": 1})
@@ -158,21 +175,20 @@ def cmd_head(a, w, net) -> None:
             f = features(net, params, coords, values, full)
             if a.context:
                 f = torch.cat([f, context(t.image).at(coords)], 1)
-            lab = torch.cat([head(x).argmax(1) for x in torch.split(f, 1 << 16)]).numpy()
-        dc = dice_per_class(lab, target.numpy(), n)
-        d = np.array([dc[c] for c in range(1, n)])
-        rows.append({"subject": t.name, "mean_dice": float(np.nanmean(d)), "hippo_dice": float(np.mean(d[hip])),
-                     "min_dice": float(np.nanmin(d)), "per_structure": [round(float(x), 4) for x in d]})
+            logits = torch.cat([head(x) for x in torch.split(f, 1 << 16)])
+        for tau in a.adjust:
+            adjusted[tau].append(row(t.name, (logits + tau * a.balance * log_f).argmax(1).numpy(), target))
+        rows.append(row(t.name, logits.argmax(1).numpy(), target))
         print(f"  {t.name}: mean {rows[-1]['mean_dice']:.3f} hippocampus {rows[-1]['hippo_dice']:.3f} "
               f"lowest {rows[-1]['min_dice']:.3f}", file=sys.stderr, flush=True)
-    per = np.mean([r["per_structure"] for r in rows], 0)
-    summary = {"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
-               "hippo_dice": float(np.mean([r["hippo_dice"] for r in rows])),
-               "lowest_structure_mean": float(per.min()), "lowest_structure": names[int(per.argmin())]}
+    summary = summarize(rows)
     print(json.dumps(summary))
+    for tau in a.adjust:
+        print(f"logit adjustment tau {tau}: {json.dumps(summarize(adjusted[tau]))}")
     rec = {"command": " ".join(sys.argv), "weights_sha256": w.sha256, "machine": platform.processor() or platform.machine(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_brains": len(train), "feature_s": round(t_feat),
-           "head_s": round(t_head), "final_focal": float(np.mean(losses[-500:])) if losses else None, "summary": summary, "rows": rows}
+           "head_s": round(t_head), "final_focal": float(np.mean(losses[-500:])) if losses else None, "summary": summary,
+           "rows": rows, "adjusted": {str(tau): {"summary": summarize(r), "rows": r} for tau, r in adjusted.items()}}
     with open(a.json, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -206,6 +222,8 @@ def main() -> int:
     g.add_argument("--context", action="store_true", help="the head also reads the image around each point (--head-context)")
     g.add_argument("--context-wide", action="store_true", help="with --context: blurs of 1/2/4/8 voxels and offsets "
                    "2/4/8 (an experiment)")
+    g.add_argument("--adjust", type=float, nargs="*", default=[0.5, 1.0],
+                   help="also score the head with these logit adjustments tau (adds tau*balance*log(class frequency))")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", default="docs/head_lab.json")
     a = ap.parse_args()

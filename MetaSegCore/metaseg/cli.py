@@ -38,7 +38,7 @@ def _add_train(sub) -> None:
                    "brains (3D; each training brain reads the other brains' prior)")
     p.add_argument("--head-context", action="store_true",
                    help="the head also reads the image around each point: the scan smoothed at 1/2/4 voxels and its "
-                   "changes 2 and 4 voxels away (3D, with --no-augment)")
+                   "changes 2 and 4 voxels away (with --no-augment)")
     p.add_argument("--head-hidden", type=int, nargs="+", metavar="UNITS",
                    help="the head's hidden layer sizes, e.g. 256 256 (default: one layer of --width units, the paper's)")
     p.add_argument("--init", help="start from this stage-1 result (a run's best_stage1.safetensors) or weights file instead of the SIREN "
@@ -64,6 +64,9 @@ def _add_train(sub) -> None:
     p.add_argument("--head-points", type=int, help="stage-2 points per fit whose features train the head (2D 8192, 3D 16384)")
     p.add_argument("--head-balance", type=float, help="stage 2 samples a point of a class with frequency f with "
                    "probability ~ f^-B, so small structures weigh more in the head's training (0: uniform)")
+    p.add_argument("--head-adjust", type=float, metavar="TAU", help="with --head-balance B: add TAU * B * log f to the "
+                   "head's output for a class of frequency f, moving the share TAU back to the true class frequencies "
+                   "(logit adjustment; fewer small structures over-called; 0: none)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
@@ -85,7 +88,7 @@ _TRAIN_FIELDS = {
     "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
     "test_batch": "test_batch", "test_lr": "test_lr", "test_average": "test_average", "test_schedule": "test_schedule", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
-    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "head_balance": "head_balance", "focal_gamma": "focal_gamma",
+    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "head_balance": "head_balance", "head_adjust": "head_adjust", "focal_gamma": "focal_gamma",
     "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",
     "label_set": "label_set",
 }

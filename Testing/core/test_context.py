@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metaseg.method.config import ModelConfig
-from metaseg.method.context import N_COLUMNS, SIGMAS, ImageContext
+from metaseg.method.context import SIGMAS, ImageContext, n_columns
 from metaseg.method.fit import FittedINR
 from metaseg.method.model import MetaSegNet
 from metaseg.method.preprocess import grid_coords
@@ -25,9 +25,9 @@ def _at_voxels(ctx: ImageContext, voxels) -> torch.Tensor:
 def test_a_flat_image_has_its_value_and_no_differences_inside():
     ctx = ImageContext(torch.full(SHAPE, 0.6))
     cols = _at_voxels(ctx, [(20, 18, 16), (17, 20, 14)])
-    assert cols.shape == (2, N_COLUMNS)
+    assert cols.shape == (2, n_columns(3))
     torch.testing.assert_close(cols[:, : len(SIGMAS)], torch.full((2, len(SIGMAS)), 0.6))
-    torch.testing.assert_close(cols[:, len(SIGMAS):], torch.zeros(2, N_COLUMNS - len(SIGMAS)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(cols[:, len(SIGMAS):], torch.zeros(2, n_columns(3) - len(SIGMAS)), atol=1e-6, rtol=0)
 
 
 def test_an_edge_shows_in_the_differences_along_its_axis_only():
@@ -40,6 +40,23 @@ def test_an_edge_shows_in_the_differences_along_its_axis_only():
     torch.testing.assert_close(diffs[:, 1:, 0], diffs[:, 1:, 1])  # nothing changes across the other axes
 
 
+def test_a_slice_has_the_columns_of_its_two_axes():
+    """In 2D the context is the same idea on the slice: the blurs, and the differences along its two axes; a slice
+    of a volume whose edge runs across it has the volume's columns for those axes."""
+    img = torch.zeros(SHAPE)
+    img[20:] = 1.0
+    vol = _at_voxels(ImageContext(img), [(19, 18, 16)])[0]
+    sl = img[:, :, 16]
+    flat = torch.tensor([19 * SHAPE[1] + 18])
+    cols = ImageContext(sl).at(grid_coords(SHAPE[:2], flat))[0]
+    assert cols.shape == (n_columns(2),) == (11,)
+    diffs = cols[len(SIGMAS):].reshape(2, 2, 2)
+    assert (diffs[:, 0, 1] > 0.1).all() and (diffs[:, 0, 0] < 0.1).all()
+    torch.testing.assert_close(diffs[:, 1, 0], diffs[:, 1, 1])
+    # a flat image along the third axis: the slice's blurs in-plane are the volume's
+    torch.testing.assert_close(diffs[:, 0], vol[len(SIGMAS):].reshape(2, 3, 2)[:, 0], atol=1e-5, rtol=0)
+
+
 def _net() -> MetaSegNet:
     torch.manual_seed(0)
     return MetaSegNet(ModelConfig(in_dim=3, width=8, hidden_layers=1, n_classes=4, head_intensity=True,
@@ -48,13 +65,13 @@ def _net() -> MetaSegNet:
 
 def test_a_context_head_needs_its_image_and_reads_it():
     net = _net()
-    assert net.head_in_features == 8 + 1 + N_COLUMNS
+    assert net.head_in_features == 8 + 1 + n_columns(3)
     assert ModelConfig.from_dict(net.config.to_dict()) == net.config
     assert "head_context" not in ModelConfig(in_dim=3).to_dict()  # files of models without it stay as they were
     with pytest.raises(ValueError, match="pass the fitted image"):
         FittedINR(net, dict(net.named_parameters()))
-    with pytest.raises(ValueError, match="for 3D models"):
-        ModelConfig(in_dim=2, head_context=True)
+    assert MetaSegNet(ModelConfig(in_dim=2, width=8, hidden_layers=1, n_classes=4, head_context=True)).head_in_features \
+        == 8 + n_columns(2)
     gen = torch.Generator().manual_seed(1)
     img = torch.rand(SHAPE, generator=gen)
     coords = grid_coords(SHAPE)[::97]

@@ -4,6 +4,7 @@ subjects of ../shared/data (skips where absent)."""
 from __future__ import annotations
 
 import json
+import math
 
 from metaseg.method.config import ModelConfig
 from metaseg.method.fit import FitPlan
@@ -75,9 +76,10 @@ def test_stage2_resumes_from_its_kept_fits_and_refits_stale_ones(shared_data, tm
 
 
 def test_a_deeper_balanced_head_starts_afresh_on_a_trunk_and_round_trips(shared_data, tmp_path, capsys):
-    """`--head-hidden` (ModelConfig.head_hidden) and `--head-balance`: a stage-2 run from another run's stage-1
-    result keeps its trunk, says that the head of another shape starts afresh, and writes weights whose head has the
-    asked layers; a configuration with absurd head layers is refused before any network is built."""
+    """`--head-hidden` (ModelConfig.head_hidden), `--head-balance` and `--head-adjust`: a stage-2 run from another
+    run's stage-1 result keeps its trunk, says that the head of another shape starts afresh, and writes weights whose
+    head has the asked layers and whose card says how its output bias was adjusted; a configuration with absurd head
+    layers is refused before any network is built."""
     from dataclasses import replace
 
     from metaseg.io.data import load_splits
@@ -93,12 +95,26 @@ def test_a_deeper_balanced_head_starts_afresh_on_a_trunk_and_round_trips(shared_
     assert "head_hidden" not in first.config.to_dict()  # files of the paper's head stay as they were
     deeper = replace(small, head_hidden=(24, 8))
     out = meta_train(TrainSettings(out_dir=str(tmp_path / "b"), outer_steps=0, model=deeper, head_balance=0.5,
-                                   init=str(tmp_path / "a" / "best_stage1.safetensors"), **kw))
+                                   head_adjust=0.5, init=str(tmp_path / "a" / "best_stage1.safetensors"), **kw))
     assert "the head starts afresh" in capsys.readouterr().err
     w = load_weights(out)
     assert w.config.head_hidden == (24, 8) and w.card["training"]["settings"]["head_balance"] == 0.5
+    adjust = w.card["training"]["head"]["logit_adjustment"]  # 0.5 * 0.5 * log(share): background least lowered
+    assert len(adjust) == 5 and all(a < 0 for a in adjust) and max(adjust) == adjust[0]
     assert tuple(w.state["head.2.weight"].shape) == (8, 24) and tuple(w.state["head.4.weight"].shape) == (5, 8)
     for k in ("trunk.0.linear.weight", "trunk.1.linear.weight"):
         assert torch.equal(w.state[k], first.state[k]), k  # the trunk came from the stage-1 result
     assert "head's hidden layers" in config_problem(replace(small, head_hidden=(0,)))
     assert "head's hidden layers" in config_problem(replace(small, head_hidden=(8,) * 9))
+
+
+def test_the_logit_adjustment_lowers_rare_classes_by_the_asked_share():
+    """Balanced sampling (B) teaches the head a prior ~ f^(1-B); `head_adjust` tau adds tau * B * log f, so the
+    adjusted logits of two classes differ by tau * B * log of their frequency ratio, and nothing without it."""
+    from metaseg.train.meta_train import logit_adjustment
+
+    freq = torch.tensor([80.0, 16.0, 4.0])
+    s = TrainSettings(head_balance=0.25, head_adjust=1.0)
+    adj = logit_adjustment(freq, s)
+    torch.testing.assert_close(adj[0] - adj[2], torch.tensor(0.25 * math.log(20.0)))
+    assert torch.equal(logit_adjustment(freq, TrainSettings(head_balance=0.25)), torch.zeros(3))

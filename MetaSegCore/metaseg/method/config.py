@@ -28,7 +28,7 @@ class ModelConfig:
     # The head also reads the spatial prior (metaseg.method.prior): each class's frequency at the point across the training
     # brains, registered like the scan. It tells the head where the small structures lie, whatever the fit's path.
     head_prior: bool = False
-    # The head also reads the image around the point (metaseg.method.context, 3D): the scan smoothed at three scales
+    # The head also reads the image around the point (metaseg.method.context): the scan smoothed at three scales
     # and its changes a few voxels away, which a point's own features and intensity cannot tell.
     head_context: bool = False
     # The head's hidden layers (LeakyReLU); empty: one of `width` units (the paper's head).
@@ -45,8 +45,6 @@ class ModelConfig:
         object.__setattr__(self, "head_hidden", tuple(int(v) for v in self.head_hidden))
         if self.label_values and len(self.label_values) != self.n_classes:
             raise ValueError(f"{len(self.label_values)} label values for {self.n_classes} classes")
-        if self.head_context and self.in_dim != 3:
-            raise ValueError("head_context (the image around each point) is for 3D models")
 
     @property
     def uses_prior(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .context import N_COLUMNS as CONTEXT_COLUMNS
+from .context import n_columns
 from .prior import SpatialPrior
 
 Params = Dict[str, torch.Tensor]
@@ -95,7 +95,7 @@ class MetaSegNet(nn.Module):
     def head_in_features(self) -> int:
         c = self.config
         return (c.width * (c.hidden_layers + 1 if c.head_all_layers else 1) + int(c.head_intensity)
-                + (c.n_classes if c.head_prior else 0) + (CONTEXT_COLUMNS if c.head_context else 0))
+                + (c.n_classes if c.head_prior else 0) + (n_columns(c.in_dim) if c.head_context else 0))
 
     def features(self, coords: torch.Tensor) -> torch.Tensor:
         """The head's trunk features at `coords` (N, in_dim) in [-1, 1]."""
@@ -117,7 +117,7 @@ class MetaSegNet(nn.Module):
         """What the head reads at N points: the features; with `config.head_intensity` the image's normalized
         intensity `pixels` (N,) there as one more column; with `config.head_prior` the spatial prior's class
         probabilities at the model coordinates `coords` (N, dims): `prior`, or the model's own (`self.prior`);
-        with `config.head_context` the image around the points, `context` (N, CONTEXT_COLUMNS; `ImageContext.at`).
+        with `config.head_context` the image around the points, `context` (N, `context.n_columns`; `ImageContext.at`).
         Training passes each brain the prior of the other brains."""
         cols = [feats]
         if self.config.head_intensity:

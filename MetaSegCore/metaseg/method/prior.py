@@ -38,7 +38,8 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def smooth(volumes: torch.Tensor, sigma_vox: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (C, D, H, W) volumes, zero outside (the brain's edge is far in).
+    """Separable Gaussian smoothing of (C, D, H, W) volumes or (C, H, W) images, zero outside (the brain's edge is
+    far in).
 
     Each axis is a sum of shifted copies, tap by tap: every voxel adds its terms in the same order whatever the number
     of threads, so the result is the same bit for bit on any machine setting (a convolution's reductions are not;
@@ -48,10 +49,11 @@ def smooth(volumes: torch.Tensor, sigma_vox: float) -> torch.Tensor:
     taps = _gaussian_kernel(sigma_vox).tolist()
     r = (len(taps) - 1) // 2
     x = volumes
-    for axis in (1, 2, 3):
+    last = volumes.dim() - 1
+    for axis in range(1, volumes.dim()):
         n = x.shape[axis]
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (3 - axis)] = pad[2 * (3 - axis) + 1] = r
+        pad = [0, 0] * last  # F.pad lists the last axis first
+        pad[2 * (last - axis)] = pad[2 * (last - axis) + 1] = r
         padded = F.pad(x, pad)
         out = torch.zeros_like(x)
         for i, w in enumerate(taps):

@@ -91,6 +91,9 @@ class TrainSettings:
     head_fits_per_image: int = 1
     head_points: int = 8192
     head_balance: float = 0.0  # stage 2 samples a point of class frequency f with probability ~ f^-head_balance
+    # then adds head_adjust * head_balance * log f to the head's output bias: the sampling taught it a prior ~ f^(1-B),
+    # and this moves the share head_adjust of the way back to the true one, so small structures are over-called less
+    head_adjust: float = 0.0
     seed: int = 0
     label_set: str = "tissues"  # what the head outputs (metaseg.labelsets): tissues or structures
     splits: str = ""  # a splits JSON like metaseg/splits.json (train/validation lists); "" = the package's
@@ -587,7 +590,7 @@ def _core(s: TrainSettings) -> str:
     d = s.to_dict()
     d.pop("init", None)
     for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps", "head_lr",
-              "head_fits_per_image", "head_points", "head_balance", "test_steps", "test_batch", "test_lr", "test_average", "test_schedule"):
+              "head_fits_per_image", "head_points", "head_balance", "head_adjust", "test_steps", "test_batch", "test_lr", "test_average", "test_schedule"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
@@ -656,6 +659,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
     # filled in place: a list joined at the end would hold every feature twice (about 10 GB each for 38 brains)
     feats = torch.empty((n, net.head_in_features), device=dev)
     targets = torch.empty(n, dtype=torch.long, device=dev)
+    freq = torch.zeros(len(s.labels), device=dev)  # the classes' share of the fits' points, for head_adjust
     t0, row = time.time(), 0
     for i, t in enumerate(train):
         if i % 10 == 0:
@@ -669,6 +673,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
                                                              points.context(t, coords[idx]))
             targets[row : row + len(idx)] = target[idx]
             row += len(idx)
+            freq += torch.bincount(target, minlength=len(s.labels)).float() / target.numel()
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)
     losses = []
     for i in range(s.head_steps):
@@ -680,5 +685,15 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
         losses.append(float(loss.detach()))
         if (i + 1) % 100 == 0:
             log.write(event="head", step=i + 1, focal=float(np.mean(losses[-100:])))
+    adjust = logit_adjustment(freq, s)
+    with torch.no_grad():
+        net.head[-1].bias += adjust
     return {"points": int(feats.shape[0]), "steps": s.head_steps, "final_focal": float(np.mean(losses[-100:])),
-            "minutes": (time.time() - t0) / 60}
+            "logit_adjustment": [round(float(v), 4) for v in adjust], "minutes": (time.time() - t0) / 60}
+
+
+def logit_adjustment(freq: torch.Tensor, s: TrainSettings) -> torch.Tensor:
+    """What stage 2 adds to the head's output bias (Menon et al. 2021, logit adjustment): head_adjust * head_balance *
+    log of each class's share `freq` of the training points (0 without balanced sampling or head_adjust)."""
+    share = (freq / freq.sum().clamp_min(1e-12)).clamp_min(1e-8)
+    return s.head_adjust * s.head_balance * torch.log(share)
