@@ -147,6 +147,8 @@ def cmd_head(a, w, net) -> None:
         head[0] = torch.nn.Linear(head[0].in_features - n_columns(3) + n_columns(3, *WIDE), head[0].out_features)
     opt = torch.optim.Adam(head.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
+    ema = torch.optim.swa_utils.AveragedModel(head, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema)) \
+        if a.ema else None
     losses = []
     t1 = time.time()
     for i in range(a.steps):
@@ -157,11 +159,15 @@ def cmd_head(a, w, net) -> None:
         opt.step()
         if sched:
             sched.step()
+        if ema is not None:
+            ema.update_parameters(head)
         losses.append(float(loss.detach()))
         if (i + 1) % 1000 == 0:
             print(f"  step {i + 1}: focal {np.mean(losses[-1000:]):.4f}", file=sys.stderr, flush=True)
     t_head = time.time() - t1
     del feats
+    if ema is not None:  # score the average of the head's weights over its last ~1/(1-decay) steps
+        head = ema.module
     # balanced sampling trains the head on a prior ~ f^(1-B); adding tau*B*log f to its logits moves it back towards
     # the true prior by the share tau (Menon et al. 2021, logit adjustment): fewer small structures over-called
     log_f = torch.log((counts / counts.sum()).clamp_min(1e-8))
@@ -218,6 +224,8 @@ def main() -> int:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0")
+    g.add_argument("--ema", type=float, default=0.0, help="score the exponential moving average of the head's "
+                   "weights with this decay (e.g. 0.999) instead of its last weights")
     g.add_argument("--gamma", type=float, default=1.0, help="focal loss gamma")
     g.add_argument("--context", action="store_true", help="the head also reads the image around each point (--head-context)")
     g.add_argument("--context-wide", action="store_true", help="with --context: blurs of 1/2/4/8 voxels and offsets "

@@ -67,6 +67,8 @@ def _add_train(sub) -> None:
     p.add_argument("--head-adjust", type=float, metavar="TAU", help="with --head-balance B: add TAU * B * log f to the "
                    "head's output for a class of frequency f, moving the share TAU back to the true class frequencies "
                    "(logit adjustment; fewer small structures over-called; 0: none)")
+    p.add_argument("--head-ema", type=float, metavar="DECAY", help="keep the exponential moving average of the head's "
+                   "weights with this decay, e.g. 0.999 (steadier from run to run than its last weights; 0: the last)")
     p.add_argument("--second-order", action="store_true",
                    help="differentiate through the inner gradients too (slower; first-order learned faster in our runs)")
     p.add_argument("--image-only", action="store_true", help="ablation: meta-learn on intensities only; the head is trained in stage 2")
@@ -88,7 +90,7 @@ _TRAIN_FIELDS = {
     "data": "data_root", "splits": "splits", "out": "out_dir", "device": "device", "steps": "outer_steps", "test_steps": "test_steps",
     "test_batch": "test_batch", "test_lr": "test_lr", "test_average": "test_average", "test_schedule": "test_schedule", "inner_lr": "inner_lr", "warm_steps": "warm_steps",
     "lr_lr": "lr_lr", "outer_lr": "outer_lr", "outer_points": "outer_points", "head_lr": "head_lr",
-    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "head_balance": "head_balance", "head_adjust": "head_adjust", "focal_gamma": "focal_gamma",
+    "head_fits": "head_fits_per_image", "head_steps": "head_steps", "head_points": "head_points", "head_balance": "head_balance", "head_adjust": "head_adjust", "head_ema": "head_ema", "focal_gamma": "focal_gamma",
     "val_every": "val_every", "seed": "seed", "meta_batch": "meta_batch", "init": "init", "noise": "noise",
     "label_set": "label_set",
 }

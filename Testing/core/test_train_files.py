@@ -76,7 +76,7 @@ def test_stage2_resumes_from_its_kept_fits_and_refits_stale_ones(shared_data, tm
 
 
 def test_a_deeper_balanced_head_starts_afresh_on_a_trunk_and_round_trips(shared_data, tmp_path, capsys):
-    """`--head-hidden` (ModelConfig.head_hidden), `--head-balance` and `--head-adjust`: a stage-2 run from another
+    """`--head-hidden` (ModelConfig.head_hidden), `--head-balance`, `--head-adjust` and `--head-ema`: a stage-2 run from another
     run's stage-1 result keeps its trunk, says that the head of another shape starts afresh, and writes weights whose
     head has the asked layers and whose card says how its output bias was adjusted; a configuration with absurd head
     layers is refused before any network is built."""
@@ -95,10 +95,11 @@ def test_a_deeper_balanced_head_starts_afresh_on_a_trunk_and_round_trips(shared_
     assert "head_hidden" not in first.config.to_dict()  # files of the paper's head stay as they were
     deeper = replace(small, head_hidden=(24, 8))
     out = meta_train(TrainSettings(out_dir=str(tmp_path / "b"), outer_steps=0, model=deeper, head_balance=0.5,
-                                   head_adjust=0.5, init=str(tmp_path / "a" / "best_stage1.safetensors"), **kw))
+                                   head_adjust=0.5, head_ema=0.5, init=str(tmp_path / "a" / "best_stage1.safetensors"), **kw))
     assert "the head starts afresh" in capsys.readouterr().err
     w = load_weights(out)
     assert w.config.head_hidden == (24, 8) and w.card["training"]["settings"]["head_balance"] == 0.5
+    assert w.card["training"]["settings"]["head_ema"] == 0.5
     adjust = w.card["training"]["head"]["logit_adjustment"]  # 0.5 * 0.5 * log(share): background least lowered
     assert len(adjust) == 5 and all(a < 0 for a in adjust) and max(adjust) == adjust[0]
     assert tuple(w.state["head.2.weight"].shape) == (8, 24) and tuple(w.state["head.4.weight"].shape) == (5, 8)

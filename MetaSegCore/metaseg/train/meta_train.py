@@ -94,6 +94,9 @@ class TrainSettings:
     # then adds head_adjust * head_balance * log f to the head's output bias: the sampling taught it a prior ~ f^(1-B),
     # and this moves the share head_adjust of the way back to the true one, so small structures are over-called less
     head_adjust: float = 0.0
+    # > 0: the head kept is the exponential moving average of its weights with this decay (0.999: about its last 1000
+    # steps), which varies less from one training run to the next than its last weights
+    head_ema: float = 0.0
     seed: int = 0
     label_set: str = "tissues"  # what the head outputs (metaseg.labelsets): tissues or structures
     splits: str = ""  # a splits JSON like metaseg/splits.json (train/validation lists); "" = the package's
@@ -590,7 +593,7 @@ def _core(s: TrainSettings) -> str:
     d = s.to_dict()
     d.pop("init", None)
     for k in ("outer_steps", "val_every", "ckpt_every", "command", "out_dir", "data_root", "head_steps", "head_lr",
-              "head_fits_per_image", "head_points", "head_balance", "head_adjust", "test_steps", "test_batch", "test_lr", "test_average", "test_schedule"):
+              "head_fits_per_image", "head_points", "head_balance", "head_adjust", "head_ema", "test_steps", "test_batch", "test_lr", "test_average", "test_schedule"):
         d.pop(k, None)
     return json.dumps(d, sort_keys=True)
 
@@ -675,6 +678,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
             row += len(idx)
             freq += torch.bincount(target, minlength=len(s.labels)).float() / target.numel()
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)
+    ema = None  # the head's weights averaged (head_ema), from its first step on
     losses = []
     for i in range(s.head_steps):
         idx = torch.randint(0, feats.shape[0], (8192,), generator=gen).to(feats.device)
@@ -682,11 +686,21 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if s.head_ema > 0:
+            with torch.no_grad():
+                if ema is None:
+                    ema = [p.detach().clone() for p in net.head.parameters()]
+                else:
+                    for e, p in zip(ema, net.head.parameters()):
+                        e.lerp_(p, 1 - s.head_ema)
         losses.append(float(loss.detach()))
         if (i + 1) % 100 == 0:
             log.write(event="head", step=i + 1, focal=float(np.mean(losses[-100:])))
     adjust = logit_adjustment(freq, s)
     with torch.no_grad():
+        if ema is not None:
+            for p, q in zip(net.head.parameters(), ema):
+                p.copy_(q)
         net.head[-1].bias += adjust
     return {"points": int(feats.shape[0]), "steps": s.head_steps, "final_focal": float(np.mean(losses[-100:])),
             "logit_adjustment": [round(float(v), 4) for v in adjust], "minutes": (time.time() - t0) / 60}
