@@ -24,6 +24,9 @@ def _add_train(sub) -> None:
     p.add_argument("--data", help="folder of subject folders, or a .npz pack from metaseg.io.data.pack_volumes "
                    "(default: ../shared/data/brains)")
     p.add_argument("--splits", help="JSON with 'train' and 'validation' subject lists (default: metaseg/splits.json)")
+    p.add_argument("--train-slices", type=int, nargs=3, metavar=("FIRST", "LAST", "STEP"),
+                   help="2D: train on the coronal slices FIRST to LAST, every STEP (default: 95 123 2, around the "
+                   "paper's slice 109)")
     p.add_argument("--out", help="run folder: checkpoint, log, weights (default: runs/metaseg2d or runs/metaseg3d)")
     p.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--steps", type=int, help="outer (meta) steps; 0 = no meta-training (ablation: SIREN init + stage-2 head) "
@@ -111,6 +114,11 @@ def _train(a: argparse.Namespace) -> int:
         if a.seed is not None:
             check_seed(a.seed)
         _check_train_data(a.data)
+        if a.train_slices:
+            first, last, step = a.train_slices
+            if a.dims != 2 or not 0 <= first <= last or step < 1:
+                raise ValueError("--train-slices FIRST LAST STEP is for 2D training (--dims 2), with "
+                                 "0 <= FIRST <= LAST and STEP >= 1")
         check_training_data(Path(a.data or settings_for(a.dims).data_root), load_splits(Path(a.splits)) if a.splits else load_splits())
         pick_device(a.device or "auto")
     except (InputError, ValueError, OSError) as e:
@@ -119,6 +127,8 @@ def _train(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     s = settings_for(a.dims, **{f: getattr(a, k) for k, f in _TRAIN_FIELDS.items() if getattr(a, k) is not None})
+    if a.train_slices:
+        s = dataclasses.replace(s, train_slices=tuple(range(a.train_slices[0], a.train_slices[1] + 1, a.train_slices[2])))
     plan = {"steps": a.fit_steps, "batch_size": a.fit_batch}
     if a.width:
         s = dataclasses.replace(s, model=dataclasses.replace(s.model, width=a.width))

@@ -119,3 +119,15 @@ def test_the_logit_adjustment_lowers_rare_classes_by_the_asked_share():
     adj = logit_adjustment(freq, s)
     torch.testing.assert_close(adj[0] - adj[2], torch.tensor(0.25 * math.log(20.0)))
     assert torch.equal(logit_adjustment(freq, TrainSettings(head_balance=0.25)), torch.zeros(3))
+
+
+def test_training_slices_are_asked_for_2d_training_only(shared_data, tmp_path, capsys):
+    """`--train-slices FIRST LAST STEP` (2D): a 3D run or an empty range is refused before the run's folder is made."""
+    from metaseg.cli import main
+
+    for args in (["--dims", "3", "--train-slices", "95", "123", "2"], ["--train-slices", "123", "95", "2"],
+                 ["--train-slices", "95", "123", "0"]):
+        rc = main(["train", "--data", str(shared_data), "--out", str(tmp_path / "run"), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--train-slices FIRST LAST STEP is for 2D training" in err, (args, err)
+        assert not (tmp_path / "run").exists()
