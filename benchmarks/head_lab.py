@@ -13,7 +13,8 @@ the same fits (`head`):
   # heads: trained on the training fits (optionally the synthetic ones too), scored on the validation fits
   python benchmarks/head_lab.py head --hidden 128 --steps 6000          # stage 2's head, for reference
   python benchmarks/head_lab.py head --hidden 256 256 --balance 0.5 --synth pack/synth.npz
-  python benchmarks/head_lab.py head --hidden 128 128 --balance 0.25 --synth pack/synth.npz --context   # 0.8.0's head
+  python benchmarks/head_lab.py head --hidden 128 128 --balance 0.25 --synth pack/synth.npz --synth-fits 3 --context \
+      --ema 0.999 --adjust 0.5   # 0.9.0's head (scored with and without its logit adjustment)
 
 Dice is computed on the model grid over the validation brains' voxels (like `metaseg train`'s validation), so it is
 comparable between heads, not with the native-space figures of `eval_groups.py`. Appends a record to --json.
