@@ -119,6 +119,10 @@ def _train(a: argparse.Namespace) -> int:
             if a.dims != 2 or not 0 <= first <= last or step < 1:
                 raise ValueError("--train-slices FIRST LAST STEP is for 2D training (--dims 2), with "
                                  "0 <= FIRST <= LAST and STEP >= 1")
+        if a.head_ema is not None and not 0 <= a.head_ema < 1:
+            raise ValueError(f"--head-ema is a decay from 0 to below 1 (e.g. 0.999), got {a.head_ema}")
+        if a.head_adjust and not a.head_balance:
+            raise ValueError("--head-adjust corrects the prior that --head-balance teaches the head: give both")
         check_training_data(Path(a.data or settings_for(a.dims).data_root), load_splits(Path(a.splits)) if a.splits else load_splits())
         pick_device(a.device or "auto")
     except (InputError, ValueError, OSError) as e:

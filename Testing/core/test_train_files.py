@@ -76,10 +76,10 @@ def test_stage2_resumes_from_its_kept_fits_and_refits_stale_ones(shared_data, tm
 
 
 def test_a_deeper_balanced_head_starts_afresh_on_a_trunk_and_round_trips(shared_data, tmp_path, capsys):
-    """`--head-hidden` (ModelConfig.head_hidden), `--head-balance`, `--head-adjust` and `--head-ema`: a stage-2 run from another
-    run's stage-1 result keeps its trunk, says that the head of another shape starts afresh, and writes weights whose
-    head has the asked layers and whose card says how its output bias was adjusted; a configuration with absurd head
-    layers is refused before any network is built."""
+    """`--head-hidden` (ModelConfig.head_hidden), `--head-balance`, `--head-adjust` and `--head-ema`: a stage-2 run
+    from another run's stage-1 result keeps its trunk, says that the head of another shape starts afresh, and writes
+    weights whose head has the asked layers and whose card says how its output bias was adjusted; a configuration
+    with absurd head layers is refused before any network is built."""
     from dataclasses import replace
 
     from metaseg.io.data import load_splits
@@ -121,13 +121,18 @@ def test_the_logit_adjustment_lowers_rare_classes_by_the_asked_share():
     assert torch.equal(logit_adjustment(freq, TrainSettings(head_balance=0.25)), torch.zeros(3))
 
 
-def test_training_slices_are_asked_for_2d_training_only(shared_data, tmp_path, capsys):
-    """`--train-slices FIRST LAST STEP` (2D): a 3D run or an empty range is refused before the run's folder is made."""
+def test_head_and_slice_options_out_of_range_are_refused_before_any_file(shared_data, tmp_path, capsys):
+    """`--train-slices FIRST LAST STEP` (2D only, a range), `--head-ema` (a decay below 1) and `--head-adjust` (only
+    with --head-balance): refused with what to give, before the run's folder is made."""
     from metaseg.cli import main
 
-    for args in (["--dims", "3", "--train-slices", "95", "123", "2"], ["--train-slices", "123", "95", "2"],
-                 ["--train-slices", "95", "123", "0"]):
-        rc = main(["train", "--data", str(shared_data), "--out", str(tmp_path / "run"), *args])
-        err = capsys.readouterr().err
-        assert rc == 2 and "--train-slices FIRST LAST STEP is for 2D training" in err, (args, err)
-        assert not (tmp_path / "run").exists()
+    cases = {"is for 2D training": (["--dims", "3", "--train-slices", "95", "123", "2"],
+                                    ["--train-slices", "123", "95", "2"], ["--train-slices", "95", "123", "0"]),
+             "--head-ema is a decay from 0 to below 1": (["--head-ema", "1"], ["--head-ema", "-0.5"]),
+             "give both": (["--head-adjust", "0.5"], ["--head-adjust", "0.5", "--head-balance", "0"])}
+    for message, argsets in cases.items():
+        for args in argsets:
+            rc = main(["train", "--data", str(shared_data), "--out", str(tmp_path / "run"), *args])
+            err = capsys.readouterr().err
+            assert rc == 2 and message in err, (args, err)
+            assert not (tmp_path / "run").exists()
