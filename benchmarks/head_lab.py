@@ -41,8 +41,8 @@ from metaseg.method.context import ImageContext, n_columns
 from metaseg.method.prior import SpatialPrior, class_fractions
 from metaseg.method.weights import load_weights
 from metaseg.metrics import dice_per_class
-from metaseg.train.meta_train import (TaskPoints, TrainSettings, fit_key, focal_loss, head_sample, prepare_tasks,
-                                       stage2_fit)
+from metaseg.train.meta_train import (TaskPoints, TrainSettings, WeightAverage, fit_key, focal_loss, head_sample,
+                                       logit_adjustment, prepare_tasks, stage2_fit)
 
 HIPPO = ("Left-Hippocampus", "Right-Hippocampus")
 
@@ -148,8 +148,7 @@ def cmd_head(a, w, net) -> None:
         head[0] = torch.nn.Linear(head[0].in_features - n_columns(3) + n_columns(3, *WIDE), head[0].out_features)
     opt = torch.optim.Adam(head.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps) if a.cosine else None
-    ema = torch.optim.swa_utils.AveragedModel(head, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema)) \
-        if a.ema else None
+    ema = WeightAverage(a.ema) if a.ema else None
     losses = []
     t1 = time.time()
     for i in range(a.steps):
@@ -161,17 +160,16 @@ def cmd_head(a, w, net) -> None:
         if sched:
             sched.step()
         if ema is not None:
-            ema.update_parameters(head)
+            ema.update(head)
         losses.append(float(loss.detach()))
         if (i + 1) % 1000 == 0:
             print(f"  step {i + 1}: focal {np.mean(losses[-1000:]):.4f}", file=sys.stderr, flush=True)
     t_head = time.time() - t1
     del feats
     if ema is not None:  # score the average of the head's weights over its last ~1/(1-decay) steps
-        head = ema.module
-    # balanced sampling trains the head on a prior ~ f^(1-B); adding tau*B*log f to its logits moves it back towards
-    # the true prior by the share tau (Menon et al. 2021, logit adjustment): fewer small structures over-called
-    log_f = torch.log((counts / counts.sum()).clamp_min(1e-8))
+        ema.copy_to(head)
+    # what `metaseg train --head-adjust tau` adds to the head's output bias, for each tau asked
+    adjust = {tau: logit_adjustment(counts, replace(sampling, head_adjust=tau)) for tau in a.adjust}
     rows, adjusted = [], {tau: [] for tau in a.adjust}
     head.eval()
     points = TaskPoints(s_val, torch.device("cpu"))
@@ -184,7 +182,7 @@ def cmd_head(a, w, net) -> None:
                 f = torch.cat([f, context(t.image).at(coords)], 1)
             logits = torch.cat([head(x) for x in torch.split(f, 1 << 16)])
         for tau in a.adjust:
-            adjusted[tau].append(row(t.name, (logits + tau * a.balance * log_f).argmax(1).numpy(), target))
+            adjusted[tau].append(row(t.name, (logits + adjust[tau]).argmax(1).numpy(), target))
         rows.append(row(t.name, logits.argmax(1).numpy(), target))
         print(f"  {t.name}: mean {rows[-1]['mean_dice']:.3f} hippocampus {rows[-1]['hippo_dice']:.3f} "
               f"lowest {rows[-1]['min_dice']:.3f}", file=sys.stderr, flush=True)

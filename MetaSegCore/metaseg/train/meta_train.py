@@ -678,7 +678,7 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
             row += len(idx)
             freq += torch.bincount(target, minlength=len(s.labels)).float() / target.numel()
     opt = torch.optim.Adam(net.head.parameters(), lr=s.head_lr)
-    ema = None  # the head's weights averaged (head_ema), from its first step on
+    ema = WeightAverage(s.head_ema) if s.head_ema > 0 else None
     losses = []
     for i in range(s.head_steps):
         idx = torch.randint(0, feats.shape[0], (8192,), generator=gen).to(feats.device)
@@ -686,24 +686,39 @@ def train_head(net: MetaSegNet, log_lr, s: TrainSettings, train, points: TaskPoi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if s.head_ema > 0:
-            with torch.no_grad():
-                if ema is None:
-                    ema = [p.detach().clone() for p in net.head.parameters()]
-                else:
-                    for e, p in zip(ema, net.head.parameters()):
-                        e.lerp_(p, 1 - s.head_ema)
+        if ema is not None:
+            ema.update(net.head)
         losses.append(float(loss.detach()))
         if (i + 1) % 100 == 0:
             log.write(event="head", step=i + 1, focal=float(np.mean(losses[-100:])))
+    if ema is not None:
+        ema.copy_to(net.head)
     adjust = logit_adjustment(freq, s)
     with torch.no_grad():
-        if ema is not None:
-            for p, q in zip(net.head.parameters(), ema):
-                p.copy_(q)
         net.head[-1].bias += adjust
     return {"points": int(feats.shape[0]), "steps": s.head_steps, "final_focal": float(np.mean(losses[-100:])),
             "logit_adjustment": [round(float(v), 4) for v in adjust], "minutes": (time.time() - t0) / 60}
+
+
+class WeightAverage:
+    """The exponential moving average of a module's weights (`head_ema`), from its first update on: the first update
+    copies them, each later one moves the average the share 1 - decay towards them."""
+
+    def __init__(self, decay: float):
+        self.decay, self.weights = decay, None
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        if self.weights is None:
+            self.weights = [p.detach().clone() for p in module.parameters()]
+        else:
+            for e, p in zip(self.weights, module.parameters()):
+                e.lerp_(p, 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for p, e in zip(module.parameters(), self.weights or []):
+            p.copy_(e)
 
 
 def logit_adjustment(freq: torch.Tensor, s: TrainSettings) -> torch.Tensor:
