@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,7 +31,7 @@ import torch
 
 from metaseg.io.data import PAPER_SLICE, coronal_slices, label_group, load_slice, load_splits, subject_dir
 from metaseg.io.readers import read_image
-from metaseg.labelsets import TISSUES, LabelSet, label_set
+from metaseg.labelsets import STRUCTURES, TISSUES, LabelSet, label_set
 from metaseg.evaluate import score
 from metaseg.metrics import foreground_dice
 from metaseg.method.fit import SCHEDULES
@@ -68,7 +69,8 @@ def tissue_scores(pred_values: np.ndarray, tissue_ref: np.ndarray, labels: Label
     return {"tissue_fg_dice": round(foreground_dice(merged, tissue_ref), 4)}
 
 
-def eval_3d(w, net, subject: str, data: Path, seed: int, labels: LabelSet, plan, fits: int = 1) -> dict:
+def eval_3d(w, net, subject: str, data: Path, seed: int, labels: LabelSet, plan, fits: int = 1,
+            save: Optional[Path] = None) -> dict:
     d = subject_dir(data, subject)
     img = read_image(d / "native_t1.nii.gz")
     ref_name = "native_seg4.nii.gz" if labels is TISSUES else "native_structures.nii.gz"
@@ -77,6 +79,9 @@ def eval_3d(w, net, subject: str, data: Path, seed: int, labels: LabelSet, plan,
     res = segment_volume(img, Model(w, net, next(net.parameters()).device, plan), VolumeSettings(seed=seed, fits=fits))
     dt = time.perf_counter() - t0
     pred = sitk.GetArrayFromImage(res.labels)
+    if save is not None:  # the labels, for studies that need no new fit (e.g. post-processing)
+        save.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(res.labels, str(save / f"{subject}.nii.gz"), True)
     row = scores(pred, ref, float(np.prod(img.GetSpacing())) / 1000.0, labels)
     if labels is not TISSUES:
         row.update(tissue_scores(pred, sitk.GetArrayFromImage(sitk.ReadImage(str(d / "native_seg4.nii.gz"))), labels))
@@ -90,6 +95,8 @@ def eval_2d(w, net, subject: str, data: Path, pack: Path, seed: int, labels: Lab
         sl = load_slice(d)
     else:
         sl = coronal_slices(pack / subject, [PAPER_SLICE])[0]
+        if labels is TISSUES and sl.labels.max() > max(TISSUES.values):  # a structures pack: its tissues, merged
+            sl = dataclasses.replace(sl, labels=np.asarray(STRUCTURES.tissue_lut(), np.uint8)[sl.labels])
     t0 = time.perf_counter()
     res = segment_array(net, w.log_lr, w.plan, sl.image, w.canvas, seed=seed)
     dt = time.perf_counter() - t0
@@ -113,6 +120,7 @@ def main() -> int:
                     help="the label set to score (a structures model's classes are summed into the tissues)")
     ap.add_argument("--schedule", choices=SCHEDULES, help="3D: the fit's batches (default: the weights' card)")
     ap.add_argument("--fits", type=int, default=1, help="3D: fits averaged per scan (--quality best: 3)")
+    ap.add_argument("--save", type=Path, help="3D: write each scan's labels to SAVE/<subject>.nii.gz")
     a = ap.parse_args()
     labels = label_set(a.labels)
     torch.set_num_threads(a.threads)
@@ -122,7 +130,7 @@ def main() -> int:
     rows = []
     for s in subjects:
         plan = dataclasses.replace(w.plan, schedule=a.schedule) if a.schedule else w.plan
-        r = eval_3d(w, net, s, Path(a.data), a.seed, labels, plan, a.fits) if a.dims == "3d" \
+        r = eval_3d(w, net, s, Path(a.data), a.seed, labels, plan, a.fits, a.save) if a.dims == "3d" \
             else eval_2d(w, net, s, Path(a.data), Path(a.pack), a.seed, labels)
         r = {"subject": s, "group": label_group(subject_dir(Path(a.data), s)), **r}
         rows.append(r)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metaseg.io.data import load_splits, pack_subjects
+from metaseg.io.data import label_group, load_splits, pack_subjects, subject_dir
 from metaseg.labelsets import label_set
 from metaseg.method.fit import FitPlan
 from metaseg.method.model import MetaSegNet
@@ -108,7 +108,11 @@ def cmd_head(a, w, net) -> None:
 
     def summarize(rows: list) -> dict:
         per = np.mean([r["per_structure"] for r in rows], 0)
-        return {"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
+        groups = {}
+        for r in rows:
+            groups.setdefault(label_group(subject_dir(Path(a.data), r["subject"])), []).append(r)
+        return {"groups": {g: {k: round(float(np.mean([r[k] for r in rs])), 4) for k in ("mean_dice", "hippo_dice")}
+                           for g, rs in sorted(groups.items())},"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
                 "hippo_dice": float(np.mean([r["hippo_dice"] for r in rows])),
                 "lowest_structure_mean": float(per.min()), "lowest_structure": names[int(per.argmin())]}
     splits = load_splits()
@@ -129,8 +133,10 @@ def cmd_head(a, w, net) -> None:
         loo = full.without(fractions[t.name], len(fractions))
         n_fits = argparse.Namespace(**{**vars(a), "fits": a.synth_fits if t.name in synth_names else a.fits})
         ctx = context(t.image) if a.context else None  # one image's blurs serve all its fits
+        weight = a.manual_weight if t.name not in synth_names and label_group(subject_dir(Path(a.data), t.name)) == "manual" \
+            else 1
         for params, coords, values, target in kept_fits(n_fits, w, net, s_train, t, points):
-            idx = head_sample(target, sampling, gen)
+            idx = torch.cat([head_sample(target, sampling, gen) for _ in range(weight)])
             f = features(net, params, coords[idx], values[idx], loo)
             if ctx is not None:
                 f = torch.cat([f, ctx.at(coords[idx])], 1)
@@ -231,6 +237,9 @@ def main() -> int:
                    "2/4/8 (an experiment)")
     g.add_argument("--adjust", type=float, nargs="*", default=[0.5, 1.0],
                    help="also score the head with these logit adjustments tau (adds tau*balance*log(class frequency))")
+    g.add_argument("--manual-weight", type=int, default=1, help="the manually labelled training brains give this many "
+                   "times the points (their protocol's share of the head's training)")
+    g.add_argument("--data", default="../shared/data", help="the subjects' folders (their label protocol)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", default="docs/head_lab.json")
     a = ap.parse_args()

@@ -11,6 +11,7 @@ process. Set `cancel` (a `threading.Event`) from another thread to stop a call: 
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -195,8 +196,9 @@ def _segment_slice(inp: InputImage, model: Model, options: SegmentOptions, hooks
     array = image_array_2d(img)
     warnings = input_warnings(img) + check_slice(array, model.canvas, options.accept_poor_match)
     if options.quality != "fast":
-        warnings.append("--quality best applies to 3D volumes; this 2D slice was segmented as with fast (an ensemble "
-                        "of fits gained less than 0.01 Dice on 2D slices)")
+        why = ("its fit uses every pixel at every step: there is no random draw for an ensemble to average"
+               if model.plan.batch_size >= math.prod(model.canvas) else "ensembles of fits are made for 3D only")
+        warnings.append(f"--quality best applies to 3D volumes; this 2D slice was segmented as with fast ({why})")
     for msg in warnings:
         hooks.warn(msg)
     hooks.say("fit", f"fitting {model.plan.steps} steps on {model.device} (torch {torch.__version__})")

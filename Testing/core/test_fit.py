@@ -111,6 +111,24 @@ def test_fit_reports_progress_and_is_reproducible(sample_canvas):
     assert torch.equal(a.labels(coords[:500]), b.labels(coords[:500]))
 
 
+@pytest.mark.parametrize("name", ["metaseg2d.safetensors", "metaseg2d_structures.safetensors"])
+def test_shipped_2d_weights_fit_every_pixel_so_the_seed_plays_no_part(name, sample_canvas):
+    """The 2D fit's plan (in the card) takes the whole 192x192 canvas at every step (campaign/full_batch_fit.py):
+    no random draw, so two seeds give the same network, and every pixel is fitted at every step."""
+    from metaseg.method.weights import load_weights
+    from testdata import WEIGHTS_2D
+
+    w = load_weights(WEIGHTS_2D.parent / name)
+    assert w.plan.batch_size >= math.prod(w.canvas) and w.plan.steps == 20
+    coords, values = sample_canvas
+    net = w.build()
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    plan = FitPlan(steps=2, batch_size=w.plan.batch_size)  # two of its steps: enough to tell seeds apart
+    a, b = (fit(net, params, coords, values, plan, w.log_lr, seed=seed, image=values.reshape(192, 192))
+            for seed in (0, 7))
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
 def test_a_fixed_schedule_visits_every_point_and_leaves_the_seed_out(sample_canvas):
     coords, values = sample_canvas
     brain = torch.nonzero(values > 0).squeeze(1)  # the slice's foreground, as a 3D fit sees its brain

@@ -23,6 +23,16 @@ def test_shapes_of_intensity_features_and_logits():
     assert all(-1.0 <= v <= 1.0 for v in (feats.min().item(), feats.max().item()))  # sine features
 
 
+@pytest.mark.parametrize("all_layers", [False, True])
+def test_the_fit_s_forward_gives_the_same_intensity_without_gathering_features(all_layers):
+    net = MetaSegNet(ModelConfig(width=32, hidden_layers=3, head_all_layers=all_layers))
+    x = torch.rand(33, 2) * 2 - 1
+    inten, feats = net(x)
+    alone, none = net(x, features=False)  # what a test-time fit runs (metaseg.method.fit.adapt)
+    assert none is None and torch.equal(alone, inten)
+    assert feats.shape == (33, 32 * (4 if all_layers else 1))
+
+
 def test_siren_initialization_ranges():
     torch.manual_seed(0)
     net = MetaSegNet(ModelConfig(width=64, hidden_layers=3))

@@ -168,7 +168,7 @@ def adapt(
             for n in names:
                 fast[n] = fast[n].detach().requires_grad_(True)
         with torch.enable_grad():
-            pred, _ = functional_call(model, fast, (x,))
+            pred, _ = functional_call(model, fast, (x,), {"features": False})
             loss = weighted_mse(pred, y, plan.bg_weight)
             grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph)
         lrs = step_lrs(log_lr, k)

@@ -101,11 +101,12 @@ class MetaSegNet(nn.Module):
         """The head's trunk features at `coords` (N, in_dim) in [-1, 1]."""
         return self.forward(coords)[1]
 
-    def forward(self, coords: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return (intensity (N,), features (N, width, or width * layers with `head_all_layers`))."""
-        if not self.config.head_all_layers:
+    def forward(self, coords: torch.Tensor, features: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Return (intensity (N,), features (N, width, or width * layers with `head_all_layers`)). With
+        `features=False` (the fit, which only needs the intensity) the features are not gathered: None."""
+        if not (self.config.head_all_layers and features):
             feats = self.trunk(coords)
-            return self.intensity(feats).squeeze(-1), feats
+            return self.intensity(feats).squeeze(-1), feats if features else None
         outs, x = [], coords
         for layer in self.trunk:
             x = layer(x)
