@@ -110,12 +110,15 @@ def cmd_head(a, w, net) -> None:
         per = np.mean([r["per_structure"] for r in rows], 0)
         groups = {}
         for r in rows:
-            groups.setdefault(label_group(subject_dir(Path(a.data), r["subject"])), []).append(r)
-        return {"groups": {g: {k: round(float(np.mean([r[k] for r in rs])), 4) for k in ("mean_dice", "hippo_dice")}
-                           for g, rs in sorted(groups.items())},"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
+            groups.setdefault(group_of[r["subject"]], []).append(r)
+        by_group = {g: {k: round(float(np.mean([r[k] for r in rs])), 4) for k in ("mean_dice", "hippo_dice")}
+                    for g, rs in sorted(groups.items())}
+        return {"groups": by_group, "mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
                 "hippo_dice": float(np.mean([r["hippo_dice"] for r in rows])),
                 "lowest_structure_mean": float(per.min()), "lowest_structure": names[int(per.argmin())]}
     splits = load_splits()
+    # each real subject's label protocol (FreeSurfer or manual), read once: --manual-weight and the group summaries
+    group_of = {s: label_group(subject_dir(Path(a.data), s)) for s in splits["train"] + splits["validation"]}
     s_train, s_val = card_settings(w, a.noise), card_settings(w, 0.0)
     train = pack_tasks(a.pack, splits["train"][: a.train or None], s_train)
     synth = pack_tasks(a.synth, ["all"], s_train) if a.synth else []
@@ -133,8 +136,7 @@ def cmd_head(a, w, net) -> None:
         loo = full.without(fractions[t.name], len(fractions))
         n_fits = argparse.Namespace(**{**vars(a), "fits": a.synth_fits if t.name in synth_names else a.fits})
         ctx = context(t.image) if a.context else None  # one image's blurs serve all its fits
-        weight = a.manual_weight if t.name not in synth_names and label_group(subject_dir(Path(a.data), t.name)) == "manual" \
-            else 1
+        weight = a.manual_weight if group_of.get(t.name) == "manual" else 1  # synthetic brains: no entry
         for params, coords, values, target in kept_fits(n_fits, w, net, s_train, t, points):
             idx = torch.cat([head_sample(target, sampling, gen) for _ in range(weight)])
             f = features(net, params, coords[idx], values[idx], loo)
